@@ -1,0 +1,71 @@
+"""The epoch loop: train_one_epoch / evaluate (torchvision-references style)."""
+from __future__ import annotations
+
+import time
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not enabled, transient=True)
+
+
+def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, *,
+                    epoch: int = 0, max_batches: int = 0, progress: bool = False) -> dict:
+    """One pass over `loader`; the scheduler steps per batch. Returns mean loss, images and seconds."""
+    model.train()
+    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    n_batches = min(len(loader), max_batches) if max_batches else len(loader)
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"epoch {epoch}", total=n_batches, info="")
+        for step, batch in enumerate(loader):
+            if max_batches and step >= max_batches:
+                break
+            if batch is None:  # every image of the batch was unreadable
+                continue
+            images, labels = (t.to(device, non_blocking=True) for t in batch)
+            loss = loss_fn(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(labels)
+            seen += len(labels)
+            bar.update(task, advance=1, info=f"loss {total_loss / seen:.4f}")
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / max(seen, 1), "train_images": seen, "train_seconds": seconds,
+            "train_img_per_s": seen / max(seconds, 1e-9)}
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, loader, device: torch.device, progress: bool = False,
+                   desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over `loader` in eval mode."""
+    model.eval()
+    logits, labels = [], []
+    with progress_bar(progress) as bar:
+        task = bar.add_task(desc, total=len(loader), info="")
+        for batch in loader:
+            if batch is not None:
+                images, y = batch
+                logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+                labels.append(y)
+            bar.update(task, advance=1)
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device, num_classes: int,
+             progress: bool = False, desc: str = "eval") -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics (+ loss) over `loader`; also returns logits and labels for reports."""
+    from pipeline.metrics import classification_metrics
+
+    logits, labels = predict_logits(model, loader, device, progress, desc)
+    if len(labels) == 0:
+        return {"loss": float("nan"), "num_samples": 0}, logits, labels
+    loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))
+    metrics = classification_metrics(labels, logits.argmax(1), num_classes)
+    return {"loss": loss, **metrics}, logits, labels

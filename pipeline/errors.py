@@ -1,0 +1,13 @@
+"""Errors a user can fix. Entry points print them as one line (no traceback) and exit with code 2."""
+
+
+class PipelineError(Exception):
+    """Something in the user's config, data or environment; the message names it and the fix."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A config value or input that is out of range or of the wrong shape."""
+
+
+class MissingFileError(PipelineError, FileNotFoundError):
+    """A dataset, weights file or run dir that is not where the config says."""

@@ -1,0 +1,65 @@
+"""Optimizer stage: parameter groups with differential learning rates, and the LR schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.strategy import head_param_names, layer_groups
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "constant")
+
+
+def build_param_groups(model: torch.nn.Module, *, lr: float, backbone_lr_mult: float = 0.1,
+                       layer_decay: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
+    """One group for the head at `lr`, one per backbone layer group at lr * mult * decay^(distance from top).
+
+    Frozen parameters are left out; 1-D params (norms, biases) get no weight decay.
+    """
+    if lr <= 0:
+        raise ConfigError(f"optim.lr={lr} must be positive")
+    named = dict(model.named_parameters())
+    groups_by_depth = layer_groups(model)
+    blocks = [(f"head", head_param_names(model), lr)]
+    for i, names in enumerate(groups_by_depth):
+        distance = len(groups_by_depth) - 1 - i
+        blocks.append((f"group{i}", names, lr * backbone_lr_mult * layer_decay ** distance))
+    out = []
+    for name, names, group_lr in blocks:
+        params = [named[n] for n in names if named[n].requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        for suffix, ps, wd in (("", decay, weight_decay), (".no_decay", no_decay, 0.0)):
+            if ps:
+                out.append({"name": name + suffix, "params": ps, "lr": group_lr, "weight_decay": wd})
+    return out
+
+
+def build_optimizer(param_groups: list[dict], *, name: str = "adamw", lr: float = 1e-3,
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    if not param_groups:
+        raise ConfigError("No trainable parameters: check strategy (everything is frozen)")
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=True)
+    raise ConfigError(f"optim.name='{name}' is not valid; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str = "cosine", total_steps: int,
+                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule as a factor on each group's own LR, so group ratios always hold."""
+    if name not in SCHEDULERS:
+        raise ConfigError(f"optim.scheduler='{name}' is not valid; choose one of: {', '.join(SCHEDULERS)}")
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

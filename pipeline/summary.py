@@ -1,0 +1,58 @@
+"""The run's human-readable `summary.md` and machine-readable `metrics.json`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.data import DatasetSplits
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def dataset_section(data: DatasetSplits, name: str, root: str) -> list[str]:
+    splits = {"train": data.train, "val": data.val, **({"test": data.test} if data.test else {})}
+    lines = [f"## Dataset: {name}", "", f"- root: `{root}`", f"- classes ({len(data.classes)}): "
+             + ", ".join(data.classes), f"- val split: {data.val_source}", "",
+             "| class | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    counts = {s: split.counts() for s, split in splits.items()}
+    for c in data.classes:
+        lines.append(f"| {c} | " + " | ".join(str(counts[s][c]) for s in splits) + " |")
+    lines.append("| **total** | " + " | ".join(str(len(s)) for s in splits.values()) + " |")
+    lines += ["", f"### Skipped files: {len(data.skipped)}", ""]
+    lines += [f"- `{s['path']}`: {s['reason']}" for s in data.skipped] or ["none"]
+    return lines + [""]
+
+
+def model_section(model_info: dict) -> list[str]:
+    keys = ("backbone", "weights", "mode", "freeze_depth", "n_groups", "bn", "trainable_params", "total_params",
+            "preprocessing")
+    return ["## Model", ""] + [f"- {k}: {model_info[k]}" for k in keys if k in model_info] + [""]
+
+
+def results_section(metrics: dict) -> list[str]:
+    lines = ["## Results", "", f"- best epoch: {metrics['best_epoch']} (by val {metrics['monitor']})",
+             f"- train time: {metrics['train_seconds']:.1f} s", ""]
+    names = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
+    lines += ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for split in ("val", "test"):
+        if metrics.get(split):
+            lines.append(f"| {split} | " + " | ".join(_fmt(metrics[split].get(n, "")) for n in names) + " |")
+    lines += ["", "### Epochs", "", "| epoch | train loss | val loss | val acc | val bal. acc | img/s |",
+              "|---|---|---|---|---|---|"]
+    for h in metrics["history"]:
+        lines.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {h['val_accuracy']:.4f} "
+                     f"| {h['val_balanced_accuracy']:.4f} | {h['train_img_per_s']:.1f} |")
+    return lines + [""]
+
+
+def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_name: str, root: str,
+                    model_info: dict, extra_sections: list[list[str]] = ()) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    lines = [f"# Run summary: {dataset_name} / {model_info.get('backbone')}", ""]
+    lines += dataset_section(data, dataset_name, root) + model_section(model_info)
+    for section in extra_sections:
+        lines += section
+    lines += results_section(metrics)
+    (run_dir / "summary.md").write_text("\n".join(lines))
