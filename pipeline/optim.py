@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -33,7 +34,8 @@ def build_param_groups(model: torch.nn.Module, *, lr: float, backbone_lr_mult: f
         no_decay = [p for p in params if p.ndim <= 1]
         for suffix, ps, wd in (("", decay, weight_decay), (".no_decay", no_decay, 0.0)):
             if ps:
-                out.append({"name": name + suffix, "params": ps, "lr": group_lr, "weight_decay": wd})
+                out.append({"name": name + suffix, "params": ps, "lr": group_lr, "base_lr": group_lr,
+                            "weight_decay": wd})
     return out
 
 
@@ -48,9 +50,40 @@ def build_optimizer(param_groups: list[dict], *, name: str = "adamw", lr: float 
     raise ConfigError(f"optim.name='{name}' is not valid; choose one of: {', '.join(OPTIMIZERS)}")
 
 
+class StepSchedule:
+    """Per-step LR schedule: every group's lr = its own `base_lr` x factor(step).
+
+    Unlike LambdaLR it also drives groups added later (gradual unfreezing), and the per-group
+    ratios (head vs backbone, layer decay) hold at every step.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]):
+        self.optimizer, self.factor, self.step_count = optimizer, factor, 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        f = self.factor(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * f
+
+    def step(self) -> None:
+        self.step_count += 1
+        self.refresh()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.refresh()
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str = "cosine", total_steps: int,
-                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule as a factor on each group's own LR, so group ratios always hold."""
+                    warmup_steps: int = 0) -> StepSchedule:
+    """Linear warmup, then cosine decay to 0 (or constant) over `total_steps` optimizer steps."""
     if name not in SCHEDULERS:
         raise ConfigError(f"optim.scheduler='{name}' is not valid; choose one of: {', '.join(SCHEDULERS)}")
 
@@ -62,4 +95,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str = "cosine", t
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return StepSchedule(optimizer, factor)

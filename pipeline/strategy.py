@@ -10,7 +10,7 @@ from pipeline.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 
-MODES = ("linear_probe", "partial", "finetune")
+MODES = ("auto", "linear_probe", "partial", "finetune", "gradual")
 BN_POLICIES = ("frozen", "affine", "train")
 _BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
 
@@ -38,6 +38,8 @@ def resolve_freeze_depth(mode: str, freeze_depth, n_groups: int) -> int:
         return n_groups
     if mode == "finetune":
         return 0
+    if mode == "auto":
+        raise ConfigError("strategy.mode=auto must be resolved (pipeline.auto_strategy) before freezing")
     if freeze_depth == "all":
         return n_groups
     if isinstance(freeze_depth, bool) or not isinstance(freeze_depth, int) or not 0 <= freeze_depth <= n_groups:
@@ -49,6 +51,16 @@ def resolve_freeze_depth(mode: str, freeze_depth, n_groups: int) -> int:
 def _keep_eval(module: torch.nn.Module, args) -> None:
     """Forward pre-hook: a frozen BN layer normalises with its running stats, whatever model.train() said."""
     module.training = False
+
+
+_HOOK_ATTR = "_pipeline_keep_eval_hook"
+
+
+def _release_bn(module: torch.nn.Module) -> None:
+    handle = getattr(module, _HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        delattr(module, _HOOK_ATTR)
 
 
 def set_bn_policy(model: torch.nn.Module, frozen_params: set[str], policy: str) -> int:
@@ -64,6 +76,7 @@ def set_bn_policy(model: torch.nn.Module, frozen_params: set[str], policy: str) 
     for name, module in model.named_modules():
         if not isinstance(module, _BN_TYPES):
             continue
+        _release_bn(module)  # re-applied below if still frozen (gradual thawing calls this again)
         params = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
         if not params or not all(p in frozen_params for p in params):
             continue
@@ -71,22 +84,35 @@ def set_bn_policy(model: torch.nn.Module, frozen_params: set[str], policy: str) 
         if policy in ("affine", "train"):
             module.requires_grad_(True)
         if policy in ("frozen", "affine"):
-            module.register_forward_pre_hook(_keep_eval)
+            setattr(module, _HOOK_ATTR, module.register_forward_pre_hook(_keep_eval))
             module.eval()
     return count
 
 
-def apply_strategy(model: torch.nn.Module, *, mode: str, freeze_depth=0, bn: str = "frozen") -> dict:
-    """Freeze the first layer groups per `mode`, apply the BN policy, and return a summary."""
+def freeze_to_depth(model: torch.nn.Module, depth: int, bn: str = "frozen") -> int:
+    """Freeze exactly the first `depth` layer groups (the rest and the head train); returns frozen BN layers."""
     groups = layer_groups(model)
-    depth = resolve_freeze_depth(mode, freeze_depth, len(groups))
     frozen = {n for g in groups[:depth] for n in g}
     for name, param in model.named_parameters():
         param.requires_grad_(name not in frozen)
-    bn_count = set_bn_policy(model, frozen, bn)
-    info = {"mode": mode, "freeze_depth": depth, "n_groups": len(groups), "bn": bn, "frozen_bn_layers": bn_count,
-            **param_counts(model)}
-    _logger.info("Strategy %s: %d/%d layer groups frozen, %s/%s params trainable", mode, depth, len(groups),
+    return set_bn_policy(model, frozen, bn)
+
+
+def apply_strategy(model: torch.nn.Module, *, mode: str, freeze_depth=0, bn: str = "frozen") -> dict:
+    """Freeze the first layer groups per `mode`, apply the BN policy, and return a summary.
+
+    `gradual` starts head-only (everything frozen); pipeline.gradual thaws groups during training.
+    """
+    n_groups = len(layer_groups(model))
+    if mode == "gradual":
+        floor = resolve_freeze_depth("partial", freeze_depth, n_groups)
+        depth = n_groups
+    else:
+        floor = depth = resolve_freeze_depth(mode, freeze_depth, n_groups)
+    bn_count = freeze_to_depth(model, depth, bn)
+    info = {"mode": mode, "freeze_depth": depth, "final_freeze_depth": floor, "n_groups": n_groups, "bn": bn,
+            "frozen_bn_layers": bn_count, **param_counts(model), "groups": group_param_table(model)}
+    _logger.info("Strategy %s: %d/%d layer groups frozen, %s/%s params trainable", mode, depth, n_groups,
                  f"{info['trainable_params']:,}", f"{info['total_params']:,}")
     return info
 
@@ -95,3 +121,31 @@ def param_counts(model: torch.nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable_params": trainable, "total_params": total}
+
+
+def group_param_table(model: torch.nn.Module) -> list[dict]:
+    """Per layer group (input to output, then the head): parameter count and trainable count."""
+    named = dict(model.named_parameters())
+    rows = [(f"group{i}", names) for i, names in enumerate(layer_groups(model))]
+    rows.append(("head", head_param_names(model)))
+    return [{"group": g, "first_param": names[0] if names else "", "params": sum(named[n].numel() for n in names),
+             "trainable": sum(named[n].numel() for n in names if named[n].requires_grad)} for g, names in rows]
+
+
+def validate_strategy_config(*, mode: str, freeze_depth, bn: str, lr: float, backbone_lr_mult: float,
+                             layer_decay: float) -> None:
+    """Cheap checks before any data or model is loaded (the depth range is checked once groups are known)."""
+    if mode not in MODES:
+        raise ConfigError(f"strategy.mode='{mode}' is not valid; choose one of: {', '.join(MODES)}")
+    if bn not in BN_POLICIES:
+        raise ConfigError(f"strategy.bn='{bn}' is not valid; choose one of: {', '.join(BN_POLICIES)}")
+    if freeze_depth != "all" and (isinstance(freeze_depth, bool) or not isinstance(freeze_depth, int)
+                                  or freeze_depth < 0):
+        raise ConfigError(f"strategy.freeze_depth={freeze_depth!r} is not valid: use an integer >= 0 "
+                          "(layer groups frozen from the input) or 'all'")
+    if not lr > 0:
+        raise ConfigError(f"optim.lr={lr} must be positive (e.g. 1e-3)")
+    if not backbone_lr_mult >= 0:
+        raise ConfigError(f"optim.backbone_lr_mult={backbone_lr_mult} must be >= 0 (e.g. 0.1)")
+    if not 0 < layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay={layer_decay} must be in (0, 1] (1 = no decay)")
