@@ -18,11 +18,11 @@ export DATASETS_DIR
 endif
 
 # Command-line variables that are Make's own; every other `name=value` is a Hydra override.
-MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC RUN IMAGES BACKEND SWEEP DEPTHS TESTS SHELL
+MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC RUN IMAGES BACKEND TOPK SWEEP DEPTHS TESTS SHELL
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
-.PHONY: help install train test clean-outputs
+.PHONY: help install train test clean-outputs export predict
 
 help: ## List the targets
 	@echo "Usage: make <target> [group=option ...] [ARGS=\"hydra overrides\"]"
@@ -44,3 +44,12 @@ test: $(STAMP) ## Run the test suite (pytest)
 
 clean-outputs: ## Delete outputs/ (run dirs)
 	rm -rf outputs
+
+# Export and predict (argparse entry points: extra flags go in ARGS, e.g. ARGS="--formats onnx --out DIR")
+export: $(STAMP) ## Export a run: make export RUN=outputs/runs/<run> [ARGS="--out DIR --formats ..."]
+	@test -n "$(RUN)" || { echo "error: set RUN=<run dir>, e.g. make export RUN=outputs/runs/<date>_<dataset>" >&2; exit 2; }
+	$(PY) -m pipeline.export "$(RUN)" $(HYDRA_OVERRIDES) $(ARGS)
+
+predict: $(STAMP) ## Predict: make predict RUN=<export dir> IMAGES=<file or folder> [BACKEND=onnx] [TOPK=3]
+	@test -n "$(RUN)" -a -n "$(IMAGES)" || { echo "error: set RUN=<export dir> and IMAGES=<file or folder>" >&2; exit 2; }
+	$(PY) -m pipeline.predict "$(RUN)" $(IMAGES) --backend $(or $(BACKEND),torch) --topk $(or $(TOPK),3) $(HYDRA_OVERRIDES) $(ARGS)

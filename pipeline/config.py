@@ -91,9 +91,11 @@ class TrainerConfig:
 
 @dataclass
 class ExportConfig:
-    formats: list = field(default_factory=lambda: ["safetensors", "onnx"])
-    opset: int = 17
-    tolerance: float = 1e-3
+    """Defaults for `python -m pipeline.export` (pipeline/export.py); CLI flags override per export."""
+    formats: list = field(default_factory=lambda: ["safetensors", "onnx", "torchscript"])
+    opset: int = 17  # ONNX opset
+    tolerance: float = 1e-3  # max abs logit diff of any format vs the PyTorch checkpoint
+    parity_images: int = 16  # real val images used for the parity check
 
 
 @dataclass
