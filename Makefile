@@ -18,11 +18,11 @@ export DATASETS_DIR
 endif
 
 # Command-line variables that are Make's own; every other `name=value` is a Hydra override.
-MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC RUN IMAGES BACKEND TOPK SWEEP DEPTHS TESTS SHELL
+MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC RUN IMAGES BACKEND TOPK SWEEP DEPTHS TESTS N OUT SHELL
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
-.PHONY: help install train test clean-outputs export predict
+.PHONY: help install train test clean-outputs sweep hpo report export predict
 
 help: ## List the targets
 	@echo "Usage: make <target> [group=option ...] [ARGS=\"hydra overrides\"]"
@@ -45,6 +45,18 @@ test: $(STAMP) ## Run the test suite (pytest)
 clean-outputs: ## Delete outputs/ (run dirs)
 	rm -rf outputs
 
+# Sweeps (Hydra multirun; each run in outputs/multirun/<sweep>/<job>_<overrides>/, report.md at the end)
+DEPTHS ?= all,6,4,2,0
+
+sweep: $(STAMP) ## Freeze-depth sweep + report: make sweep dataset=X [DEPTHS=all,6,4,2,0] [ARGS="..."]
+	$(PY) -m pipeline.train --multirun strategy=partial strategy.freeze_depth=$(DEPTHS) $(HYDRA_OVERRIDES) $(ARGS)
+
+hpo: $(STAMP) ## Optuna TPE search + report: make hpo dataset=X [ARGS="hydra.sweeper.n_trials=10"]
+	$(PY) -m pipeline.train --multirun hparams_search=optuna $(HYDRA_OVERRIDES) $(ARGS)
+
+report: $(STAMP) ## Rebuild a sweep's report.md/.csv/.png: make report [SWEEP=outputs/multirun/<dir>] (default: latest)
+	$(PY) -m pipeline.report $(SWEEP)
+
 # Export and predict (argparse entry points: extra flags go in ARGS, e.g. ARGS="--formats onnx --out DIR")
 export: $(STAMP) ## Export a run: make export RUN=outputs/runs/<run> [ARGS="--out DIR --formats ..."]
 	@test -n "$(RUN)" || { echo "error: set RUN=<run dir>, e.g. make export RUN=outputs/runs/<date>_<dataset>" >&2; exit 2; }
@@ -53,3 +65,11 @@ export: $(STAMP) ## Export a run: make export RUN=outputs/runs/<run> [ARGS="--ou
 predict: $(STAMP) ## Predict: make predict RUN=<export dir> IMAGES=<file or folder> [BACKEND=onnx] [TOPK=3]
 	@test -n "$(RUN)" -a -n "$(IMAGES)" || { echo "error: set RUN=<export dir> and IMAGES=<file or folder>" >&2; exit 2; }
 	$(PY) -m pipeline.predict "$(RUN)" $(IMAGES) --backend $(or $(BACKEND),torch) --topk $(or $(TOPK),3) $(HYDRA_OVERRIDES) $(ARGS)
+
+# Data: audit and augmentation preview (Hydra overrides as for train; N/OUT are Make's own)
+.PHONY: audit preview
+audit: $(STAMP) ## Audit a dataset (counts, sizes, modes, odd files, duplicates, leakage): make audit dataset=X [OUT=dir]
+	$(PY) -m pipeline.audit $(if $(OUT),--out "$(OUT)") $(HYDRA_OVERRIDES) $(ARGS)
+
+preview: $(STAMP) ## PNG grid of augmented train samples: make preview dataset=X [augment=heavy] [N=16] [OUT=file.png]
+	$(PY) -m pipeline.preview $(if $(N),--n $(N)) $(if $(OUT),--out "$(OUT)") $(HYDRA_OVERRIDES) $(ARGS)

@@ -32,6 +32,10 @@ class DatasetConfig:
     min_per_class: int = 1
     max_pixels: int = 89_478_485  # decompression-bomb guard (PIL's default)
     audit_workers: int = 8
+    dedup: str = "none"  # none (warn only) | drop_from_eval: drop val/test files identical to a train (or val) file
+    cache: str = "none"  # none | memory | disk: decoded images resized to what the transform needs
+    cache_dir: str = "${data_dir}/cache"  # dataset.cache=disk
+    sampler: str = "shuffle"  # shuffle | balanced (each class drawn equally per epoch, seeded)
 
 
 @dataclass
@@ -45,23 +49,53 @@ class BackboneConfig:
 
 
 @dataclass
+class AutoStrategyConfig:
+    """Thresholds of the auto decision (see pipeline/auto_strategy.py)."""
+    large_per_class: int = 300  # "large" needs at least this many train images in every class ...
+    large_total: int = 1500  # ... and at least this many in all
+    similar_gain: float = 0.3  # frozen-feature separability minus raw-pixel separability; >= -> "similar"
+    sample_per_class: int = 40  # bounded sample for the separability probe
+    sample_total: int = 300
+    similar_freeze_depth: int = 2  # large+similar: keep the stem and first stage frozen (generic features)
+    shallow_unfreeze: int = 3  # small+different: train only the top N layer groups
+
+
+@dataclass
 class StrategyConfig:
-    mode: str = "finetune"  # linear_probe | partial | finetune
-    freeze_depth: Any = 0  # int >= 0 or "all" (partial mode)
-    bn: str = "frozen"  # frozen | affine | train
+    mode: str = "auto"  # auto | linear_probe | partial | finetune | gradual
+    freeze_depth: Any = 0  # partial: int >= 0 or "all"; gradual: the depth to thaw down to
+    bn: str = "frozen"  # frozen | affine | train (for BatchNorm layers in frozen groups)
+    warmup_epochs: int = 1  # gradual: head-only epochs before the first thaw
+    unfreeze_every: int = 1  # gradual: epochs between thaws
+    unfreeze_groups: int = 1  # gradual: layer groups thawed per step, from the top
+    auto: AutoStrategyConfig = field(default_factory=AutoStrategyConfig)
 
 
 @dataclass
 class AugmentConfig:
-    preset: str = "light"  # none | light | medium | heavy
+    preset: str = "light"  # none | light | medium | heavy | custom (knob values: conf/augment/<preset>.yaml)
+    scale_min: float = 0.5  # RandomResizedCrop lower scale bound
     hflip: bool = True
-    scale_min: float = 0.5  # RandomResizedCrop lower scale bound (light preset)
+    vflip: bool = False  # domain knob: satellite, microscopy
+    rot90: bool = False  # domain knob: random 90-degree rotations (no canonical orientation)
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength (p=0.8); 0 = off
+    rotate: float = 0.0  # Affine (p=0.5): max rotation in degrees
+    translate: float = 0.0  # Affine: max shift as a fraction of the side
+    shear: float = 0.0  # Affine: max shear in degrees
+    coarse_dropout: float = 0.0  # probability of 1-4 mean-coloured holes (5-20% of the side)
+    blur: float = 0.0  # probability of a Gaussian blur
+    grayscale_input: bool = False  # domain knob (X-ray): one grey channel replicated to RGB, train and eval
+    extra: list = field(default_factory=list)  # more albumentations ops: [{name: CLAHE, p: 0.3, clip_limit: 2}]
 
 
 @dataclass
 class LossConfig:
-    name: str = "ce"
+    name: str = "ce"  # ce | focal
     label_smoothing: float = 0.1
+    gamma: float = 2.0  # focal only
+    class_weights: Any = "none"  # none | balanced | effective | {class_name: weight}
+    beta: float = 0.999  # effective-number weights (Cui et al. 2019)
+    prior_bias: Any = "auto"  # auto | true | false: head bias = log class prior (auto: on if imbalance > 3)
 
 
 @dataclass
@@ -84,7 +118,8 @@ class TrainerConfig:
     num_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 = all available cores
-    monitor: str = "balanced_accuracy"  # val metric that picks the best checkpoint
+    monitor: str = "balanced_accuracy"  # val metric for best checkpoint / early stop: + accuracy, macro_f1, loss
+    early_stop_patience: int = 0  # stop after this many epochs without a better monitor value; 0 = off
     progress: bool = True
     max_train_batches: int = 0  # >0: cap batches per epoch (smoke runs)
 

@@ -1,6 +1,7 @@
 """Data stage: list an ImageFolder tree, drop undecodable files, split, and serve samples."""
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from pipeline.errors import ConfigError, MissingFileError
-from pipeline.images import ImageDecodeError, load_rgb
+from pipeline.images import ImageDecodeError, load_rgb, probe_image
 
 _logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class DatasetSplits:
     test: Optional[Split] = None
     val_source: str = "val"  # "val" folder, or "split of train"
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} for every dropped file
+    files: dict[str, dict] = field(default_factory=dict)  # probe record (hash, format, mode, size) per listed file
 
 
 def find_classes(split_dir: Path) -> list[str]:
@@ -68,38 +70,52 @@ def list_split(split_dir: Path, classes: list[str]) -> tuple[list[str], list[int
     return paths, labels, skipped
 
 
-def check_decodable(paths: list[str], max_pixels: int, workers: int = 8) -> dict[str, str]:
-    """Decode every file once (threads; decoders release the GIL). Returns {path: reason} of failures."""
-    def probe(path: str) -> Optional[str]:
-        try:
-            load_rgb(path, max_pixels=max_pixels, draft_size=64)
-            return None
-        except ImageDecodeError as e:
-            return str(e)
+def probe_files(paths: list[str], max_pixels: int, workers: int = 8) -> dict[str, dict]:
+    """Read every file once (threads; decoders release the GIL): hash, header facts, draft decode.
 
+    Returns {path: record} (see images.probe_image); a failed file's record has an "error".
+    """
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(probe, paths))
-    return {p: r for p, r in zip(paths, reasons) if r is not None}
+        records = list(pool.map(lambda p: probe_image(p, max_pixels=max_pixels), paths))
+    return dict(zip(paths, records))
 
 
-def load_split(split_dir: Path, classes: list[str], max_pixels: int, workers: int) -> tuple[Split, list[dict]]:
+def check_decodable(paths: list[str], max_pixels: int, workers: int = 8) -> dict[str, str]:
+    """{path: reason} of the files that do not decode."""
+    return {p: r["error"] for p, r in probe_files(paths, max_pixels, workers).items() if "error" in r}
+
+
+def load_split(split_dir: Path, classes: list[str], max_pixels: int,
+               workers: int) -> tuple[Split, list[dict], dict[str, dict]]:
+    """List one split, probe its files, and drop those that do not decode (returned as skipped)."""
     paths, labels, skipped = list_split(split_dir, classes)
-    bad = check_decodable(paths, max_pixels, workers)
-    skipped += [{"path": p, "reason": r} for p, r in bad.items()]
-    keep = [i for i, p in enumerate(paths) if p not in bad]
-    return Split([paths[i] for i in keep], [labels[i] for i in keep], classes), skipped
+    records = probe_files(paths, max_pixels, workers)
+    skipped += [{"path": p, "reason": r["error"]} for p, r in records.items() if "error" in r]
+    keep = [i for i, p in enumerate(paths) if "error" not in records[p]]
+    return Split([paths[i] for i in keep], [labels[i] for i in keep], classes), skipped, records
 
 
-def stratified_split(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
-    """Seeded stratified train/val split; classes too small to stratify fall back to a plain split."""
-    idx = np.arange(len(split))
-    counts = Counter(split.labels)
-    n_val = max(int(round(val_fraction * len(split))), len(counts))
-    stratify = split.labels if min(counts.values()) >= 2 and n_val <= len(split) - len(counts) else None
+def stratified_split(split: Split, val_fraction: float, seed: int,
+                     groups: Optional[list] = None) -> tuple[Split, Split]:
+    """Seeded stratified train/val split; classes too small to stratify fall back to a plain split.
+
+    `groups` (e.g. content hashes): members of a group land on the same side, so identical files
+    never leak from train into val. Without repeated groups the split equals the ungrouped one.
+    """
+    first: dict = {}
+    rep_of = [first.setdefault(g, i) for i, g in enumerate(groups)] if groups else list(range(len(split)))
+    reps = np.array(sorted(set(rep_of)))
+    labels = [split.labels[i] for i in reps]
+    counts = Counter(labels)
+    n_val = max(int(round(val_fraction * len(reps))), len(counts))
+    stratify = labels if min(counts.values()) >= 2 and n_val <= len(reps) - len(counts) else None
     if stratify is None:
         _logger.warning("A class has fewer than 2 images: val split is random, not stratified.")
-    tr, va = train_test_split(idx, test_size=n_val, random_state=seed, stratify=stratify)
-    pick = lambda ids: Split([split.paths[i] for i in sorted(ids)], [split.labels[i] for i in sorted(ids)], split.classes)
+    _, va_reps = train_test_split(reps, test_size=n_val, random_state=seed, stratify=stratify)
+    in_val = set(va_reps.tolist())
+    va = [i for i in range(len(split)) if rep_of[i] in in_val]
+    tr = [i for i in range(len(split)) if rep_of[i] not in in_val]
+    pick = lambda ids: Split([split.paths[i] for i in ids], [split.labels[i] for i in ids], split.classes)
     return pick(tr), pick(va)
 
 
@@ -116,7 +132,7 @@ def load_imagefolder(root: str | Path, *, train_split: str = "train", val_split:
     if len(classes) < 2:
         raise ConfigError(f"{train_dir} has {len(classes)} class folder(s); a classifier needs at least 2 "
                          f"(layout: {train_dir}/<class>/<image>)")
-    train, skipped = load_split(train_dir, classes, max_pixels, workers)
+    train, skipped, files = load_split(train_dir, classes, max_pixels, workers)
     too_small = {c: n for c, n in train.counts().items() if n < max(1, min_per_class)}
     if too_small:
         raise ConfigError(f"Classes with fewer than {max(1, min_per_class)} readable train image(s) in {train_dir}: "
@@ -127,41 +143,75 @@ def load_imagefolder(root: str | Path, *, train_split: str = "train", val_split:
             extra = sorted(set(find_classes(root / name)) - set(classes))
             if extra:
                 _logger.warning("%s/%s has classes not in train (ignored): %s", root, name, extra)
-            splits[name], more = load_split(root / name, classes, max_pixels, workers)
+            splits[name], more, records = load_split(root / name, classes, max_pixels, workers)
             skipped += more
+            files.update(records)
     if val_split in splits:
-        data = DatasetSplits(classes, train, splits[val_split], splits.get(test_split), "val", skipped)
+        data = DatasetSplits(classes, train, splits[val_split], splits.get(test_split), "val", skipped, files)
     else:
-        tr, va = stratified_split(train, val_fraction, seed)
-        data = DatasetSplits(classes, tr, va, splits.get(test_split), f"stratified {val_fraction:.0%} of train", skipped)
+        hashes = [files[p].get("sha1") or p for p in train.paths]  # identical files stay on one side
+        tr, va = stratified_split(train, val_fraction, seed, groups=hashes)
+        data = DatasetSplits(classes, tr, va, splits.get(test_split), f"stratified {val_fraction:.0%} of train",
+                             skipped, files)
     if skipped:
         _logger.warning("Skipped %d file(s) that are not readable images (listed in the run report)", len(skipped))
     return data
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes one image per item and applies an albumentations pipeline.
+    """Decodes one image per item (or takes it from a decoded-image cache) and applies an albumentations pipeline.
 
-    A file that fails to decode mid-run yields None (dropped by `collate_skip_none`)
-    instead of killing the epoch.
+    A file that fails to decode mid-run yields None (dropped by `collate_skip_none`) instead of
+    killing the epoch; when `skip_log` is set, the failure is appended to that JSON-lines file
+    (one write per line, safe across DataLoader worker processes) so the run report can list it.
     """
 
-    def __init__(self, split: Split, transform: Callable, max_pixels: int = 89_478_485):
+    def __init__(self, split: Split, transform: Callable, max_pixels: int = 89_478_485, *,
+                 cache: Optional[Callable[[str], np.ndarray]] = None, skip_log: Optional[str | Path] = None):
         self.split, self.transform, self.max_pixels = split, transform, max_pixels
+        self.cache, self.skip_log = cache, (str(skip_log) if skip_log else None)
 
     def __len__(self) -> int:
         return len(self.split)
 
+    def load(self, i: int) -> np.ndarray:
+        path = self.split.paths[i]
+        return self.cache(path) if self.cache is not None else load_rgb(path, max_pixels=self.max_pixels)
+
     def __getitem__(self, i: int):
         try:
-            image = load_rgb(self.split.paths[i], max_pixels=self.max_pixels)
-        except ImageDecodeError as e:
-            _logger.warning("Skipping unreadable image at run time: %s", e)
+            image = self.load(i)
+            return self.transform(image=image)["image"], self.split.labels[i]
+        except ImageDecodeError as e:  # a transform bug is not caught: it would fail on every image
+            self._record_skip(self.split.paths[i], str(e))
             return None
-        return self.transform(image=image)["image"], self.split.labels[i]
+
+    def _record_skip(self, path: str, reason: str) -> None:
+        _logger.warning("Skipping unreadable image at run time: %s", reason)
+        if self.skip_log:
+            line = json.dumps({"path": path, "reason": reason}) + "\n"
+            with open(self.skip_log, "a", encoding="utf-8") as f:
+                f.write(line)
+
+
+def read_skip_log(path: str | Path) -> list[dict]:
+    """Files skipped at run time (unique paths, first reason, how many times) from an ImageDataset skip log."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    seen: dict[str, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        seen.setdefault(entry["path"], {"path": entry["path"], "reason": f"at run time: {entry['reason']}", "times": 0})
+        seen[entry["path"]]["times"] += 1
+    return list(seen.values())
 
 
 def collate_skip_none(batch):
+    """default_collate over the samples that decoded; None when none of them did."""
     batch = [b for b in batch if b is not None]
     if not batch:
         return None

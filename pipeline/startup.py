@@ -50,9 +50,15 @@ def tune_allocator() -> bool:
 
 
 def set_threads(threads: int | None) -> int:
-    """Set torch intra-op threads (default: all cores this process may use)."""
+    """Set torch intra-op threads (default: $OMP_NUM_THREADS if set, else all cores this process may use).
+
+    Parallel sweep jobs get their share through OMP_NUM_THREADS (conf/hydra/launcher/local_parallel.yaml).
+    """
     import torch
 
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if (not threads or threads <= 0) and env.isdigit() and int(env) > 0:
+        threads = int(env)
     if not threads or threads <= 0:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)

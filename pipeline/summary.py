@@ -47,12 +47,58 @@ def results_section(metrics: dict) -> list[str]:
     return lines + [""]
 
 
+def imbalance_section(plan: dict) -> list[str]:
+    """Class weights, sampler and prior bias as decided by pipeline/loss.py (also in class_weights.json)."""
+    prior = plan["prior_bias"]
+    lines = ["## Class imbalance", "", f"- imbalance ratio (largest / smallest train class): "
+             f"{plan['imbalance_ratio']:.2f}", f"- class weights: {plan['class_weights']}"
+             + (f" (beta {plan['beta']})" if plan.get("beta") is not None else ""),
+             f"- sampler: {plan['sampler']}",
+             f"- prior bias: {'on' if prior['enabled'] else 'off'} (loss.prior_bias={prior['setting']})", "",
+             "| class | train count | loss weight | prior |", "|---|---|---|---|"]
+    for c, n in plan["train_counts"].items():
+        lines.append(f"| {c} | {n} | {plan['weights'][c]:.4f} | {prior['prior'][c]:.4f} |")
+    return lines + [""]
+
+
+def per_class_section(metrics: dict) -> list[str]:
+    """Precision / recall / F1 / support per class for val (best checkpoint) and test."""
+    lines = ["## Per-class metrics", ""]
+    for split in ("val", "test"):
+        per_class = (metrics.get(split) or {}).get("per_class")
+        if not per_class:
+            continue
+        lines += [f"### {split}", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+                  for c, m in per_class.items()]
+        lines += ["", f"Confusion matrix: `confusion_{split}.png` / `.csv`; report: "
+                  f"`classification_report_{split}.txt`.", ""]
+    return lines if len(lines) > 2 else []
+
+
+def strategy_sections(info: dict) -> list[list[str]]:
+    """The auto decision paragraph (if any) and the per-layer-group parameter table."""
+    from pipeline.auto_strategy import decision_paragraph
+
+    sections = [decision_paragraph(info["decision"])] if info.get("decision") else []
+    rows = ["## Parameters per layer group", "", "| group | first parameter | params | trainable at start |",
+            "|---|---|---|---|"]
+    rows += [f"| {g['group']} | `{g['first_param']}` | {g['params']:,} | {g['trainable']:,} |" for g in info["groups"]]
+    return sections + [rows + [""]]
+
+
 def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_name: str, root: str,
-                    model_info: dict, extra_sections: list[list[str]] = ()) -> None:
+                    model_info: dict, extra_sections: list[list[str]] = (), audit: dict | None = None) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     lines = [f"# Run summary: {dataset_name} / {model_info.get('backbone')}", ""]
-    lines += dataset_section(data, dataset_name, root) + model_section(model_info)
+    lines += dataset_section(data, dataset_name, root)
+    if audit:  # pipeline/audit.py; the full report is audit.json
+        from pipeline.audit import audit_markdown
+        lines += audit_markdown(audit) + ["Full audit: `audit.json`.", ""]
+    lines += model_section(model_info)
     for section in extra_sections:
         lines += section
-    lines += results_section(metrics)
+    if metrics.get("imbalance"):
+        lines += imbalance_section(metrics["imbalance"])
+    lines += results_section(metrics) + per_class_section(metrics)
     (run_dir / "summary.md").write_text("\n".join(lines))

@@ -1,6 +1,7 @@
 """Entry point: `python -m pipeline.train [overrides]`. `train(cfg)` runs one job and returns its metrics."""
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
@@ -15,10 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline import augment, backbone, checkpoint, data, engine, loss, optim, sources, strategy, summary
+from pipeline import audit, image_cache
+from pipeline import auto_strategy, gradual, plots, sampler
 from pipeline.config import register_configs
+from pipeline.metrics import MonitorTracker, check_monitor
 from pipeline.startup import set_threads
 
 _logger = logging.getLogger(__name__)
+_STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",
+                  "decision")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -69,14 +75,30 @@ def build_data(cfg: DictConfig) -> tuple[data.DatasetSplits, Path]:
     return splits, root
 
 
-def make_loader(split: data.Split, transform, cfg: DictConfig, *, train: bool, generator=None):
+def make_loader(split: data.Split, transform, cfg: DictConfig, *, train: bool, generator=None, cache=None,
+                skip_log=None):
+    """DataLoader over `split`; `cache` = decoded-image cache, `skip_log` = file listing run-time skips."""
     t = cfg.trainer
-    dataset = data.ImageDataset(split, transform, cfg.dataset.max_pixels)
+    dataset = data.ImageDataset(split, transform, cfg.dataset.max_pixels, cache=cache, skip_log=skip_log)
+    order = sampler.build_sampler(split.labels, cfg.dataset.sampler, seed=cfg.seed) if train else None
     return torch.utils.data.DataLoader(
-        dataset, batch_size=t.batch_size if train else t.eval_batch_size, shuffle=train, drop_last=False,
-        num_workers=t.num_workers, collate_fn=data.collate_skip_none, generator=generator,
+        dataset, batch_size=t.batch_size if train else t.eval_batch_size, shuffle=train and order is None,
+        sampler=order, drop_last=False, num_workers=t.num_workers, collate_fn=data.collate_skip_none,
+        generator=generator,
         worker_init_fn=_seed_worker, persistent_workers=t.num_workers > 0,
         pin_memory=torch.cuda.is_available())
+
+
+RUNTIME_SKIP_LOG = "skipped_at_runtime.jsonl"
+
+
+def build_image_cache(cfg: DictConfig, splits: data.DatasetSplits, data_cfg: dict):
+    """`dataset.cache`: decoded images at the short side the eval resize needs (None when off)."""
+    d = cfg.dataset
+    paths = [p for split in (splits.train, splits.val, splits.test) if split is not None for p in split.paths]
+    return image_cache.build_cache(d.cache, paths=paths, short_side=augment.eval_resize_size(data_cfg),
+                                   interpolation=data_cfg["interpolation"], max_pixels=d.max_pixels,
+                                   cache_dir=d.cache_dir, workers=max(1, torch.get_num_threads()))
 
 
 def checkpoint_meta(cfg: DictConfig, classes: list[str], data_cfg: dict, epoch: int, val: dict) -> dict:
@@ -85,8 +107,65 @@ def checkpoint_meta(cfg: DictConfig, classes: list[str], data_cfg: dict, epoch: 
             "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
-def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device) -> dict:
-    """Epoch loop with best-checkpoint selection on `trainer.monitor`. Returns history and best epoch."""
+def setup_imbalance(cfg: DictConfig, splits: data.DatasetSplits, model: torch.nn.Module, run_dir: Path) -> dict:
+    """Class weights + prior-bias init (pipeline/loss.py); writes class_weights.json and returns the plan."""
+    c = cfg.loss
+    mode = OmegaConf.to_container(c.class_weights) if isinstance(c.class_weights, DictConfig) else c.class_weights
+    counts = splits.train.counts()
+    plan = loss.plan_imbalance([counts[k] for k in splits.classes], splits.classes, class_weights=mode,
+                               beta=c.beta, sampler=cfg.dataset.sampler, prior_bias=c.prior_bias)
+    if plan["prior_bias"]["enabled"]:
+        plan["prior_bias"]["bias"] = loss.init_prior_bias(model, list(plan["prior_bias"]["prior"].values()))
+    (run_dir / "class_weights.json").write_text(json.dumps(plan, indent=2))
+    return plan
+
+
+def write_eval_reports(run_dir: Path, metrics: dict, evals: dict, classes: list[str], history: list) -> None:
+    """Per split in `evals` ({split: (logits, labels)}): confusion PNG/CSV, text report, per-class metrics."""
+    for split, (logits, labels) in evals.items():
+        if len(labels):
+            metrics[split]["per_class"] = plots.write_split_reports(run_dir, split, labels, logits.argmax(1), classes)
+    plots.plot_curves(history, run_dir / "curves.png", metrics["monitor"])
+
+
+def setup_strategy(cfg: DictConfig, model: torch.nn.Module, train_split: data.Split, eval_tf, device: torch.device,
+                   run_dir: Path) -> dict:
+    """Resolve `strategy.mode=auto` (decision.json) and freeze the model accordingly."""
+    s = cfg.strategy
+    mode, depth, decision = s.mode, s.freeze_depth, None
+    if mode == "auto":
+        decision = auto_strategy.decide_strategy(model, train_split, eval_tf, device,
+                                                 n_groups=len(strategy.layer_groups(model)), auto_cfg=s.auto,
+                                                 seed=cfg.seed)
+        auto_strategy.write_decision(run_dir, decision)
+        mode, depth = decision["mode"], decision["freeze_depth"]
+    info = strategy.apply_strategy(model, mode=mode, freeze_depth=depth, bn=s.bn)
+    return {**info, "decision": decision}
+
+
+def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None:
+    """`strategy.mode=gradual`: thaw layer groups from the top at this epoch's scheduled depth."""
+    s, o = cfg.strategy, cfg.optim
+    if s.mode != "gradual":
+        return
+    n_groups = len(strategy.layer_groups(model))
+    floor = strategy.resolve_freeze_depth("partial", s.freeze_depth, n_groups)
+    depth = gradual.gradual_depth(epoch, n_groups=n_groups, floor=floor, warmup_epochs=s.warmup_epochs,
+                                  every=s.unfreeze_every, groups_per_step=s.unfreeze_groups)
+    trainable_groups = [any(p.requires_grad for n, p in model.named_parameters() if n in set(g))
+                        for g in strategy.layer_groups(model)]
+    current = trainable_groups.index(True) if any(trainable_groups) else n_groups
+    if depth < current:
+        gradual.thaw_to_depth(model, optimizer, depth, bn=s.bn, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
+                              layer_decay=o.layer_decay, weight_decay=o.weight_decay)
+        scheduler.refresh()
+
+
+def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device,
+        class_weights: torch.Tensor | None = None) -> dict:
+    """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
+
+    Returns history, best epoch, the eval loss and the best epoch's val (logits, labels)."""
     t, o = cfg.trainer, cfg.optim
     if t.epochs <= 0 or t.batch_size <= 0:
         raise ConfigError(f"trainer.epochs={t.epochs} and trainer.batch_size={t.batch_size} must be positive")
@@ -96,61 +175,88 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     steps = len(loaders["train"]) if not t.max_train_batches else min(len(loaders["train"]), t.max_train_batches)
     scheduler = optim.build_scheduler(optimizer, name=o.scheduler, total_steps=steps * t.epochs,
                                       warmup_steps=int(o.warmup_epochs * steps))
-    loss_fn = loss.build_loss(name=cfg.loss.name, label_smoothing=cfg.loss.label_smoothing)
-    eval_loss = loss.build_loss(name=cfg.loss.name)
-    history, best, best_epoch = [], -float("inf"), 0
+    c = cfg.loss
+    loss_fn = loss.build_loss(name=c.name, label_smoothing=c.label_smoothing, gamma=c.gamma,
+                              class_weights=None if class_weights is None else class_weights.to(device))
+    eval_loss = loss.build_loss(name=c.name, gamma=c.gamma, class_weights=class_weights)  # on CPU logits
+    tracker, history, best_val = MonitorTracker(t.monitor, t.early_stop_patience), [], None
     for epoch in range(1, t.epochs + 1):
+        maybe_thaw(model, optimizer, scheduler, cfg, epoch)
         stats = engine.train_one_epoch(model, loaders["train"], loss_fn, optimizer, scheduler, device,
                                        epoch=epoch, max_batches=t.max_train_batches, progress=t.progress)
-        val, _, _ = engine.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"], t.progress, "val")
+        val, *val_out = engine.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"], t.progress,
+                                        "val")
         history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}})
-        improved = val[t.monitor] > best
+        improved = tracker.update(val[t.monitor], epoch)
         if improved:
-            best, best_epoch = val[t.monitor], epoch
+            best_val = tuple(val_out)
             checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": epoch, "val_metrics": val})
         _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  %.1f img/s%s",
                      epoch, t.epochs, stats["train_loss"], val["loss"], val["accuracy"], val["balanced_accuracy"],
                      stats["train_img_per_s"], "  *best*" if improved else "")
-    return {"history": history, "best_epoch": best_epoch, "eval_loss": eval_loss}
+        if tracker.should_stop and epoch < t.epochs:
+            _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
+                         t.monitor, tracker.bad_epochs, tracker.best, tracker.best_epoch)
+            break
+    return {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val}
 
 
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by `cfg`; writes the run dir and returns the metrics dict."""
     start = time.perf_counter()
+    check_monitor(cfg.trainer.monitor)
+    s, o = cfg.strategy, cfg.optim
+    strategy.validate_strategy_config(mode=s.mode, freeze_depth=s.freeze_depth, bn=s.bn, lr=o.lr,
+                                      backbone_lr_mult=o.backbone_lr_mult, layer_decay=o.layer_decay)
     run_dir = resolve_run_dir(cfg)
     threads = set_threads(cfg.trainer.threads)
     device = select_device(cfg.trainer.device)
     generator = seed_everything(cfg.seed)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     splits, root = build_data(cfg)
+    splits, audit_report = audit.run_audit(splits, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup,
+                                           min_side=audit.input_side(cfg), out_dir=run_dir)
     b = cfg.backbone
     model, weights_desc = backbone.build_backbone(name=b.name, num_classes=len(splits.classes), weights=b.weights,
                                                   drop_rate=b.drop_rate, drop_path_rate=b.drop_path_rate,
                                                   cache_dir=b.cache_dir)
+    imbalance = setup_imbalance(cfg, splits, model, run_dir)  # prior bias replaces the zero-init head bias
     data_cfg = backbone.data_config(model, b.input_size or cfg.dataset.input_size)
-    strategy_info = strategy.apply_strategy(model, mode=cfg.strategy.mode, freeze_depth=cfg.strategy.freeze_depth,
-                                            bn=cfg.strategy.bn)
+    if cfg.augment.grayscale_input:  # part of the preprocessing: the checkpoint's eval transform applies it too
+        data_cfg["grayscale_input"] = True
     model.to(device)
     a = cfg.augment
-    train_tf = augment.build_train_transform(data_cfg, preset=a.preset, hflip=a.hflip, scale_min=a.scale_min)
+    train_tf = augment.train_transform_from_cfg(data_cfg, a)
     eval_tf = augment.build_eval_transform(data_cfg)
-    loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator),
-               "val": make_loader(splits.val, eval_tf, cfg, train=False)}
+    load = {"cache": build_image_cache(cfg, splits, data_cfg), "skip_log": run_dir / RUNTIME_SKIP_LOG}
+    strategy_info = setup_strategy(cfg, model, splits.train, eval_tf, device, run_dir)
+    loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
+               "val": make_loader(splits.val, eval_tf, cfg, train=False, **load)}
     meta = checkpoint_meta(cfg, splits.classes, data_cfg, 0, {})
-    result = fit(model, loaders, cfg, run_dir, meta, device)
+    weights = None if imbalance["class_weights"] == "none" else torch.tensor(list(imbalance["weights"].values()),
+                                                                              dtype=torch.float32)
+    result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights)
     best_model, _ = checkpoint.load_checkpoint(run_dir, "best")
     best_model.to(device)
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],
                "val": result["history"][result["best_epoch"] - 1 if result["best_epoch"] else -1]}
     metrics["val"] = {k.removeprefix("val_"): v for k, v in metrics["val"].items() if k.startswith("val_")}
+    evals = {"val": result["best_val"]}
     if splits.test is not None and len(splits.test):
-        test_loader = make_loader(splits.test, eval_tf, cfg, train=False)
-        metrics["test"], _, _ = engine.evaluate(best_model, test_loader, result["eval_loss"], device,
-                                                len(splits.classes), cfg.trainer.progress, "test")
+        test_loader = make_loader(splits.test, eval_tf, cfg, train=False, **load)
+        metrics["test"], *test_out = engine.evaluate(best_model, test_loader, result["eval_loss"], device,
+                                                     len(splits.classes), cfg.trainer.progress, "test")
+        evals["test"] = tuple(test_out)
+    runtime_skips = data.read_skip_log(load["skip_log"])  # files that failed inside a DataLoader worker
+    splits.skipped += runtime_skips
+    metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips))
     metrics.update(history=result["history"], train_seconds=time.perf_counter() - start, device=str(device),
-                   threads=threads, skipped_files=len(splits.skipped))
+                   threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance)
+    write_eval_reports(run_dir, metrics, evals, splits.classes, result["history"])
+    metrics.update(status="ok", **{k: strategy_info[k] for k in _STRATEGY_KEYS if k in strategy_info})
     model_info = {"backbone": b.name, "weights": weights_desc, "preprocessing": data_cfg, **strategy_info}
-    summary.write_run_files(run_dir, metrics, splits, cfg.dataset.name, str(Path(root).resolve()), model_info)
+    summary.write_run_files(run_dir, metrics, splits, cfg.dataset.name, str(Path(root).resolve()), model_info,
+                            extra_sections=summary.strategy_sections(strategy_info), audit=audit_report)
     _logger.info("Done in %.0f s: best epoch %d, val %s", metrics["train_seconds"], metrics["best_epoch"],
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})
     _logger.info("Run dir: %s", run_dir)
@@ -170,12 +276,54 @@ def exit_on_user_error():
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def record_failure(cfg: DictConfig, error: Exception, seconds: float) -> None:
+    """Write `metrics.json` with status=failed and the error, so a sweep report lists the failed run."""
+    try:
+        run_dir = resolve_run_dir(cfg)
+        failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "run_dir": str(run_dir),
+                   "monitor": cfg.trainer.monitor, "train_seconds": seconds}
+        (run_dir / "metrics.json").write_text(json.dumps(failure, indent=2))
+    except Exception as e:  # never hide the original error behind a bookkeeping one
+        _logger.warning("Could not record the failure in the run dir: %s", e)
+
+
+def _sweep_kind() -> str | None:
+    """None for a single run; "grid" under Hydra's basic sweeper; "search" under an optimising sweeper (optuna)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return "grid" if str(HydraConfig.get().sweeper.get("_target_", "")).endswith(".BasicSweeper") else "search"
+
+
+# An absolute config dir: the task function may be called as pipeline.train.main (see __main__ below).
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"),
+            config_name="config")
 def main(cfg: DictConfig) -> float:
-    with exit_on_user_error():
+    """Train; returns val `trainer.monitor` (the value sweepers optimise).
+
+    A failed job writes metrics.json with status=failed. In a grid sweep it returns NaN so the other jobs and
+    the sweep report still run; optimising sweepers (optuna) get the exception and mark the trial failed.
+    """
+    start = time.perf_counter()
+    try:
         metrics = train(cfg)
+    except Exception as e:
+        record_failure(cfg, e, time.perf_counter() - start)
+        sweep = _sweep_kind()
+        if sweep == "grid":  # the basic sweeper would stop the sweep (and skip its report) at the batch's end
+            _logger.error("Run failed (recorded in its metrics.json); the sweep goes on: %s", e,
+                          exc_info=not isinstance(e, PipelineError))
+            return float("nan")
+        if sweep is None:
+            with exit_on_user_error():  # a user error: one line, exit code 2
+                raise
+        raise
     return metrics["val"][cfg.trainer.monitor]
 
 
 if __name__ == "__main__":
-    main()
+    # Call the function of the imported module, not of __main__: parallel and cluster launchers (joblib,
+    # submitit) pickle the task function, and only a module-level function pickles by reference.
+    from pipeline.train import main as _main
+    _main()

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.backbone import build_backbone, check_arch, data_config, read_state_dict
+from pipeline.errors import PipelineError
 
 
 def test_local_safetensors_and_pth_weights_load_except_head(tmp_path):
@@ -45,7 +46,7 @@ def test_hub_failure_offline_names_the_fix(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="backbone.weights=/path/to/weights.safetensors"):
+    with pytest.raises(PipelineError, match="backbone.weights=/path/to/weights.safetensors"):
         build_backbone(name="resnet18", num_classes=2, weights="hub")
 
 

@@ -1,11 +1,18 @@
-"""Data stage: listing, skipping bad files, splitting."""
+"""Data stage: listing, skipping bad files, splitting, run-time skips, decoded-image cache."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pipeline.data import Split, load_imagefolder, stratified_split
+from pipeline.augment import build_eval_transform
+from pipeline.data import ImageDataset, Split, collate_skip_none, load_imagefolder, read_skip_log, stratified_split
+from pipeline.errors import ConfigError
+from pipeline.image_cache import DiskCache, MemoryCache, build_cache
 from pipeline.images import ImageDecodeError, load_rgb
 from pipeline.sources import prepare_root, write_digits_imagefolder
 
@@ -87,3 +94,93 @@ def test_digits_written_once_as_imagefolder(tmp_path):
     mtime = files[0].stat().st_mtime_ns
     write_digits_imagefolder(tmp_path / "digits", image_size=32)
     assert files[0].stat().st_mtime_ns == mtime
+
+
+# --- run-time skips, decoded-image cache -------------------------------------------------------------
+
+SMALL = {"input_size": [3, 48, 48], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+         "crop_pct": 0.875}  # eval resize: short side floor(48 / 0.875) = 54
+
+
+def _photos(tmp_path, n: int = 4) -> list[str]:
+    return [str(write_image(tmp_path / f"p{i}.jpg", (40 * i, 90, 200), size=120 + 10 * i, seed=i, fmt="JPEG"))
+            for i in range(n)]
+
+
+def test_unreadable_file_in_a_worker_is_skipped_and_logged(tmp_path):
+    paths = _photos(tmp_path, 6)
+    Path(paths[2]).write_bytes(b"corrupted after listing")
+    log = tmp_path / "skips.jsonl"
+    ds = ImageDataset(Split(paths, [0, 1] * 3, ["a", "b"]), build_eval_transform(SMALL), skip_log=log)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate_skip_none)
+    for _ in range(2):  # two epochs: the same file fails twice
+        seen = sum(len(y) for _, y in loader)
+        assert seen == 5
+    skips = read_skip_log(log)
+    assert len(skips) == 1 and skips[0]["path"] == paths[2] and skips[0]["times"] == 2
+    assert skips[0]["reason"].startswith("at run time: ") and "p2.jpg" in skips[0]["reason"]
+    assert collate_skip_none([None, None]) is None
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cached_eval_images_equal_uncached(tmp_path, mode):
+    paths = _photos(tmp_path)
+    cache = build_cache(mode, paths=paths, short_side=54, interpolation="bicubic", cache_dir=tmp_path / "cache")
+    tf = build_eval_transform(SMALL)
+    for p in paths:
+        cached = cache(p)
+        assert min(cached.shape[:2]) == 54  # stored at the size the transform needs, not the 120-150 px original
+        assert torch.equal(tf(image=cached)["image"], tf(image=load_rgb(p))["image"])
+
+
+def test_disk_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
+    import pipeline.image_cache as image_cache
+
+    path = _photos(tmp_path, 1)[0]
+    cache = DiskCache(tmp_path / "cache", 54)
+    first = cache(path)
+    files = list((tmp_path / "cache").rglob("*.npy"))
+    assert len(files) == 1 and np.array_equal(np.load(files[0]), first)
+    monkeypatch.setattr(image_cache, "decode_for_cache", lambda *a: pytest.fail("decoded again"))
+    assert np.array_equal(cache(path), first)  # served from disk
+    monkeypatch.undo()
+    write_image(Path(path), (0, 255, 0), size=100, seed=9, fmt="JPEG")  # new content, size and mtime
+    assert not np.array_equal(cache(path), first) and len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+
+
+def test_memory_cache_packs_resized_images_and_reports_bad_files(tmp_path):
+    paths = _photos(tmp_path, 3)
+    (tmp_path / "bad.jpg").write_bytes(b"xx")
+    small = str(write_image(tmp_path / "small.png", (1, 2, 3), size=30))  # smaller than the target: kept as is
+    cache = MemoryCache(paths + [str(tmp_path / "bad.jpg"), small], short_side=54)
+    assert cache.buffer.nbytes == 3 * 54 * 54 * 3 + 30 * 30 * 3
+    assert cache(small).shape == (30, 30, 3) and cache(paths[0]).shape == (54, 54, 3)
+    cache(paths[0])[:] = 0  # callers get a copy: the cache itself is unchanged
+    assert cache(paths[0]).any()
+    with pytest.raises(ImageDecodeError, match="bad.jpg"):
+        cache(str(tmp_path / "bad.jpg"))
+    with pytest.raises(ConfigError, match="dataset.cache='ram' is not valid; choose one of: none, memory, disk"):
+        build_cache("ram", paths=paths, short_side=54)
+
+
+def test_training_with_disk_cache_survives_a_file_broken_after_listing(tiny_folder, cfg_factory, monkeypatch):
+    import pipeline.data as data
+
+    original = data.load_imagefolder
+
+    def load_then_break(*args, **kwargs):
+        splits = original(*args, **kwargs)
+        Path(splits.train.paths[0]).write_bytes(b"broken mid-run")
+        return splits
+
+    monkeypatch.setattr(data, "load_imagefolder", load_then_break)
+    cfg = cfg_factory("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny", "backbone.input_size=32",
+                      "dataset.cache=disk", "trainer.num_workers=1", "trainer.max_train_batches=0",
+                      "strategy=finetune")
+    from pipeline.train import train
+    metrics = train(cfg)
+    assert metrics["skipped_at_runtime"] == 1
+    summary = (Path(cfg.output_dir) / "summary.md").read_text()
+    assert "at run time: " in summary
+    assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text())["skipped_files"] == 1
+    assert len(list(Path(cfg.dataset.cache_dir).rglob("*.npy"))) == 36 + 12 - 1  # every readable file cached
