@@ -5,11 +5,11 @@ import json
 import os
 from pathlib import Path
 
-import timm
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import ConfigError, MissingFileError
+from pipeline.multidepth import create_classifier
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -39,7 +39,7 @@ def load_checkpoint(run_dir: str | Path, name: str = "best") -> tuple[torch.nn.M
         if not p.is_file():
             raise MissingFileError(f"Checkpoint file missing: {p} (is {run_dir} a finished run dir?)")
     meta = json.loads(meta_path.read_text())
-    model = timm.create_model(meta["arch"], pretrained=False, num_classes=meta["num_classes"])
+    model = create_classifier(meta["arch"], meta["num_classes"], meta.get("feature_levels"))
     try:
         model.load_state_dict(load_file(str(weights_path)), strict=True)
     except Exception as e:  # noqa: BLE001

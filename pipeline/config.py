@@ -125,6 +125,17 @@ class TrainerConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """Feature-extractor fast path (pipeline/cached_fit.py), used whenever the mode resolves to linear_probe."""
+    cached: bool = True  # extract features once per split and train the head on them; false = backbone every epoch
+    head: str = "linear"  # linear (torch, epochs/early stop/class weights) | logistic (sklearn, C by CV)
+    depths: Any = field(default_factory=lambda: ["head"])  # feature levels (ints) and/or head; auto = best LogME
+    augmented_views: int = 0  # extra augmented passes over train, cached like the plain one
+    cache_dir: Optional[str] = "${data_dir}/cache/features"  # null = no disk cache (extract every run)
+    channels_last: bool = False  # NHWC during extraction (see `make bench` for whether it helps)
+
+
+@dataclass
 class ExportConfig:
     """Defaults for `python -m pipeline.export` (pipeline/export.py); CLI flags override per export."""
     formats: list = field(default_factory=lambda: ["safetensors", "onnx", "torchscript"])
@@ -143,6 +154,7 @@ class Config:
     optim: OptimConfig = MISSING
     trainer: TrainerConfig = MISSING
     export: ExportConfig = MISSING
+    features: FeaturesConfig = MISSING
     seed: int = 42
     output_dir: Optional[str] = None  # run dir; default: Hydra's run dir
     data_dir: str = "data"  # generated datasets and caches

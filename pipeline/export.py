@@ -207,7 +207,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / FILES["safetensors"]), metadata={"arch": meta["arch"]})
         os.chmod(tmp / FILES["safetensors"], 0o644)  # safetensors writes 0600; a shipped file is world-readable
-        base = {k: meta[k] for k in loading.REQUIRED_KEYS}
+        base = {k: meta[k] for k in (*loading.REQUIRED_KEYS, "feature_levels") if k in meta}
         (tmp / "model.json").write_text(json.dumps(base, indent=2))
         results = check_formats(model, tmp, paths, ref_x, settings)
         run_metrics = model_card.read_json(run_dir / "metrics.json")

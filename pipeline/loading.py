@@ -21,6 +21,7 @@ import torch
 from pipeline.augment import build_eval_transform
 from pipeline.errors import ConfigError, MissingFileError, PipelineError
 from pipeline.images import load_rgb
+from pipeline.multidepth import create_classifier
 
 _logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def build_model(meta: dict, state_dict: dict[str, torch.Tensor], source: str) ->
     arch, n = meta["arch"], meta["num_classes"]
     if not timm.is_model(arch):
         raise ModelFileError(f"model.json arch '{arch}' is not a model of the installed timm {timm.__version__}")
-    model = timm.create_model(arch, pretrained=False, num_classes=n)
+    model = create_classifier(arch, n, meta.get("feature_levels"))  # feature_levels: multi-depth linear probe
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

@@ -65,6 +65,7 @@ def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, 
     return {
         "format_version": FORMAT_VERSION,
         **{k: meta[k] for k in ("arch", "num_classes", "class_names", "preprocessing")},
+        **({"feature_levels": meta["feature_levels"]} if meta.get("feature_levels") else {}),
         "epoch": meta.get("epoch"), "metrics": metrics,
         "training": training_facts(meta, run_dir, run_metrics),
         "dataset": {"name": dataset.get("name"), "root": dataset.get("root"), **facts},

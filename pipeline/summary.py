@@ -81,6 +81,9 @@ def strategy_sections(info: dict) -> list[list[str]]:
     from pipeline.auto_strategy import decision_paragraph
 
     sections = [decision_paragraph(info["decision"])] if info.get("decision") else []
+    if info.get("features"):
+        from pipeline.cached_fit import features_section
+        sections.append(features_section(info["features"]))
     rows = ["## Parameters per layer group", "", "| group | first parameter | params | trainable at start |",
             "|---|---|---|---|"]
     rows += [f"| {g['group']} | `{g['first_param']}` | {g['params']:,} | {g['trainable']:,} |" for g in info["groups"]]

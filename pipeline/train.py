@@ -17,14 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.errors import ConfigError, PipelineError
 from pipeline import augment, backbone, checkpoint, data, engine, loss, optim, sources, strategy, summary
 from pipeline import audit, image_cache
-from pipeline import auto_strategy, gradual, plots, sampler
+from pipeline import auto_strategy, cached_fit, gradual, plots, sampler
 from pipeline.config import register_configs
 from pipeline.metrics import MonitorTracker, check_monitor
 from pipeline.startup import set_threads
 
 _logger = logging.getLogger(__name__)
 _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",
-                  "decision")
+                  "decision", "features")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -230,12 +230,18 @@ def train(cfg: DictConfig) -> dict:
     eval_tf = augment.build_eval_transform(data_cfg)
     load = {"cache": build_image_cache(cfg, splits, data_cfg), "skip_log": run_dir / RUNTIME_SKIP_LOG}
     strategy_info = setup_strategy(cfg, model, splits.train, eval_tf, device, run_dir)
-    loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
-               "val": make_loader(splits.val, eval_tf, cfg, train=False, **load)}
     meta = checkpoint_meta(cfg, splits.classes, data_cfg, 0, {})
     weights = None if imbalance["class_weights"] == "none" else torch.tensor(list(imbalance["weights"].values()),
                                                                               dtype=torch.float32)
-    result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights)
+    if cached_fit.use_cached_path(cfg.features, strategy_info["mode"]):  # backbone once, head on cached features
+        result = cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf, train_tf=train_tf,
+                                       image_cache=load["cache"], class_weights=weights,
+                                       init_bias=imbalance["prior_bias"].get("bias"))
+        strategy_info["features"] = result["features"]
+    else:
+        loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
+                   "val": make_loader(splits.val, eval_tf, cfg, train=False, **load)}
+        result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights)
     best_model, _ = checkpoint.load_checkpoint(run_dir, "best")
     best_model.to(device)
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],

@@ -1,0 +1,135 @@
+"""Frozen-backbone features computed once and cached on disk (the feature-extractor fast path).
+
+A cache entry is `<cache_dir>/<key>.safetensors` (features, labels, the split indices that decoded) plus
+`<key>.json` (what went into the key, sizes, extraction speed). The key hashes everything the features
+depend on: backbone name, a hash of its weights, the split's file list (path, size, mtime), the
+preprocessing (data config; for augmented views also the augment config, view number and seed) and
+the feature levels. Change any of them and the features are recomputed; otherwise the entry is reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.data import ImageDataset, Split, collate_skip_none
+from pipeline.multidepth import pooled_features
+
+_logger = logging.getLogger(__name__)
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over the backbone's tensors (names, shapes, bytes); the classifier is left out."""
+    head = {id(p) for p in model.get_classifier().parameters()} if hasattr(model, "get_classifier") else set()
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in head:
+            continue
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def files_hash(paths: Sequence[str]) -> str:
+    """sha256 over (path, size, mtime) of every file: adding, removing or touching a file changes it."""
+    digest = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        digest.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_key(parts: dict) -> str:
+    """Stable short hash of a JSON-able description of the features."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """ImageDataset items with their index, so skipped (undecodable) samples can be accounted for."""
+
+    def __init__(self, base: ImageDataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        item = self.base[i]
+        return None if item is None else (*item, i)
+
+
+@torch.inference_mode()
+def extract(model: torch.nn.Module, loader, levels: Sequence, device: torch.device,
+            channels_last: bool = False) -> dict:
+    """Pooled features of every decodable sample in `loader` (eval mode), with speed."""
+    model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    feats, labels, index, start = [], [], [], time.perf_counter()
+    for batch in loader:
+        if batch is None:
+            continue
+        images, y, idx = batch
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        feats.append(pooled_features(model, images, levels).float().cpu())
+        labels.append(y)
+        index.append(idx)
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    seconds = time.perf_counter() - start
+    n = sum(len(y) for y in labels)
+    if not n:
+        raise ValueError("no image of the split could be decoded")
+    return {"features": torch.cat(feats), "labels": torch.cat(labels).long(), "index": torch.cat(index).long(),
+            "seconds": seconds, "img_per_s": n / max(seconds, 1e-9)}
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: Sequence, key_parts: dict,
+                    cache_dir: str | Path | None, device: torch.device, batch_size: int = 64, num_workers: int = 0,
+                    channels_last: bool = False, image_cache=None, name: str = "features") -> dict:
+    """Cached features for `split` under `transform` (see the module doc); `cache_dir=None` disables the cache.
+
+    Returns {features, labels, index, hit, key, seconds, img_per_s}."""
+    parts = {**key_parts, "levels": [str(v) for v in levels], "files": files_hash(split.paths)}
+    key = cache_key(parts)
+    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        t = load_file(str(path))
+        info = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
+        _logger.info("Feature cache hit (%s): %s, %d x %d", name, path, *t["features"].shape)
+        return {**t, "hit": True, "key": key, "seconds": 0.0, "img_per_s": info.get("img_per_s", float("nan"))}
+    loader = torch.utils.data.DataLoader(
+        _Indexed(ImageDataset(split, transform, cache=image_cache)), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=collate_skip_none, persistent_workers=False)
+    out = extract(model, loader, levels, device, channels_last)
+    _logger.info("Feature cache miss (%s): extracted %d x %d in %.1f s (%.1f img/s)", name,
+                 *out["features"].shape, out["seconds"], out["img_per_s"])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: out[k].contiguous() for k in ("features", "labels", "index")}
+        _write_atomic(path, lambda p: save_file(tensors, str(p)))
+        meta = {"name": name, "key_parts": parts, "n": int(len(out["labels"])), "dim": int(out["features"].shape[1]),
+                "seconds": out["seconds"], "img_per_s": out["img_per_s"]}
+        _write_atomic(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return {**out, "hit": False, "key": key}
+
+
+def as_numpy(entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    return entry["features"].numpy(), entry["labels"].numpy()
