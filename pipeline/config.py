@@ -158,6 +158,7 @@ class Config:
     seed: int = 42
     output_dir: Optional[str] = None  # run dir; default: Hydra's run dir
     data_dir: str = "data"  # generated datasets and caches
+    backbones: list = field(default_factory=list)  # make rank: timm names to compare (empty: backbone.name)
 
 
 def register_configs() -> None:

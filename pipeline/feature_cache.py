@@ -114,7 +114,8 @@ def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: 
         t = load_file(str(path))
         info = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
         _logger.info("Feature cache hit (%s): %s, %d x %d", name, path, *t["features"].shape)
-        return {**t, "hit": True, "key": key, "seconds": 0.0, "img_per_s": info.get("img_per_s", float("nan"))}
+        return {**t, "hit": True, "key": key, "seconds": 0.0, "img_per_s": info.get("img_per_s", float("nan")),
+                "extracted_seconds": info.get("seconds", float("nan"))}
     loader = torch.utils.data.DataLoader(
         _Indexed(ImageDataset(split, transform, cache=image_cache)), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=collate_skip_none, persistent_workers=False)
@@ -128,7 +129,7 @@ def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: 
         meta = {"name": name, "key_parts": parts, "n": int(len(out["labels"])), "dim": int(out["features"].shape[1]),
                 "seconds": out["seconds"], "img_per_s": out["img_per_s"]}
         _write_atomic(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return {**out, "hit": False, "key": key}
+    return {**out, "hit": False, "key": key, "extracted_seconds": out["seconds"]}
 
 
 def as_numpy(entry: dict) -> tuple[np.ndarray, np.ndarray]:

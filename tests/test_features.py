@@ -155,3 +155,17 @@ def test_bad_feature_options_are_one_line_config_errors(tiny_folder, cfg_factory
                       "strategy=linear_probe", *overrides)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         train(cfg)
+
+
+def test_rank_scores_every_level_and_reports_a_backbone_it_cannot_build(tiny_folder, cfg_factory):
+    from pipeline.rank import rank
+
+    cfg = cfg_factory("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny", "backbone.input_size=64",
+                      "backbones=[test_efficientnet,not_a_timm_model]")
+    result = rank(cfg)
+    assert [r["level"] for r in result["rows"]] == ["0", "1", "2", "3", "4", "head"]
+    assert all(np.isfinite(r["logme"]) and r["images"] == 36 and r["cache"] == "miss" for r in result["rows"])
+    assert [s["backbone"] for s in result["skipped"]] == ["not_a_timm_model"]
+    text = (Path(cfg.output_dir) / "rank.md").read_text()
+    assert "| 1 | test_efficientnet |" in text and "not_a_timm_model" in text
+    assert rank(cfg)["rows"][0]["cache"] == "hit"
