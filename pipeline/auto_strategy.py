@@ -79,6 +79,7 @@ def decide_strategy(model: torch.nn.Module, train_split: Split, transform, devic
     decision = {"mode": mode, "freeze_depth": depth, "rule": rule, "n_groups": n_groups, **size,
                 "similarity": {"feature_separability": features["separability"],
                                "feature_cv_balanced_accuracy": features["cv_balanced_accuracy"],
+                               "feature_logme": features["logme"],  # recorded for comparison, not in the rule
                                "pixel_separability": pixels["separability"],
                                "pixel_cv_balanced_accuracy": pixels["cv_balanced_accuracy"],
                                "gain": gain, "similar_gain_threshold": auto_cfg.similar_gain,

@@ -13,6 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.data import ImageDataset, Split, collate_skip_none
+from pipeline.logme import logme_score
 
 _logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def measure_separability(model: torch.nn.Module, split: Split, transform, device
                                          collate_fn=collate_skip_none)
     features, labels = extract_features(model, loader, device)
     result = cv_separability(features, labels, seed)
+    result["logme"] = logme_score(features, labels) if len(np.unique(labels)) > 1 else float("nan")
     result.update(n_samples=int(len(labels)), feature_dim=int(features.shape[1]),
                   seconds=round(time.perf_counter() - start, 2))
     _logger.info("Frozen-feature separability: CV balanced acc %.3f on %d images (%.1f s)",

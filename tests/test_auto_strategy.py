@@ -77,7 +77,7 @@ def test_auto_run_writes_decision_record(tiny_folder, cfg_factory):
     run = Path(cfg.output_dir)
     decision = json.loads((run / "decision.json").read_text())
     assert decision["mode"] == metrics["mode"] and decision["total"] == 36
-    for key in ("feature_separability", "pixel_separability", "gain", "similar_gain_threshold"):
+    for key in ("feature_separability", "feature_logme", "pixel_separability", "gain", "similar_gain_threshold"):
         assert key in decision["similarity"]
     summary = (run / "summary.md").read_text()
     assert "## Strategy decision (auto)" in summary and f"{decision['similarity']['gain']:.3f}" in summary
