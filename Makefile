@@ -22,7 +22,7 @@ MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC RUN IMAGES BACKEND TOPK SW
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
-.PHONY: help install train test clean-outputs sweep hpo rank report export predict
+.PHONY: help install train test clean-outputs sweep hpo rank bench report export predict
 
 help: ## List the targets
 	@echo "Usage: make <target> [group=option ...] [ARGS=\"hydra overrides\"]"
@@ -56,6 +56,9 @@ hpo: $(STAMP) ## Optuna TPE search + report: make hpo dataset=X [ARGS="hydra.swe
 
 rank: $(STAMP) ## Rank backbones by LogME per feature level: make rank dataset=X backbones=[a,b,c]
 	$(PY) -m pipeline.rank 'hydra.run.dir=outputs/rank/$${now:%Y-%m-%d_%H-%M-%S}_$${hydra.runtime.choices.dataset}' $(HYDRA_OVERRIDES) $(ARGS)
+
+bench: $(STAMP) ## Speed/memory vs bare-PyTorch ceilings (table + outputs/bench/bench.json): make bench [ARGS="--dataset X"]
+	$(PY) bench/bench.py $(ARGS)
 
 report: $(STAMP) ## Rebuild a sweep's report.md/.csv/.png: make report [SWEEP=outputs/multirun/<dir>] (default: latest)
 	$(PY) -m pipeline.report $(SWEEP)

@@ -1,0 +1,244 @@
+"""`make bench`: the pipeline's speed and memory against bare-PyTorch ceilings, measured in one run.
+
+    .venv/bin/python bench/bench.py [--dataset hymenoptera] [--size 224] [--batch 32] [--steps 10]
+
+Every measurement runs in its own subprocess (fresh allocator state, its own peak RSS, no warm caches
+from another part) on the same arch, batch, resolution and threads:
+
+  1. train:     pipeline fine-tune img/s on real images (train(cfg), strategy=finetune) vs a bare timm
+                training step on synthetic tensors                                 target >= 0.9
+  2. inference: pipeline feature extraction img/s (the cached-probe path) vs a bare forward   >= 0.9
+  3. loader:    DataLoader img/s (decode + light augment, 2 workers; without and with the decoded-image
+                cache) vs the fine-tune step rate                                   target >= 3x
+  4. memory:    peak RSS of the fine-tune run vs the bare training step            target <= 1.5x
+  5. allocator: bare forward with the glibc allocator fix vs without (expect 3-5x on these VMs)
+  plus speed options on the bare step: channels_last, bf16 autocast, fused/foreach AdamW.
+
+Data: $DATASETS_DIR/<dataset> (default ../shared/datasets), else the embedded digits set.
+Prints a table and writes outputs/bench/bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "tf_efficientnet_lite0"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_steps(step, steps: int, batch: int) -> float:
+    """img/s over `steps` calls of `step` after two warm-up calls."""
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def part_train_step(a) -> dict:
+    """Bare training step on synthetic tensors; variant: plain | channels_last | bf16 | foreach_off | fused."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, num_classes=5).train()
+    x, y = torch.randn(a.batch, 3, a.size, a.size), torch.randint(0, 5, (a.batch,))
+    if a.variant == "channels_last":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt_kwargs = {"foreach": False} if a.variant == "foreach_off" else {"fused": True} if a.variant == "fused" else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **opt_kwargs)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.variant == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {"img_per_s": timed_steps(step, a.steps, a.batch)}
+
+
+def part_forward(a) -> dict:
+    """Bare inference forward (eval, inference_mode) on synthetic tensors."""
+    import timm
+    import torch
+
+    model = timm.create_model(ARCH, num_classes=0).eval()
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    if a.variant == "channels_last":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.inference_mode():
+            model(x)
+    return {"img_per_s": timed_steps(step, a.steps, a.batch)}
+
+
+def _overrides(a, *extra: str) -> list[str]:
+    return [*a.dataset_overrides, f"backbone.input_size={a.size}", f"trainer.batch_size={a.batch}",
+            "trainer.progress=false", "trainer.num_workers=2", f"output_dir={a.tmp}/run", f"data_dir={a.tmp}/data",
+            f"backbone.cache_dir={ROOT / 'data' / 'weights'}", *extra]
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def part_pipeline_finetune(a) -> dict:
+    """train(cfg) fine-tuning `steps` batches of real images; the engine's img/s (includes waiting on data)."""
+    from pipeline.train import train
+
+    cfg = _compose(_overrides(a, "strategy=finetune", "trainer.epochs=1", f"trainer.max_train_batches={a.steps + 2}"))
+    metrics = train(cfg)
+    return {"img_per_s": metrics["history"][0]["train_img_per_s"]}
+
+
+def part_pipeline_extract(a) -> dict:
+    """The cached-probe extraction (feature_cache.load_or_extract, no disk cache) over up to 320 train images."""
+    import torch
+
+    from pipeline import augment, backbone
+    from pipeline.data import Split
+    from pipeline.feature_cache import load_or_extract
+    from pipeline.train import build_data
+
+    cfg = _compose(_overrides(a))
+    splits, _ = build_data(cfg)
+    n = min(len(splits.train), 320)
+    split = Split(splits.train.paths[:n], splits.train.labels[:n], splits.classes)
+    model, _ = backbone.build_backbone(name=ARCH, num_classes=len(splits.classes), weights="none")
+    tf = augment.build_eval_transform(backbone.data_config(model, a.size))
+    out = load_or_extract(model, split, tf, levels=["head"], key_parts={}, cache_dir=None,
+                          device=torch.device("cpu"), batch_size=64, num_workers=2)
+    return {"img_per_s": out["img_per_s"], "images": n}
+
+
+def part_loader(a) -> dict:
+    """Train DataLoader epoch img/s (light augment, 2 workers): no cache, then the memory cache's 2nd epoch."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_data import loader_epoch
+
+    from pipeline import augment, image_cache
+    from pipeline.train import build_data
+
+    cfg = _compose(_overrides(a))
+    splits, _ = build_data(cfg)
+    data_cfg = {"input_size": [3, a.size, a.size], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                "crop_pct": 0.875}
+    tf = augment.build_train_transform(data_cfg, preset="light")
+    plain = loader_epoch(splits.train, tf, None, 2, a.batch)
+    mem = image_cache.build_cache("memory", paths=splits.train.paths, short_side=augment.eval_resize_size(data_cfg),
+                                  workers=2)
+    loader_epoch(splits.train, tf, mem, 2, a.batch)
+    return {"no_cache": plain, "memory_cache": loader_epoch(splits.train, tf, mem, 2, a.batch)}
+
+
+PARTS = {"train_step": part_train_step, "forward": part_forward, "pipeline_finetune": part_pipeline_finetune,
+         "pipeline_extract": part_pipeline_extract, "loader": part_loader}
+
+
+def run_part(a, part: str, variant: str = "plain", allocator: bool = True) -> dict:
+    """Run one part in a fresh interpreter; returns its JSON result plus peak RSS and wall time."""
+    env = dict(os.environ)
+    if not allocator:
+        env["PIPELINE_MALLOC_TUNE"] = "0"
+        for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+            env.pop(k, None)
+    cmd = [sys.executable, __file__, "--part", part, "--variant", variant, "--size", str(a.size), "--batch",
+           str(a.batch), "--steps", str(a.steps), "--dataset", a.dataset, "--tmp", a.tmp]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench part {part}/{variant} failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    print(f"  {part:18s} {variant:14s} {json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()})}",
+          flush=True)
+    return result
+
+
+def measure(a) -> dict:
+    r = {"finetune": run_part(a, "pipeline_finetune"), "train_step": run_part(a, "train_step")}
+    r["extract"], r["forward"] = run_part(a, "pipeline_extract"), run_part(a, "forward")
+    r["loader"] = run_part(a, "loader")
+    r["forward_no_allocator_fix"] = run_part(a, "forward", allocator=False)
+    r["forward_channels_last"] = run_part(a, "forward", "channels_last")
+    for variant in ("channels_last", "bf16", "foreach_off", "fused"):
+        r[f"train_step_{variant}"] = run_part(a, "train_step", variant)
+    return r
+
+
+def table(r: dict) -> list[dict]:
+    step = r["train_step"]["img_per_s"]
+    rows = [("1 train img/s: pipeline fine-tune / bare step", r["finetune"]["img_per_s"], step, ">= 0.9"),
+            ("2 inference img/s: pipeline extraction / bare forward", r["extract"]["img_per_s"],
+             r["forward"]["img_per_s"], ">= 0.9"),
+            ("3a loader img/s (no cache) / fine-tune step", r["loader"]["no_cache"], step, ">= 3"),
+            ("3b loader img/s (memory cache) / fine-tune step", r["loader"]["memory_cache"], step, ">= 3"),
+            ("4 peak RSS MB: fine-tune run / bare step", r["finetune"]["peak_rss_mb"], r["train_step"]["peak_rss_mb"],
+             "<= 1.5"),
+            ("5 forward img/s: allocator fix on / off", r["forward"]["img_per_s"],
+             r["forward_no_allocator_fix"]["img_per_s"], "3-5x here"),
+            ("forward img/s: channels_last / default", r["forward_channels_last"]["img_per_s"],
+             r["forward"]["img_per_s"], "keep if > 1")]
+    rows += [(f"train step img/s: {v} / default", r[f"train_step_{v}"]["img_per_s"], step, "keep if > 1")
+             for v in ("channels_last", "bf16", "foreach_off", "fused")]
+    return [{"measure": m, "value": v, "reference": ref, "ratio": v / ref, "target": t} for m, v, ref, t in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="hymenoptera")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--part", choices=sorted(PARTS))
+    ap.add_argument("--variant", default="plain")
+    ap.add_argument("--tmp", default="")
+    a = ap.parse_args()
+    os.environ.setdefault("DATASETS_DIR", str(ROOT.parent / "shared" / "datasets"))
+    have = (Path(os.environ["DATASETS_DIR"]) / a.dataset / "train").is_dir()
+    a.dataset_overrides = [f"dataset={a.dataset}"] if have else ["dataset=digits"]
+    if a.part:
+        sys.path.insert(0, str(ROOT))
+        import pipeline  # noqa: F401  (allocator fix unless PIPELINE_MALLOC_TUNE=0)
+        from pipeline.startup import set_threads
+        set_threads(0)
+        result = PARTS[a.part](a)
+        print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
+        return
+    import tempfile
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        a.tmp = tmp
+        print(f"bench: {ARCH} @ {a.size}px, batch {a.batch}, {os.cpu_count()} cpus, data {a.dataset_overrides[0]}")
+        raw = measure(a)
+    rows = table(raw)
+    print("\n| measure | value | reference | ratio | target |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['measure']} | {row['value']:.1f} | {row['reference']:.1f} | {row['ratio']:.2f} | {row['target']} |")
+    out = ROOT / "outputs" / "bench" / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"rows": rows, "raw": raw, "seconds": time.perf_counter() - start, "load_average": os.getloadavg(),
+           "cpus": os.cpu_count(), "args": {k: v for k, v in vars(a).items() if k != "tmp"}}
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"\n{doc['seconds']:.0f} s; load average {doc['load_average'][0]:.2f}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
