@@ -79,3 +79,8 @@ audit: $(STAMP) ## Audit a dataset (counts, sizes, modes, odd files, duplicates,
 
 preview: $(STAMP) ## PNG grid of augmented train samples: make preview dataset=X [augment=heavy] [N=16] [OUT=file.png]
 	$(PY) -m pipeline.preview $(if $(N),--n $(N)) $(if $(OUT),--out "$(OUT)") $(HYDRA_OVERRIDES) $(ARGS)
+
+# Reliability: continue a run that was killed (kill -9, power loss) or stopped with Ctrl-C / SIGTERM
+.PHONY: resume
+resume: $(STAMP) ## Continue a killed/interrupted run from last.pt: make resume [RUN=<run dir>] (default: newest unfinished run of dataset=X)
+	$(PY) -m pipeline.train trainer.resume=$(or $(RUN),auto) $(HYDRA_OVERRIDES) $(ARGS)

@@ -122,6 +122,10 @@ class TrainerConfig:
     early_stop_patience: int = 0  # stop after this many epochs without a better monitor value; 0 = off
     progress: bool = True
     max_train_batches: int = 0  # >0: cap batches per epoch (smoke runs)
+    resume: Optional[str] = None  # null | auto | <run dir>: continue a killed/interrupted run (pipeline/resume.py)
+    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
+    max_nonfinite_steps: int = 5  # stop after this many consecutive NaN/inf losses or gradients (pipeline/guard.py)
+    keep_last: bool = False  # keep last.pt (full training state, ~3x the model) after the run finishes
 
 
 @dataclass

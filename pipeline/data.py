@@ -110,7 +110,10 @@ def stratified_split(split: Split, val_fraction: float, seed: int,
     n_val = max(int(round(val_fraction * len(reps))), len(counts))
     stratify = labels if min(counts.values()) >= 2 and n_val <= len(reps) - len(counts) else None
     if stratify is None:
-        _logger.warning("A class has fewer than 2 images: val split is random, not stratified.")
+        few = [split.classes[c] for c, n in sorted(counts.items()) if n < 2]
+        why = f"class(es) with a single train image: {few}" if few else "too few images per class"
+        _logger.warning("Val split is random, not stratified (%s); a class may end up only in train or only "
+                        "in val: add images or a val/ folder", why)
     _, va_reps = train_test_split(reps, test_size=n_val, random_state=seed, stratify=stratify)
     in_val = set(va_reps.tolist())
     va = [i for i in range(len(split)) if rep_of[i] in in_val]

@@ -12,31 +12,56 @@ def progress_bar(enabled: bool) -> Progress:
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not enabled, transient=True)
 
 
+def _step(model, images, labels, loss_fn, optimizer, guard) -> float | None:
+    """One optimizer step; None when the guard skipped it (non-finite inputs, loss or gradients)."""
+    if guard is not None and not guard.inputs_ok(model, optimizer, images):
+        return None
+    loss = loss_fn(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if guard is not None and not guard.grads_ok(model, optimizer, loss, images):
+        return None
+    optimizer.step()
+    return loss.item()
+
+
 def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, *,
-                    epoch: int = 0, max_batches: int = 0, progress: bool = False) -> dict:
-    """One pass over `loader`; the scheduler steps per batch. Returns mean loss, images and seconds."""
+                    epoch: int = 0, max_batches: int = 0, progress: bool = False, guard=None, stop=None,
+                    resume_from: dict | None = None) -> dict:
+    """One pass over `loader`; the scheduler steps per batch. Returns mean loss, images and seconds.
+
+    `guard` (pipeline.guard.StepGuard) clips gradients and skips non-finite steps (they do not count in
+    the loss). `stop()` true after a step ends the epoch early (SIGINT/SIGTERM): the result then has
+    `interrupted` and the `partial` counters; passed back as `resume_from`, they make a later call load
+    (not train on) the batches already done, so data order and augmentation draws continue exactly.
+    """
     model.train()
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    done = resume_from or {}
+    skip, total_loss, seen = done.get("steps", 0), done.get("loss_sum", 0.0), done.get("seen", 0)
+    skipped_steps, start = done.get("nonfinite_steps", 0), time.perf_counter() - done.get("seconds", 0.0)
     n_batches = min(len(loader), max_batches) if max_batches else len(loader)
     with progress_bar(progress) as bar:
         task = bar.add_task(f"epoch {epoch}", total=n_batches, info="")
         for step, batch in enumerate(loader):
             if max_batches and step >= max_batches:
                 break
-            if batch is None:  # every image of the batch was unreadable
-                continue
-            images, labels = (t.to(device, non_blocking=True) for t in batch)
-            loss = loss_fn(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(labels)
-            seen += len(labels)
-            bar.update(task, advance=1, info=f"loss {total_loss / seen:.4f}")
+            if step >= skip and batch is not None:  # None: every image of the batch was unreadable
+                images, labels = (t.to(device, non_blocking=True) for t in batch)
+                loss = _step(model, images, labels, loss_fn, optimizer, guard)
+                if loss is None:
+                    skipped_steps += 1
+                else:
+                    total_loss += loss * len(labels)
+                    seen += len(labels)
+                scheduler.step()
+            bar.update(task, advance=1, info=f"loss {total_loss / max(seen, 1):.4f}")
+            if step >= skip and stop is not None and stop():
+                partial = {"steps": step + 1, "loss_sum": total_loss, "seen": seen,
+                           "nonfinite_steps": skipped_steps, "seconds": time.perf_counter() - start}
+                return {"interrupted": True, "partial": partial}
     seconds = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "train_images": seen, "train_seconds": seconds,
-            "train_img_per_s": seen / max(seconds, 1e-9)}
+    return {"train_loss": total_loss / seen if seen else (float("nan") if skipped_steps else 0.0), "train_images": seen,
+            "train_seconds": seconds, "train_img_per_s": seen / max(seconds, 1e-9), "nonfinite_steps": skipped_steps}
 
 
 @torch.inference_mode()

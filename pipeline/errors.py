@@ -11,3 +11,7 @@ class ConfigError(PipelineError, ValueError):
 
 class MissingFileError(PipelineError, FileNotFoundError):
     """A dataset, weights file or run dir that is not where the config says."""
+
+
+class OutputError(PipelineError, OSError):
+    """The run dir or a file in it cannot be written (unwritable dir, disk full)."""

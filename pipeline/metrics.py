@@ -82,6 +82,12 @@ class MonitorTracker:
             self.bad_epochs += 1
         return better
 
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], int(state["best_epoch"]), int(state["bad_epochs"])
+
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_epochs >= self.patience

@@ -33,6 +33,13 @@ class BalancedClassSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
+    def state_dict(self) -> dict:
+        """The generator state: restoring it (resume) replays the same sequence of epochs from here on."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     def _perm(self, n: int) -> np.ndarray:
         return torch.randperm(n, generator=self.generator).numpy()
 

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,26 +16,16 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline import augment, backbone, checkpoint, data, engine, loss, optim, sources, strategy, summary
 from pipeline import audit, image_cache
 from pipeline import auto_strategy, cached_fit, gradual, plots, sampler
+from pipeline import resume, validate
+from pipeline.guard import StepGuard
+from pipeline.seeding import seed_everything, seed_transform, seed_worker as _seed_worker
 from pipeline.config import register_configs
-from pipeline.metrics import MonitorTracker, check_monitor
+from pipeline.metrics import MonitorTracker
 from pipeline.startup import set_threads
 
 _logger = logging.getLogger(__name__)
 _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",
                   "decision", "features")
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -57,14 +45,15 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         from hydra.core.hydra_config import HydraConfig
         path = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else \
             Path("outputs/runs") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return validate.ensure_writable_dir(path)
 
 
 def build_data(cfg: DictConfig) -> tuple[data.DatasetSplits, Path]:
     d = cfg.dataset
     root = sources.prepare_root(name=d.name, root=d.root, source=d.source, image_size=d.image_size, url=d.url,
                                 download=d.download, download_hint=d.download_hint, train_split=d.train_split)
+    validate.check_dataset_layout(root, train_split=d.train_split, val_split=d.val_split, val_fraction=d.val_fraction,
+                                  min_per_class=d.min_per_class)  # a listing: fails before every file is probed
     splits = data.load_imagefolder(root, train_split=d.train_split, val_split=d.val_split, test_split=d.test_split,
                                    val_fraction=d.val_fraction, seed=cfg.seed, max_pixels=d.max_pixels,
                                    min_per_class=d.min_per_class, workers=d.audit_workers)
@@ -84,8 +73,8 @@ def make_loader(split: data.Split, transform, cfg: DictConfig, *, train: bool, g
     return torch.utils.data.DataLoader(
         dataset, batch_size=t.batch_size if train else t.eval_batch_size, shuffle=train and order is None,
         sampler=order, drop_last=False, num_workers=t.num_workers, collate_fn=data.collate_skip_none,
-        generator=generator,
-        worker_init_fn=_seed_worker, persistent_workers=t.num_workers > 0,
+        generator=generator,  # train workers are not persistent: each epoch's are seeded from `generator` (resume)
+        worker_init_fn=_seed_worker, persistent_workers=t.num_workers > 0 and not train,
         pin_memory=torch.cuda.is_available())
 
 
@@ -129,14 +118,14 @@ def write_eval_reports(run_dir: Path, metrics: dict, evals: dict, classes: list[
 
 
 def setup_strategy(cfg: DictConfig, model: torch.nn.Module, train_split: data.Split, eval_tf, device: torch.device,
-                   run_dir: Path) -> dict:
-    """Resolve `strategy.mode=auto` (decision.json) and freeze the model accordingly."""
+                   run_dir: Path, resumed: bool = False) -> dict:
+    """Resolve `strategy.mode=auto` (decision.json; a resumed run reuses its own) and freeze the model accordingly."""
     s = cfg.strategy
     mode, depth, decision = s.mode, s.freeze_depth, None
     if mode == "auto":
-        decision = auto_strategy.decide_strategy(model, train_split, eval_tf, device,
-                                                 n_groups=len(strategy.layer_groups(model)), auto_cfg=s.auto,
-                                                 seed=cfg.seed)
+        decision = resume.saved_decision(run_dir) if resumed else auto_strategy.decide_strategy(
+            model, train_split, eval_tf, device, n_groups=len(strategy.layer_groups(model)), auto_cfg=s.auto,
+            seed=cfg.seed)
         auto_strategy.write_decision(run_dir, decision)
         mode, depth = decision["mode"], decision["freeze_depth"]
     info = strategy.apply_strategy(model, mode=mode, freeze_depth=depth, bn=s.bn)
@@ -162,9 +151,12 @@ def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None
 
 
 def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device,
-        class_weights: torch.Tensor | None = None) -> dict:
+        class_weights: torch.Tensor | None = None, resume_state: dict | None = None,
+        stop: resume.GracefulStop | None = None) -> dict:
     """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
 
+    Writes `last.pt` after every epoch (mid-epoch once `stop()` is set by SIGINT/SIGTERM, then raises
+    TrainingInterrupted) and continues from `resume_state` (pipeline/resume.py); NaN/inf: pipeline/guard.py.
     Returns history, best epoch, the eval loss and the best epoch's val (logits, labels)."""
     t, o = cfg.trainer, cfg.optim
     if t.epochs <= 0 or t.batch_size <= 0:
@@ -180,20 +172,38 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
                               class_weights=None if class_weights is None else class_weights.to(device))
     eval_loss = loss.build_loss(name=c.name, gamma=c.gamma, class_weights=class_weights)  # on CPU logits
     tracker, history, best_val = MonitorTracker(t.monitor, t.early_stop_patience), [], None
-    for epoch in range(1, t.epochs + 1):
+    guard = StepGuard(t.max_nonfinite_steps, t.grad_clip)
+    last = resume.LastCheckpoint(run_dir, cfg, model=model, optimizer=optimizer, scheduler=scheduler, tracker=tracker,
+                                 guard=guard, loader=loaders["train"])
+    first, partial, stop = 1, None, stop or resume.GracefulStop()  # not entered: never set
+    if resume_state is not None:  # replay gradual thaws in order, so the optimizer groups match the saved ones
+        for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
+            maybe_thaw(model, optimizer, scheduler, cfg, epoch)
+        first, partial, history, best_val = last.restore(resume_state)
+    for epoch in range(first, t.epochs + 1):
         maybe_thaw(model, optimizer, scheduler, cfg, epoch)
+        last.mark_epoch_start()
         stats = engine.train_one_epoch(model, loaders["train"], loss_fn, optimizer, scheduler, device,
-                                       epoch=epoch, max_batches=t.max_train_batches, progress=t.progress)
+                                       epoch=epoch, max_batches=t.max_train_batches, progress=t.progress,
+                                       guard=guard, stop=stop, resume_from=partial)
+        partial = None
+        if stats.get("interrupted"):
+            last.save(epoch - 1, history, best_val, partial=stats["partial"])
+            raise stop.interrupted(run_dir, epoch, f"at step {stats['partial']['steps']}")
         val, *val_out = engine.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"], t.progress,
                                         "val")
         history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}})
+        guard.check_weights(model, optimizer, epoch)  # never save non-finite weights as `best` or `last`
         improved = tracker.update(val[t.monitor], epoch)
         if improved:
             best_val = tuple(val_out)
             checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": epoch, "val_metrics": val})
+        last.save(epoch, history, best_val)
         _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  %.1f img/s%s",
                      epoch, t.epochs, stats["train_loss"], val["loss"], val["accuracy"], val["balanced_accuracy"],
                      stats["train_img_per_s"], "  *best*" if improved else "")
+        if stop():
+            raise stop.interrupted(run_dir, epoch, "at the end")
         if tracker.should_stop and epoch < t.epochs:
             _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
                          t.monitor, tracker.bad_epochs, tracker.best, tracker.best_epoch)
@@ -204,10 +214,8 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by `cfg`; writes the run dir and returns the metrics dict."""
     start = time.perf_counter()
-    check_monitor(cfg.trainer.monitor)
-    s, o = cfg.strategy, cfg.optim
-    strategy.validate_strategy_config(mode=s.mode, freeze_depth=s.freeze_depth, bn=s.bn, lr=o.lr,
-                                      backbone_lr_mult=o.backbone_lr_mult, layer_decay=o.layer_decay)
+    resumed = resume.prepare_resume(cfg)  # trainer.resume: adopts the run's saved config and dir (in place)
+    validate.validate_config(cfg)  # before any heavy work
     run_dir = resolve_run_dir(cfg)
     threads = set_threads(cfg.trainer.threads)
     device = select_device(cfg.trainer.device)
@@ -227,13 +235,15 @@ def train(cfg: DictConfig) -> dict:
     model.to(device)
     a = cfg.augment
     train_tf = augment.train_transform_from_cfg(data_cfg, a)
+    seed_transform(train_tf, cfg.seed)  # albumentations ignores the global seeds
     eval_tf = augment.build_eval_transform(data_cfg)
     load = {"cache": build_image_cache(cfg, splits, data_cfg), "skip_log": run_dir / RUNTIME_SKIP_LOG}
-    strategy_info = setup_strategy(cfg, model, splits.train, eval_tf, device, run_dir)
+    strategy_info = setup_strategy(cfg, model, splits.train, eval_tf, device, run_dir, resumed=resumed is not None)
     meta = checkpoint_meta(cfg, splits.classes, data_cfg, 0, {})
     weights = None if imbalance["class_weights"] == "none" else torch.tensor(list(imbalance["weights"].values()),
                                                                               dtype=torch.float32)
     if cached_fit.use_cached_path(cfg.features, strategy_info["mode"]):  # backbone once, head on cached features
+        # no last.pt here: a re-run after a crash reuses the cached features and retrains the head in seconds
         result = cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf, train_tf=train_tf,
                                        image_cache=load["cache"], class_weights=weights,
                                        init_bias=imbalance["prior_bias"].get("bias"))
@@ -241,7 +251,9 @@ def train(cfg: DictConfig) -> dict:
     else:
         loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
                    "val": make_loader(splits.val, eval_tf, cfg, train=False, **load)}
-        result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights)
+        with resume.GracefulStop() as stop:  # SIGINT/SIGTERM: finish the step, save last.pt, say how to resume
+            result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights, resume_state=resumed,
+                         stop=stop)
     best_model, _ = checkpoint.load_checkpoint(run_dir, "best")
     best_model.to(device)
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],
@@ -260,9 +272,11 @@ def train(cfg: DictConfig) -> dict:
                    threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance)
     write_eval_reports(run_dir, metrics, evals, splits.classes, result["history"])
     metrics.update(status="ok", **{k: strategy_info[k] for k in _STRATEGY_KEYS if k in strategy_info})
+    metrics["resumed_from_epoch"] = resumed["epoch"] if resumed else None
     model_info = {"backbone": b.name, "weights": weights_desc, "preprocessing": data_cfg, **strategy_info}
     summary.write_run_files(run_dir, metrics, splits, cfg.dataset.name, str(Path(root).resolve()), model_info,
                             extra_sections=summary.strategy_sections(strategy_info), audit=audit_report)
+    resume.finish(run_dir, cfg.trainer.keep_last)
     _logger.info("Done in %.0f s: best epoch %d, val %s", metrics["train_seconds"], metrics["best_epoch"],
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})
     _logger.info("Run dir: %s", run_dir)
@@ -314,6 +328,9 @@ def main(cfg: DictConfig) -> float:
     start = time.perf_counter()
     try:
         metrics = train(cfg)
+    except resume.TrainingInterrupted as e:  # SIGINT/SIGTERM: last.pt saved, the message says how to resume
+        print(e, file=sys.stderr)
+        sys.exit(e.code)
     except Exception as e:
         record_failure(cfg, e, time.perf_counter() - start)
         sweep = _sweep_kind()
