@@ -125,6 +125,9 @@ class TrainerConfig:
     resume: Optional[str] = None  # null | auto | <run dir>: continue a killed/interrupted run (pipeline/resume.py)
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
     max_nonfinite_steps: int = 5  # stop after this many consecutive NaN/inf losses or gradients (pipeline/guard.py)
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16 (CUDA only)
+    channels_last: bool = False  # NHWC model and batches (see `make bench`)
+    compile: bool = False  # torch.compile the model (inductor cache under data/cache/inductor)
     keep_last: bool = False  # keep last.pt (full training state, ~3x the model) after the run finishes
 
 

@@ -6,28 +6,51 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.accel import Accel
+
 
 def progress_bar(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not enabled, transient=True)
 
 
-def _step(model, images, labels, loss_fn, optimizer, guard) -> float | None:
-    """One optimizer step; None when the guard skipped it (non-finite inputs, loss or gradients)."""
+def _grads_finite(optimizer) -> bool:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def _step(model, images, labels, loss_fn, optimizer, guard, accel: Accel) -> float | None:
+    """One optimizer step; None when the guard skipped it (non-finite inputs, loss or gradients) or the fp16
+    GradScaler did (an overflow: the scaler lowers its scale; not a divergence, so the guard does not count it)."""
     if guard is not None and not guard.inputs_ok(model, optimizer, images):
         return None
-    loss = loss_fn(model(images), labels)
+    with accel.autocast():
+        loss = loss_fn(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler = accel.scaler
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if torch.isfinite(loss) and not _grads_finite(optimizer):
+            scaler.update()
+            return None
+    else:
+        loss.backward()
     if guard is not None and not guard.grads_ok(model, optimizer, loss, images):
+        if scaler is not None:
+            scaler.update()
         return None
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return loss.item()
 
 
 def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, *,
                     epoch: int = 0, max_batches: int = 0, progress: bool = False, guard=None, stop=None,
-                    resume_from: dict | None = None) -> dict:
+                    resume_from: dict | None = None, accel: Accel | None = None) -> dict:
     """One pass over `loader`; the scheduler steps per batch. Returns mean loss, images and seconds.
 
     `guard` (pipeline.guard.StepGuard) clips gradients and skips non-finite steps (they do not count in
@@ -36,6 +59,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
     (not train on) the batches already done, so data order and augmentation draws continue exactly.
     """
     model.train()
+    accel = accel or Accel(device)
     done = resume_from or {}
     skip, total_loss, seen = done.get("steps", 0), done.get("loss_sum", 0.0), done.get("seen", 0)
     skipped_steps, start = done.get("nonfinite_steps", 0), time.perf_counter() - done.get("seconds", 0.0)
@@ -46,8 +70,8 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
             if max_batches and step >= max_batches:
                 break
             if step >= skip and batch is not None:  # None: every image of the batch was unreadable
-                images, labels = (t.to(device, non_blocking=True) for t in batch)
-                loss = _step(model, images, labels, loss_fn, optimizer, guard)
+                images, labels = accel.images(batch[0]), batch[1].to(device, non_blocking=True)
+                loss = _step(model, images, labels, loss_fn, optimizer, guard, accel)
                 if loss is None:
                     skipped_steps += 1
                 else:
@@ -66,16 +90,18 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, loader, device: torch.device, progress: bool = False,
-                   desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over `loader` in eval mode."""
+                   desc: str = "eval", accel: Accel | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over `loader` in eval mode (inference_mode, autocast/channels_last per `accel`)."""
     model.eval()
+    accel = accel or Accel(device)
     logits, labels = [], []
     with progress_bar(progress) as bar:
         task = bar.add_task(desc, total=len(loader), info="")
         for batch in loader:
             if batch is not None:
                 images, y = batch
-                logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+                with accel.autocast():
+                    logits.append(model(accel.images(images)).float().cpu())
                 labels.append(y)
             bar.update(task, advance=1)
     if not logits:
@@ -84,11 +110,12 @@ def predict_logits(model: torch.nn.Module, loader, device: torch.device, progres
 
 
 def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device, num_classes: int,
-             progress: bool = False, desc: str = "eval") -> tuple[dict, np.ndarray, np.ndarray]:
+             progress: bool = False, desc: str = "eval", accel: Accel | None = None) -> tuple[dict, np.ndarray,
+                                                                                              np.ndarray]:
     """Metrics (+ loss) over `loader`; also returns logits and labels for reports."""
     from pipeline.metrics import classification_metrics
 
-    logits, labels = predict_logits(model, loader, device, progress, desc)
+    logits, labels = predict_logits(model, loader, device, progress, desc, accel)
     if len(labels) == 0:
         return {"loss": float("nan"), "num_samples": 0}, logits, labels
     loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))

@@ -228,9 +228,11 @@ def _to_tensors(best_val):
 class LastCheckpoint:
     """Saves and restores everything the epoch loop needs to continue exactly where it stopped."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, *, model, optimizer, scheduler, tracker, guard, loader):
+    def __init__(self, run_dir: Path, cfg: DictConfig, *, model, optimizer, scheduler, tracker, guard, loader,
+                 scaler=None):
         self.run_dir, self.cfg, self.model, self.optimizer = Path(run_dir), cfg, model, optimizer
         self.scheduler, self.tracker, self.guard, self.loader = scheduler, tracker, guard, loader
+        self.scaler = scaler  # fp16 GradScaler (CUDA), else None
         self._epoch_start = None
 
     def _data_rng(self) -> dict:
@@ -249,7 +251,8 @@ class LastCheckpoint:
                  "optimizer": self.optimizer.state_dict(),
                  "optimizer_groups": [g.get("name") for g in self.optimizer.param_groups],
                  "scheduler": self.scheduler.state_dict(), "tracker": self.tracker.state_dict(),
-                 "guard": self.guard.state_dict(), "history": history, "best_val": _to_tensors(best_val),
+                 "guard": self.guard.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "history": history, "best_val": _to_tensors(best_val),
                  "global_rng": seeding.get_global_rng_state(),
                  "data_rng": self._epoch_start if partial else self._data_rng(),
                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
@@ -268,6 +271,8 @@ class LastCheckpoint:
         self.scheduler.load_state_dict(state["scheduler"])
         self.tracker.load_state_dict(state["tracker"])
         self.guard.load_state_dict(state["guard"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         data = state["data_rng"]
         if data["loader"] is not None:
             self.loader.generator.set_state(data["loader"])

@@ -16,6 +16,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline import augment, backbone, checkpoint, data, engine, loss, optim, sources, strategy, summary
 from pipeline import audit, image_cache
 from pipeline import auto_strategy, cached_fit, gradual, plots, sampler
+from pipeline.accel import build_accel, prepare_model, select_device
 from pipeline import resume, validate
 from pipeline.guard import StepGuard
 from pipeline.seeding import seed_everything, seed_transform, seed_worker as _seed_worker
@@ -26,16 +27,6 @@ from pipeline.startup import set_threads
 _logger = logging.getLogger(__name__)
 _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",
                   "decision", "features")
-
-
-def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"trainer.device='{name}' is not valid; choose one of: auto, cpu, cuda")
-    return torch.device(name)
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -152,7 +143,7 @@ def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None
 
 def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device,
         class_weights: torch.Tensor | None = None, resume_state: dict | None = None,
-        stop: resume.GracefulStop | None = None) -> dict:
+        stop: resume.GracefulStop | None = None, accel=None) -> dict:
     """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
 
     Writes `last.pt` after every epoch (mid-epoch once `stop()` is set by SIGINT/SIGTERM, then raises
@@ -161,6 +152,8 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     t, o = cfg.trainer, cfg.optim
     if t.epochs <= 0 or t.batch_size <= 0:
         raise ConfigError(f"trainer.epochs={t.epochs} and trainer.batch_size={t.batch_size} must be positive")
+    accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
+    prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
     groups = optim.build_param_groups(model, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
                                       layer_decay=o.layer_decay, weight_decay=o.weight_decay)
     optimizer = optim.build_optimizer(groups, name=o.name, lr=o.lr, momentum=o.momentum)
@@ -174,7 +167,7 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     tracker, history, best_val = MonitorTracker(t.monitor, t.early_stop_patience), [], None
     guard = StepGuard(t.max_nonfinite_steps, t.grad_clip)
     last = resume.LastCheckpoint(run_dir, cfg, model=model, optimizer=optimizer, scheduler=scheduler, tracker=tracker,
-                                 guard=guard, loader=loaders["train"])
+                                 guard=guard, loader=loaders["train"], scaler=accel.scaler)
     first, partial, stop = 1, None, stop or resume.GracefulStop()  # not entered: never set
     if resume_state is not None:  # replay gradual thaws in order, so the optimizer groups match the saved ones
         for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
@@ -185,13 +178,13 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
         last.mark_epoch_start()
         stats = engine.train_one_epoch(model, loaders["train"], loss_fn, optimizer, scheduler, device,
                                        epoch=epoch, max_batches=t.max_train_batches, progress=t.progress,
-                                       guard=guard, stop=stop, resume_from=partial)
+                                       guard=guard, stop=stop, resume_from=partial, accel=accel)
         partial = None
         if stats.get("interrupted"):
             last.save(epoch - 1, history, best_val, partial=stats["partial"])
             raise stop.interrupted(run_dir, epoch, f"at step {stats['partial']['steps']}")
         val, *val_out = engine.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"], t.progress,
-                                        "val")
+                                        "val", accel=accel)
         history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}})
         guard.check_weights(model, optimizer, epoch)  # never save non-finite weights as `best` or `last`
         improved = tracker.update(val[t.monitor], epoch)
@@ -219,6 +212,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir = resolve_run_dir(cfg)
     threads = set_threads(cfg.trainer.threads)
     device = select_device(cfg.trainer.device)
+    accel = build_accel(device, amp=cfg.trainer.amp, channels_last=cfg.trainer.channels_last)
     generator = seed_everything(cfg.seed)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     splits, root = build_data(cfg)
@@ -253,7 +247,7 @@ def train(cfg: DictConfig) -> dict:
                    "val": make_loader(splits.val, eval_tf, cfg, train=False, **load)}
         with resume.GracefulStop() as stop:  # SIGINT/SIGTERM: finish the step, save last.pt, say how to resume
             result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights, resume_state=resumed,
-                         stop=stop)
+                         stop=stop, accel=accel)
     best_model, _ = checkpoint.load_checkpoint(run_dir, "best")
     best_model.to(device)
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],
@@ -263,7 +257,7 @@ def train(cfg: DictConfig) -> dict:
     if splits.test is not None and len(splits.test):
         test_loader = make_loader(splits.test, eval_tf, cfg, train=False, **load)
         metrics["test"], *test_out = engine.evaluate(best_model, test_loader, result["eval_loss"], device,
-                                                     len(splits.classes), cfg.trainer.progress, "test")
+                                                     len(splits.classes), cfg.trainer.progress, "test", accel=accel)
         evals["test"] = tuple(test_out)
     runtime_skips = data.read_skip_log(load["skip_log"])  # files that failed inside a DataLoader worker
     splits.skipped += runtime_skips
