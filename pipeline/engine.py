@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 import numpy as np
 import torch
+from pipeline import distributed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
@@ -45,7 +46,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
         for step, batch in enumerate(loader):
             if max_batches and step >= max_batches:
                 break
-            if step >= skip and batch is not None:  # None: every image of the batch was unreadable
+            if step >= skip and distributed.all_true(batch is not None):  # None: all images unreadable
                 images, labels = (t.to(device, non_blocking=True) for t in batch)
                 loss = _step(model, images, labels, loss_fn, optimizer, guard)
                 if loss is None:
@@ -88,7 +89,7 @@ def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device, num_
     """Metrics (+ loss) over `loader`; also returns logits and labels for reports."""
     from pipeline.metrics import classification_metrics
 
-    logits, labels = predict_logits(model, loader, device, progress, desc)
+    logits, labels = distributed.gather_arrays(*predict_logits(model, loader, device, progress, desc))  # DDP
     if len(labels) == 0:
         return {"loss": float("nan"), "num_samples": 0}, logits, labels
     loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))
