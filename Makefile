@@ -18,7 +18,7 @@ export DATASETS_DIR
 endif
 
 # Command-line variables that are Make's own; every other `name=value` is a Hydra override.
-MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC RUN IMAGES BACKEND TOPK SWEEP DEPTHS TESTS N OUT SHELL
+MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC TORCHRUN_ARGS RUN IMAGES BACKEND TOPK SWEEP DEPTHS TESTS N OUT SHELL
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
@@ -36,8 +36,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the package (first use only; later runs are instant)
 
-train: $(STAMP) ## Train: make train [dataset=X] [key=value ...] [ARGS="..."] (default: digits, offline)
-	$(PY) -m pipeline.train $(HYDRA_OVERRIDES) $(ARGS)
+train: $(STAMP) ## Train: make train [dataset=X] [key=value ...] [ARGS="..."] [NPROC=N: DDP via torchrun] (default: digits)
+	$(if $(NPROC),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC) $(or $(TORCHRUN_ARGS),--standalone),$(PY)) \
+		-m pipeline.train $(HYDRA_OVERRIDES) $(ARGS)
 
 test: $(STAMP) ## Run the test suite (pytest)
 	$(PY) -m pytest $(or $(TESTS),tests) $(ARGS)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import checkpoint, probe
+from pipeline import checkpoint, distributed, probe
 from pipeline.errors import ConfigError
 from pipeline.feature_cache import load_or_extract, weights_hash
 from pipeline.logme import logme_score
@@ -150,14 +150,16 @@ def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, m
                                                                       if k.startswith("val_")}}
     if not uses_plain_head(chosen):
         ckpt_meta["feature_levels"] = [str(v) if v == HEAD else int(v) for v in chosen]
-    checkpoint.save_checkpoint(run_dir, "best", full, ckpt_meta)
+    if distributed.is_main():  # DDP: every rank trained the same head on the gathered features
+        checkpoint.save_checkpoint(run_dir, "best", full, ckpt_meta)
     info = {"cached": True, "head": f.head, "levels": [str(v) for v in chosen], "auto": auto, "logme": scores,
             "train_images": int(len(y)), "augmented_views": f.augmented_views, "C": head.get("C"),
             "extraction": {k: {"hit": e["hit"], "seconds": round(e["seconds"], 2), "img_per_s": round(
                 float(e["img_per_s"]), 1), "key": e["key"], "n": int(len(e["labels"]))}
                 for k, e in [("train", feats["train"]), ("val", feats["val"])] +
                 [(f"view{i + 1}", v) for i, v in enumerate(feats["views"])]}}
-    (Path(run_dir) / "features.json").write_text(json.dumps(info, indent=2))
+    if distributed.is_main():
+        (Path(run_dir) / "features.json").write_text(json.dumps(info, indent=2))
     return {"history": head["history"], "best_epoch": head["best_epoch"], "eval_loss": head["eval_loss"],
             "best_val": head["best_val"], "features": info, "model": full}
 

@@ -117,7 +117,8 @@ class TrainerConfig:
     eval_batch_size: int = 64
     num_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch intra-op threads; 0 = all available cores
+    threads: int = 0  # torch intra-op threads; 0 = all available cores (torchrun: split between local ranks)
+    sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm for BN layers that train (README "Multi-process")
     monitor: str = "balanced_accuracy"  # val metric for best checkpoint / early stop: + accuracy, macro_f1, loss
     early_stop_patience: int = 0  # stop after this many epochs without a better monitor value; 0 = off
     progress: bool = True

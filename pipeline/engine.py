@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 import numpy as np
 import torch
+from pipeline import distributed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.accel import Accel
@@ -69,7 +70,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
         for step, batch in enumerate(loader):
             if max_batches and step >= max_batches:
                 break
-            if step >= skip and batch is not None:  # None: every image of the batch was unreadable
+            if step >= skip and distributed.all_true(batch is not None):  # None: all images unreadable
                 images, labels = accel.images(batch[0]), batch[1].to(device, non_blocking=True)
                 loss = _step(model, images, labels, loss_fn, optimizer, guard, accel)
                 if loss is None:
@@ -115,7 +116,7 @@ def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device, num_
     """Metrics (+ loss) over `loader`; also returns logits and labels for reports."""
     from pipeline.metrics import classification_metrics
 
-    logits, labels = predict_logits(model, loader, device, progress, desc, accel)
+    logits, labels = distributed.gather_arrays(*predict_logits(model, loader, device, progress, desc, accel))  # DDP
     if len(labels) == 0:
         return {"loss": float("nan"), "num_samples": 0}, logits, labels
     loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))

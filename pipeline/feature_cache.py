@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import distributed, sampler
 from pipeline.data import ImageDataset, Split, collate_skip_none
 from pipeline.multidepth import pooled_features
 
@@ -69,8 +70,9 @@ class _Indexed(torch.utils.data.Dataset):
 
 @torch.inference_mode()
 def extract(model: torch.nn.Module, loader, levels: Sequence, device: torch.device,
-            channels_last: bool = False) -> dict:
-    """Pooled features of every decodable sample in `loader` (eval mode), with speed."""
+            channels_last: bool = False, allow_empty: bool = False) -> dict:
+    """Pooled features of every decodable sample in `loader` (eval mode), with speed. `allow_empty`: a DDP
+    shard may hold nothing decodable (empty tensors; the gathered split is checked instead)."""
     model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -89,8 +91,11 @@ def extract(model: torch.nn.Module, loader, levels: Sequence, device: torch.devi
         model.to(memory_format=torch.contiguous_format)
     seconds = time.perf_counter() - start
     n = sum(len(y) for y in labels)
-    if not n:
+    if not n and not allow_empty:
         raise ValueError("no image of the split could be decoded")
+    if not n:
+        return {"features": torch.zeros(0, 0), "labels": torch.zeros(0, dtype=torch.long),
+                "index": torch.zeros(0, dtype=torch.long), "seconds": seconds, "img_per_s": 0.0}
     return {"features": torch.cat(feats), "labels": torch.cat(labels).long(), "index": torch.cat(index).long(),
             "seconds": seconds, "img_per_s": n / max(seconds, 1e-9)}
 
@@ -106,23 +111,27 @@ def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: 
                     channels_last: bool = False, image_cache=None, name: str = "features") -> dict:
     """Cached features for `split` under `transform` (see the module doc); `cache_dir=None` disables the cache.
 
+    Under torchrun rank 0 reads the cache (and broadcasts it), or each rank extracts a contiguous shard,
+    the shards are gathered and rank 0 writes the entry.
     Returns {features, labels, index, hit, key, seconds, img_per_s}."""
     parts = {**key_parts, "levels": [str(v) for v in levels], "files": files_hash(split.paths)}
     key = cache_key(parts)
     path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        t = load_file(str(path))
-        info = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
+    entry = distributed.from_main(lambda: _read_entry(path))
+    if entry is not None:
+        t, info = entry
         _logger.info("Feature cache hit (%s): %s, %d x %d", name, path, *t["features"].shape)
         return {**t, "hit": True, "key": key, "seconds": 0.0, "img_per_s": info.get("img_per_s", float("nan")),
                 "extracted_seconds": info.get("seconds", float("nan"))}
-    loader = torch.utils.data.DataLoader(
-        _Indexed(ImageDataset(split, transform, cache=image_cache)), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=collate_skip_none, persistent_workers=False)
-    out = extract(model, loader, levels, device, channels_last)
+    dataset = _Indexed(ImageDataset(split, transform, cache=image_cache))
+    shard = sampler.distributed_sampler(len(dataset), None, train=False, rank=distributed.rank(),
+                                        world=distributed.world_size())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=shard,
+                                         num_workers=num_workers, collate_fn=collate_skip_none, persistent_workers=False)
+    out = _gather(extract(model, loader, levels, device, channels_last, allow_empty=distributed.is_distributed()))
     _logger.info("Feature cache miss (%s): extracted %d x %d in %.1f s (%.1f img/s)", name,
                  *out["features"].shape, out["seconds"], out["img_per_s"])
-    if path is not None:
+    if path is not None and distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: out[k].contiguous() for k in ("features", "labels", "index")}
         _write_atomic(path, lambda p: save_file(tensors, str(p)))
@@ -130,6 +139,26 @@ def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: 
                 "seconds": out["seconds"], "img_per_s": out["img_per_s"]}
         _write_atomic(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2)))
     return {**out, "hit": False, "key": key, "extracted_seconds": out["seconds"]}
+
+
+def _read_entry(path: Path | None) -> tuple[dict, dict] | None:
+    """(tensors, info) of a cache entry, or None when there is none."""
+    if path is None or not path.is_file():
+        return None
+    info = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
+    return load_file(str(path)), info
+
+
+def _gather(out: dict) -> dict:
+    """DDP: the ranks' shards of `extract` concatenated in rank order (= split order); speed over all ranks."""
+    if not distributed.is_distributed():
+        return out
+    parts = [p for p in distributed.all_gather_object(out) if len(p["labels"])]
+    if not parts:
+        raise ValueError("no image of the split could be decoded")
+    seconds = max(p["seconds"] for p in parts)
+    merged = {k: torch.cat([p[k] for p in parts]) for k in ("features", "labels", "index")}
+    return {**merged, "seconds": seconds, "img_per_s": len(merged["labels"]) / max(seconds, 1e-9)}
 
 
 def as_numpy(entry: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from pipeline import distributed
 from pipeline.errors import PipelineError
 
 _logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class StepGuard:
 
     def inputs_ok(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> bool:
         """False (and counted) when the batch holds NaN/inf; raises NonFiniteError at the limit."""
-        if torch.isfinite(images).all():
+        if distributed.all_true(bool(torch.isfinite(images).all())):  # DDP: all ranks step, or none
             return True
         return self._skip(model, optimizer, None, images, "input batch")
 

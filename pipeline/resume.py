@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import seeding
+from pipeline import distributed, seeding
 from pipeline.checkpoint import LAST, load_state, save_state
 from pipeline.errors import ConfigError, MissingFileError
 
@@ -237,16 +237,22 @@ class LastCheckpoint:
 
     def _data_rng(self) -> dict:
         sampler = self.loader.sampler
+        transform = seeding.get_transform_rng_state(self.loader.dataset.transform)
         return {"loader": self.loader.generator.get_state() if self.loader.generator is not None else None,
                 "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
-                "transform": seeding.get_transform_rng_state(self.loader.dataset.transform)}
+                "transform": transform if not distributed.is_distributed() else distributed.all_gather_object(
+                    transform)}  # DDP: one augmentation stream per rank
 
     def mark_epoch_start(self) -> None:
         """Remember the data streams' state at the start of an epoch (a mid-epoch save replays from it)."""
         self._epoch_start = self._data_rng()
 
     def save(self, epoch: int, history: list, best_val, partial: dict | None = None) -> None:
-        """`epoch` = epochs completed; `partial` = counters of the interrupted next epoch."""
+        """`epoch` = epochs completed; `partial` = counters of the interrupted next epoch. Called on every
+        rank (DDP gathers the ranks' augmentation RNGs), written by rank 0 from the unwrapped model."""
+        data_rng = self._epoch_start if partial else self._data_rng()
+        if not distributed.is_main():
+            return
         state = {"format": FORMAT, "epoch": epoch, "partial": partial, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
                  "optimizer_groups": [g.get("name") for g in self.optimizer.param_groups],
@@ -254,7 +260,7 @@ class LastCheckpoint:
                  "guard": self.guard.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                  "history": history, "best_val": _to_tensors(best_val),
                  "global_rng": seeding.get_global_rng_state(),
-                 "data_rng": self._epoch_start if partial else self._data_rng(),
+                 "data_rng": data_rng,
                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
         save_state(self.run_dir, state)
         self.guard.last_good = f"{self.run_dir / LAST} (epoch {epoch}{', mid-epoch' if partial else ''})"
@@ -278,7 +284,13 @@ class LastCheckpoint:
             self.loader.generator.set_state(data["loader"])
         if data["sampler"] is not None:
             self.loader.sampler.load_state_dict(data["sampler"])
-        seeding.set_transform_rng_state(self.loader.dataset.transform, data["transform"])
+        transform = data["transform"]
+        if isinstance(transform, list):  # saved by a DDP run: this rank's stream
+            if len(transform) != distributed.world_size():
+                raise ConfigError(f"{self.run_dir / LAST} was saved by {len(transform)} processes; resume it with "
+                                  f"the same number (torchrun --nproc_per_node / NPROC={len(transform)})")
+            transform = transform[distributed.rank()]
+        seeding.set_transform_rng_state(self.loader.dataset.transform, transform)
         seeding.set_global_rng_state(state["global_rng"])
         best_val = tuple(t.numpy() for t in state["best_val"]) if state["best_val"] is not None else None
         self.guard.last_good = f"{self.run_dir / LAST} (epoch {state['epoch']})"

@@ -9,6 +9,7 @@ Random streams of a run and who owns them:
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
 
@@ -36,7 +37,7 @@ def seed_worker(worker_id: int) -> None:
     Workers ignore the signals so that Ctrl-C (sent to the whole process group) lets the main process
     finish its step and save `last` instead of losing its workers mid-batch.
     """
-    seed = torch.initial_seed() % 2**32
+    seed = (torch.initial_seed() + 1_000_003 * int(os.environ.get("RANK", "0"))) % 2**32  # torchrun ranks differ
     np.random.seed(seed)
     random.seed(seed)
     info = torch.utils.data.get_worker_info()

@@ -17,7 +17,7 @@ from pipeline import augment, backbone, checkpoint, data, engine, loss, optim, s
 from pipeline import audit, image_cache
 from pipeline import auto_strategy, cached_fit, gradual, plots, sampler
 from pipeline.accel import build_accel, prepare_model, select_device
-from pipeline import resume, validate
+from pipeline import distributed, resume, validate
 from pipeline.guard import StepGuard
 from pipeline.seeding import seed_everything, seed_transform, seed_worker as _seed_worker
 from pipeline.config import register_configs
@@ -61,8 +61,11 @@ def make_loader(split: data.Split, transform, cfg: DictConfig, *, train: bool, g
     t = cfg.trainer
     dataset = data.ImageDataset(split, transform, cfg.dataset.max_pixels, cache=cache, skip_log=skip_log)
     order = sampler.build_sampler(split.labels, cfg.dataset.sampler, seed=cfg.seed) if train else None
+    order = sampler.distributed_sampler(len(dataset), order, train=train, generator=generator,  # DDP: a shard
+                                        rank=distributed.rank(), world=distributed.world_size())
     return torch.utils.data.DataLoader(
-        dataset, batch_size=t.batch_size if train else t.eval_batch_size, shuffle=train and order is None,
+        dataset, batch_size=distributed.local_batch_size(t.batch_size) if train else t.eval_batch_size,
+        shuffle=train and order is None,
         sampler=order, drop_last=False, num_workers=t.num_workers, collate_fn=data.collate_skip_none,
         generator=generator,  # train workers are not persistent: each epoch's are seeded from `generator` (resume)
         worker_init_fn=_seed_worker, persistent_workers=t.num_workers > 0 and not train,
@@ -96,7 +99,8 @@ def setup_imbalance(cfg: DictConfig, splits: data.DatasetSplits, model: torch.nn
                                beta=c.beta, sampler=cfg.dataset.sampler, prior_bias=c.prior_bias)
     if plan["prior_bias"]["enabled"]:
         plan["prior_bias"]["bias"] = loss.init_prior_bias(model, list(plan["prior_bias"]["prior"].values()))
-    (run_dir / "class_weights.json").write_text(json.dumps(plan, indent=2))
+    if distributed.is_main():
+        (run_dir / "class_weights.json").write_text(json.dumps(plan, indent=2))
     return plan
 
 
@@ -113,11 +117,13 @@ def setup_strategy(cfg: DictConfig, model: torch.nn.Module, train_split: data.Sp
     """Resolve `strategy.mode=auto` (decision.json; a resumed run reuses its own) and freeze the model accordingly."""
     s = cfg.strategy
     mode, depth, decision = s.mode, s.freeze_depth, None
-    if mode == "auto":
-        decision = resume.saved_decision(run_dir) if resumed else auto_strategy.decide_strategy(
+    if mode == "auto":  # DDP: rank 0 decides, the others receive its decision
+        decision = distributed.from_main(lambda: resume.saved_decision(run_dir) if resumed else
+                                         auto_strategy.decide_strategy(
             model, train_split, eval_tf, device, n_groups=len(strategy.layer_groups(model)), auto_cfg=s.auto,
-            seed=cfg.seed)
-        auto_strategy.write_decision(run_dir, decision)
+            seed=cfg.seed))
+        if distributed.is_main():
+            auto_strategy.write_decision(run_dir, decision)
         mode, depth = decision["mode"], decision["freeze_depth"]
     info = strategy.apply_strategy(model, mode=mode, freeze_depth=depth, bn=s.bn)
     return {**info, "decision": decision}
@@ -169,17 +175,19 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     last = resume.LastCheckpoint(run_dir, cfg, model=model, optimizer=optimizer, scheduler=scheduler, tracker=tracker,
                                  guard=guard, loader=loaders["train"], scaler=accel.scaler)
     first, partial, stop = 1, None, stop or resume.GracefulStop()  # not entered: never set
+    stop_all, ddp = distributed.agreed_stop(stop), None  # DDP: ranks stop at the same step; wrapper (re)built below
     if resume_state is not None:  # replay gradual thaws in order, so the optimizer groups match the saved ones
         for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
         first, partial, history, best_val = last.restore(resume_state)
     for epoch in range(first, t.epochs + 1):
         maybe_thaw(model, optimizer, scheduler, cfg, epoch)
+        ddp = distributed.wrap_ddp(model, device, current=ddp)  # new wrapper when a thaw changed the trainables
         last.mark_epoch_start()
-        stats = engine.train_one_epoch(model, loaders["train"], loss_fn, optimizer, scheduler, device,
+        stats = engine.train_one_epoch(ddp, loaders["train"], loss_fn, optimizer, scheduler, device,
                                        epoch=epoch, max_batches=t.max_train_batches, progress=t.progress,
-                                       guard=guard, stop=stop, resume_from=partial, accel=accel)
-        partial = None
+                                       guard=guard, stop=stop_all, resume_from=partial, accel=accel)
+        stats, partial = distributed.reduce_train_stats(stats), None
         if stats.get("interrupted"):
             last.save(epoch - 1, history, best_val, partial=stats["partial"])
             raise stop.interrupted(run_dir, epoch, f"at step {stats['partial']['steps']}")
@@ -190,12 +198,13 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
         improved = tracker.update(val[t.monitor], epoch)
         if improved:
             best_val = tuple(val_out)
-            checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": epoch, "val_metrics": val})
+            if distributed.is_main():  # the unwrapped model: loads without DDP
+                checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": epoch, "val_metrics": val})
         last.save(epoch, history, best_val)
         _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  %.1f img/s%s",
                      epoch, t.epochs, stats["train_loss"], val["loss"], val["accuracy"], val["balanced_accuracy"],
                      stats["train_img_per_s"], "  *best*" if improved else "")
-        if stop():
+        if stop_all():
             raise stop.interrupted(run_dir, epoch, "at the end")
         if tracker.should_stop and epoch < t.epochs:
             _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
@@ -204,24 +213,43 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     return {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val}
 
 
+def prepare_run(cfg: DictConfig) -> tuple[dict | None, Path]:
+    """Resume state and run dir. Under torchrun rank 0 alone resolves them (it alone touches files) and the
+    other ranks receive them (and the resumed run's config); they also show no progress bars."""
+    distributed.init_from_env()
+    main = distributed.is_main()
+    resumed = resume.prepare_resume(cfg) if main else None  # trainer.resume: adopts the run's config and dir
+    validate.validate_config(cfg)  # before any heavy work
+    run_dir = distributed.main_run_dir(lambda: resolve_run_dir(cfg))
+    resumed = distributed.broadcast_object(resumed)
+    if not main:
+        if resumed is not None:
+            resume.adopt_saved_config(cfg, resumed["config"], run_dir)
+        cfg.trainer.progress = False
+    return resumed, run_dir
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by `cfg`; writes the run dir and returns the metrics dict."""
     start = time.perf_counter()
-    resumed = resume.prepare_resume(cfg)  # trainer.resume: adopts the run's saved config and dir (in place)
-    validate.validate_config(cfg)  # before any heavy work
-    run_dir = resolve_run_dir(cfg)
-    threads = set_threads(cfg.trainer.threads)
-    device = select_device(cfg.trainer.device)
+    resumed, run_dir = prepare_run(cfg)
+    main = distributed.is_main()
+    threads = set_threads(distributed.threads_per_rank(cfg.trainer.threads))
+    device = distributed.rank_device(select_device(cfg.trainer.device))
     accel = build_accel(device, amp=cfg.trainer.amp, channels_last=cfg.trainer.channels_last)
     generator = seed_everything(cfg.seed)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    splits, root = build_data(cfg)
-    splits, audit_report = audit.run_audit(splits, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup,
-                                           min_side=audit.input_side(cfg), out_dir=run_dir)
+    if main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    splits, root = distributed.from_main(lambda: build_data(cfg))  # DDP: rank 0 lists/probes, the others receive
+    splits, audit_report = distributed.from_main(lambda: audit.run_audit(
+        splits, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup, min_side=audit.input_side(cfg),
+        out_dir=run_dir))
     b = cfg.backbone
-    model, weights_desc = backbone.build_backbone(name=b.name, num_classes=len(splits.classes), weights=b.weights,
-                                                  drop_rate=b.drop_rate, drop_path_rate=b.drop_path_rate,
-                                                  cache_dir=b.cache_dir)
+    with distributed.main_first():  # rank 0 fills the weights cache, the others then read it
+        model, weights_desc = backbone.build_backbone(name=b.name, num_classes=len(splits.classes),
+                                                      weights=b.weights, drop_rate=b.drop_rate,
+                                                      drop_path_rate=b.drop_path_rate, cache_dir=b.cache_dir)
+    model = distributed.convert_sync_bn(model, cfg.trainer.sync_bn, device)  # before freezing (frozen BN: eval)
     imbalance = setup_imbalance(cfg, splits, model, run_dir)  # prior bias replaces the zero-init head bias
     data_cfg = backbone.data_config(model, b.input_size or cfg.dataset.input_size)
     if cfg.augment.grayscale_input:  # part of the preprocessing: the checkpoint's eval transform applies it too
@@ -229,9 +257,11 @@ def train(cfg: DictConfig) -> dict:
     model.to(device)
     a = cfg.augment
     train_tf = augment.train_transform_from_cfg(data_cfg, a)
-    seed_transform(train_tf, cfg.seed)  # albumentations ignores the global seeds
+    seed_transform(train_tf, cfg.seed + distributed.rank())  # albumentations ignores the global seeds
     eval_tf = augment.build_eval_transform(data_cfg)
-    load = {"cache": build_image_cache(cfg, splits, data_cfg), "skip_log": run_dir / RUNTIME_SKIP_LOG}
+    with distributed.main_first():
+        load = {"cache": build_image_cache(cfg, splits, data_cfg), "skip_log": run_dir / RUNTIME_SKIP_LOG if main
+                else None}
     strategy_info = setup_strategy(cfg, model, splits.train, eval_tf, device, run_dir, resumed=resumed is not None)
     meta = checkpoint_meta(cfg, splits.classes, data_cfg, 0, {})
     weights = None if imbalance["class_weights"] == "none" else torch.tensor(list(imbalance["weights"].values()),
@@ -248,7 +278,7 @@ def train(cfg: DictConfig) -> dict:
         with resume.GracefulStop() as stop:  # SIGINT/SIGTERM: finish the step, save last.pt, say how to resume
             result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights, resume_state=resumed,
                          stop=stop, accel=accel)
-    best_model, _ = checkpoint.load_checkpoint(run_dir, "best")
+    best_model, _ = distributed.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
     best_model.to(device)
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],
                "val": result["history"][result["best_epoch"] - 1 if result["best_epoch"] else -1]}
@@ -259,18 +289,20 @@ def train(cfg: DictConfig) -> dict:
         metrics["test"], *test_out = engine.evaluate(best_model, test_loader, result["eval_loss"], device,
                                                      len(splits.classes), cfg.trainer.progress, "test", accel=accel)
         evals["test"] = tuple(test_out)
-    runtime_skips = data.read_skip_log(load["skip_log"])  # files that failed inside a DataLoader worker
+    runtime_skips = data.read_skip_log(load["skip_log"]) if main else []  # files that failed in a DataLoader worker
     splits.skipped += runtime_skips
     metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips))
     metrics.update(history=result["history"], train_seconds=time.perf_counter() - start, device=str(device),
                    threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance)
-    write_eval_reports(run_dir, metrics, evals, splits.classes, result["history"])
+    if main:
+        write_eval_reports(run_dir, metrics, evals, splits.classes, result["history"])
     metrics.update(status="ok", **{k: strategy_info[k] for k in _STRATEGY_KEYS if k in strategy_info})
     metrics["resumed_from_epoch"] = resumed["epoch"] if resumed else None
     model_info = {"backbone": b.name, "weights": weights_desc, "preprocessing": data_cfg, **strategy_info}
-    summary.write_run_files(run_dir, metrics, splits, cfg.dataset.name, str(Path(root).resolve()), model_info,
-                            extra_sections=summary.strategy_sections(strategy_info), audit=audit_report)
-    resume.finish(run_dir, cfg.trainer.keep_last)
+    if main:
+        summary.write_run_files(run_dir, metrics, splits, cfg.dataset.name, str(Path(root).resolve()), model_info,
+                                extra_sections=summary.strategy_sections(strategy_info), audit=audit_report)
+        resume.finish(run_dir, cfg.trainer.keep_last)
     _logger.info("Done in %.0f s: best epoch %d, val %s", metrics["train_seconds"], metrics["best_epoch"],
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})
     _logger.info("Run dir: %s", run_dir)
@@ -326,7 +358,8 @@ def main(cfg: DictConfig) -> float:
         print(e, file=sys.stderr)
         sys.exit(e.code)
     except Exception as e:
-        record_failure(cfg, e, time.perf_counter() - start)
+        if distributed.is_main():
+            record_failure(cfg, e, time.perf_counter() - start)
         sweep = _sweep_kind()
         if sweep == "grid":  # the basic sweeper would stop the sweep (and skip its report) at the batch's end
             _logger.error("Run failed (recorded in its metrics.json); the sweep goes on: %s", e,
@@ -343,4 +376,5 @@ if __name__ == "__main__":
     # Call the function of the imported module, not of __main__: parallel and cluster launchers (joblib,
     # submitit) pickle the task function, and only a module-level function pickles by reference.
     from pipeline.train import main as _main
+    distributed.prepare_launch(sys.argv)  # torchrun: one run dir for all ranks, only rank 0 writes
     _main()
