@@ -8,7 +8,6 @@ logit diff above `export.tolerance` fails the export and leaves no export dir be
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os

@@ -23,7 +23,7 @@ def build_param_groups(model: torch.nn.Module, *, lr: float, backbone_lr_mult: f
         raise ConfigError(f"optim.lr={lr} must be positive")
     named = dict(model.named_parameters())
     groups_by_depth = layer_groups(model)
-    blocks = [(f"head", head_param_names(model), lr)]
+    blocks = [("head", head_param_names(model), lr)]
     for i, names in enumerate(groups_by_depth):
         distance = len(groups_by_depth) - 1 - i
         blocks.append((f"group{i}", names, lr * backbone_lr_mult * layer_decay ** distance))
