@@ -108,7 +108,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     scheduler: str = "cosine"  # cosine | constant
     warmup_epochs: float = 0.0
-    fused: bool = True  # torch's fused optimizer kernels (faster steps; see `make bench`)
+    fused: bool = False  # torch's fused optimizer kernels (0.99x-1.22x in `make bench` runs: not a clear win)
 
 
 @dataclass
