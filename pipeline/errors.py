@@ -1,4 +1,8 @@
 """Errors a user can fix. Entry points print them as one line (no traceback) and exit with code 2."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
 
 
 class PipelineError(Exception):
@@ -15,3 +19,13 @@ class MissingFileError(PipelineError, FileNotFoundError):
 
 class OutputError(PipelineError, OSError):
     """The run dir or a file in it cannot be written (unwritable dir, disk full)."""
+
+
+@contextmanager
+def exit_on_user_error():
+    """A PipelineError is the user's to fix: one line on stderr, exit code 2, no traceback."""
+    try:
+        yield
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

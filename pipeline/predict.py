@@ -11,12 +11,11 @@ import csv
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from pipeline.errors import ConfigError, MissingFileError, PipelineError
+from pipeline.errors import ConfigError, MissingFileError, PipelineError, exit_on_user_error  # noqa: F401
 from pipeline.images import ImageDecodeError
 from pipeline.loading import BACKENDS, LoadedModel, load
 
@@ -34,14 +33,6 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-@contextmanager
-def exit_on_user_error():
-    """A PipelineError is the user's to fix: one line on stderr, exit code 2, no traceback."""
-    try:
-        yield
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[str]]:

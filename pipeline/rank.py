@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import augment, backbone
+from pipeline.accel import select_device
 from pipeline.cached_fit import level_columns
 from pipeline.errors import PipelineError
 from pipeline.feature_cache import load_or_extract, weights_hash
@@ -75,7 +76,7 @@ def rank(cfg: DictConfig) -> dict:
     names = list(cfg.backbones) or [cfg.backbone.name]
     run_dir = resolve_run_dir(cfg)
     set_threads(cfg.trainer.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+    device = select_device(cfg.trainer.device)
     splits, _ = build_data(cfg)
     rows, skipped = [], []
     for name in names:

@@ -5,14 +5,13 @@ import json
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, exit_on_user_error  # noqa: F401  (re-exported)
 from pipeline import audit, augment, backbone, cached_fit, checkpoint, data, engine, loss, optim, summary
 from pipeline.accel import build_accel, prepare_model, select_device
 from pipeline import distributed, resume, validate
@@ -191,14 +190,6 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-@contextmanager
-def exit_on_user_error():
-    """A PipelineError is the user's to fix: one line on stderr, exit code 2, no traceback."""
-    try:
-        yield
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 register_configs()
