@@ -141,7 +141,8 @@ class FeaturesConfig:
     depths: Any = field(default_factory=lambda: ["head"])  # feature levels (ints) and/or head; auto = best LogME
     augmented_views: int = 0  # extra augmented passes over train, cached like the plain one
     cache_dir: Optional[str] = "${data_dir}/cache/features"  # null = no disk cache (extract every run)
-    channels_last: bool = False  # NHWC during extraction (see `make bench` for whether it helps)
+    channels_last: bool = True  # NHWC during extraction (yaml: follows trainer.channels_last)
+    num_workers: Any = "auto"  # DataLoader workers for extraction; auto: trainer.num_workers on CUDA, 0 on CPU
 
 
 @dataclass

@@ -3,8 +3,8 @@
 A cache entry is `<cache_dir>/<key>.safetensors` (features, labels, the split indices that decoded) plus
 `<key>.json` (what went into the key, sizes, extraction speed). The key hashes everything the features
 depend on: backbone name, a hash of its weights, the split's file list (path, size, mtime), the
-preprocessing (data config; for augmented views also the augment config, view number and seed) and
-the feature levels. Change any of them and the features are recomputed; otherwise the entry is reused.
+preprocessing (data config; for augmented views also the augment config, view number, seed and worker
+count, which decide each image's random augmentation) and the feature levels. Change any of them and the features are recomputed; otherwise the entry is reused.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import distributed, sampler
+from pipeline.seeding import seed_transform, seed_worker
 from pipeline.data import ImageDataset, Split, collate_skip_none
 from pipeline.multidepth import pooled_features
 
@@ -59,6 +60,7 @@ class _Indexed(torch.utils.data.Dataset):
 
     def __init__(self, base: ImageDataset):
         self.base = base
+        self.transform = base.transform  # seeding.seed_worker seeds it in each worker
 
     def __len__(self) -> int:
         return len(self.base)
@@ -108,8 +110,10 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: Sequence, key_parts: dict,
                     cache_dir: str | Path | None, device: torch.device, batch_size: int = 64, num_workers: int = 0,
-                    channels_last: bool = False, image_cache=None, name: str = "features") -> dict:
+                    channels_last: bool = False, image_cache=None, name: str = "features",
+                    seed: int | None = None) -> dict:
     """Cached features for `split` under `transform` (see the module doc); `cache_dir=None` disables the cache.
+    `seed`: a random (augmenting) transform is seeded from it, in the main process or per worker.
 
     Under torchrun rank 0 reads the cache (and broadcasts it), or each rank extracts a contiguous shard,
     the shards are gathered and rank 0 writes the entry.
@@ -126,8 +130,13 @@ def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: 
     dataset = _Indexed(ImageDataset(split, transform, cache=image_cache))
     shard = sampler.distributed_sampler(len(dataset), None, train=False, rank=distributed.rank(),
                                         world=distributed.world_size())
+    seeded = {}
+    if seed is not None:
+        seed_transform(transform, seed)  # used as is when num_workers=0; workers reseed their copy
+        seeded = dict(generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=shard,
-                                         num_workers=num_workers, collate_fn=collate_skip_none, persistent_workers=False)
+                                         num_workers=num_workers, collate_fn=collate_skip_none,
+                                         persistent_workers=False, **seeded)
     out = _gather(extract(model, loader, levels, device, channels_last, allow_empty=distributed.is_distributed()))
     _logger.info("Feature cache miss (%s): extracted %d x %d in %.1f s (%.1f img/s)", name,
                  *out["features"].shape, out["seconds"], out["img_per_s"])

@@ -1,6 +1,7 @@
 """Heads trained on cached features: a torch linear head (epochs, early stopping) or sklearn's logistic
-regression (C by stratified CV). Features are standardised for training; the scaler is folded into the
-final Linear so the installed head works on raw backbone features and the full model predicts the same.
+regression (C by stratified CV). Where features are standardised for training (cached_fit decides), the
+scaler is folded into the final Linear so the installed head works on raw backbone features and the full
+model predicts the same.
 """
 from __future__ import annotations
 

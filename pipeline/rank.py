@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from pipeline import augment, backbone
 from pipeline.accel import select_device
-from pipeline.cached_fit import level_columns
+from pipeline.cached_fit import extraction_workers, level_columns
 from pipeline.errors import PipelineError
 from pipeline.feature_cache import load_or_extract, weights_hash
 from pipeline.logme import logme_score
@@ -42,7 +42,8 @@ def rank_backbone(name: str, splits, cfg: DictConfig, device: torch.device) -> l
     feats = load_or_extract(model, splits.train, transform, levels=levels, device=device,
                             key_parts={"arch": name, "weights": weights_hash(model), "transform": repr(transform)},
                             cache_dir=cfg.features.cache_dir or None, batch_size=t.eval_batch_size,
-                            num_workers=t.num_workers, channels_last=cfg.features.channels_last, name=name)
+                            num_workers=extraction_workers(cfg.features.num_workers, t.num_workers, device),
+                            channels_last=cfg.features.channels_last, name=name)
     x, y = feats["features"].numpy(), feats["labels"].numpy()
     rows = []
     for level, cols in level_columns(model, levels).items():

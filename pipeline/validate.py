@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import backbone, data
+from pipeline.cached_fit import check_features_config
 from pipeline.errors import ConfigError, MissingFileError, OutputError
 from pipeline.metrics import check_monitor
 from pipeline.strategy import validate_strategy_config
@@ -76,6 +77,7 @@ def validate_config(cfg: DictConfig) -> None:
     validate_strategy_config(mode=s.mode, freeze_depth=s.freeze_depth, bn=s.bn, lr=o.lr,
                              backbone_lr_mult=o.backbone_lr_mult, layer_decay=o.layer_decay)
     check_numbers(cfg)
+    check_features_config(cfg.features)
     backbone.check_arch(cfg.backbone.name)
     check_weights_file(cfg.backbone.name, cfg.backbone.weights)
 

@@ -18,7 +18,7 @@ from pipeline.data import Split, list_split
 from pipeline.errors import ConfigError
 from pipeline.feature_cache import load_or_extract, weights_hash
 from pipeline.logme import logme_score
-from pipeline.probe import fit_logistic_head, fold_standardization, install_head, standardizer
+from pipeline.probe import fit_logistic_head, fold_standardization, standardizer
 from pipeline.train import train
 
 PREP = {"input_size": (3, 64, 64), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
@@ -66,6 +66,31 @@ def test_cache_hits_on_same_inputs_and_misses_on_any_change(tiny_folder, tmp_pat
     with torch.no_grad():  # different weights -> different hash -> different key
         next(model.parameters()).add_(1.0)
     assert weights_hash(model) not in {json.loads(p.read_text())["key_parts"]["weights"] for p in cache.glob("*.json")}
+
+
+def test_augmented_views_with_workers_repeat_per_seed_and_differ_between_seeds(tiny_folder):
+    from pipeline.augment import build_train_transform
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3).eval()
+
+    def view(seed):
+        tf = build_train_transform(PREP, preset="light", scale_min=0.3)
+        return load_or_extract(model, _split(tiny_folder), tf, levels=["head"], key_parts={"view": seed},
+                               cache_dir=None, device=torch.device("cpu"), batch_size=8, num_workers=2,
+                               seed=seed)["features"]
+
+    first, again, other = view(1), view(1), view(2)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    # one image 16 times, 8 per batch: worker 0 makes batch 0, worker 1 batch 1; a stream copied into both
+    # workers would give the two batches the same augmentations
+    split = _split(tiny_folder)
+    same = Split([split.paths[0]] * 16, [split.labels[0]] * 16, split.classes)
+    feats = load_or_extract(model, same, build_train_transform(PREP, preset="light", scale_min=0.3), levels=["head"],
+                            key_parts={}, cache_dir=None, device=torch.device("cpu"), batch_size=8, num_workers=2,
+                            seed=3)["features"]
+    assert not torch.allclose(feats[:8], feats[8:])
 
 
 def test_logme_ranks_separating_features_above_random_ones():
@@ -145,10 +170,20 @@ def test_depths_auto_picks_the_best_logme_level_and_views_add_rows(tiny_folder, 
     assert info["extraction"]["view1"]["key"] != info["extraction"]["view2"]["key"] and info["C"] > 0
 
 
+def test_extraction_workers_default_to_none_on_cpu_and_the_trainers_on_cuda():
+    from pipeline.cached_fit import extraction_workers
+
+    assert extraction_workers("auto", 2, torch.device("cpu")) == 0
+    assert extraction_workers("auto", 2, torch.device("cuda")) == 2
+    assert extraction_workers(3, 2, torch.device("cpu")) == 3
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["features.depths=[9]"], "features.depths=[9] is not valid"),
     (["features.head=svm"], "features.head='svm' is not valid"),
     (["strategy=finetune", "features.depths=[1,head]"], "needs the cached linear probe"),
+    (["features.num_workers=-1"], "features.num_workers=-1 is not valid"),
+    (["features.augmented_views=-2"], "features.augmented_views=-2 must be >= 0"),
 ])
 def test_bad_feature_options_are_one_line_config_errors(tiny_folder, cfg_factory, overrides, message):
     cfg = cfg_factory("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny", "backbone.input_size=64",
