@@ -7,7 +7,8 @@ from another part) on the same arch, batch, resolution and threads:
 
   1. train:     pipeline fine-tune img/s on real images (train(cfg), strategy=finetune) vs a bare timm
                 training step on synthetic tensors                                 target >= 0.9
-  2. inference: pipeline feature extraction img/s (the cached-probe path) vs a bare forward   >= 0.9
+  2. inference: pipeline feature extraction img/s (the cached-probe path, its default workers and memory
+                format) vs a bare forward in the same memory format              target >= 0.9
   3. loader:    DataLoader img/s (decode + light augment, 2 workers; without and with the decoded-image
                 cache) vs the fine-tune step rate                                   target >= 3x
   4. memory:    peak RSS of the fine-tune run vs the bare training step            target <= 1.5x
@@ -112,10 +113,12 @@ def part_pipeline_finetune(a) -> dict:
 
 
 def part_pipeline_extract(a) -> dict:
-    """The cached-probe extraction (feature_cache.load_or_extract, no disk cache) over up to 320 train images."""
+    """The cached-probe extraction (feature_cache.load_or_extract, no disk cache) over up to 320 train images,
+    with the pipeline's extraction settings (features.num_workers, features.channels_last)."""
     import torch
 
     from pipeline import augment, backbone
+    from pipeline.cached_fit import extraction_workers
     from pipeline.data import Split
     from pipeline.feature_cache import load_or_extract
     from pipeline.train import build_data
@@ -126,9 +129,11 @@ def part_pipeline_extract(a) -> dict:
     split = Split(splits.train.paths[:n], splits.train.labels[:n], splits.classes)
     model, _ = backbone.build_backbone(name=ARCH, num_classes=len(splits.classes), weights="none")
     tf = augment.build_eval_transform(backbone.data_config(model, a.size))
-    out = load_or_extract(model, split, tf, levels=["head"], key_parts={}, cache_dir=None,
-                          device=torch.device("cpu"), batch_size=64, num_workers=2)
-    return {"img_per_s": out["img_per_s"], "images": n}
+    cpu, f = torch.device("cpu"), cfg.features
+    workers = extraction_workers(f.num_workers, cfg.trainer.num_workers, cpu)
+    out = load_or_extract(model, split, tf, levels=["head"], key_parts={}, cache_dir=None, device=cpu,
+                          batch_size=64, num_workers=workers, channels_last=f.channels_last)
+    return {"img_per_s": out["img_per_s"], "images": n, "workers": workers, "channels_last": bool(f.channels_last)}
 
 
 def part_loader(a) -> dict:
@@ -192,8 +197,8 @@ def table(r: dict) -> list[dict]:
     plain = r["train_step_plain"]["img_per_s"]
     rows = [("1 train img/s: pipeline fine-tune / bare step (same options)", r["finetune"]["img_per_s"], step,
              ">= 0.9"),
-            ("2 inference img/s: pipeline extraction / bare forward", r["extract"]["img_per_s"],
-             r["forward"]["img_per_s"], ">= 0.9"),
+            ("2 inference img/s: pipeline extraction / bare forward (same memory format)", r["extract"]["img_per_s"],
+             r["forward_channels_last" if r["extract"]["channels_last"] else "forward"]["img_per_s"], ">= 0.9"),
             ("3a loader img/s (no cache) / fine-tune step", r["loader"]["no_cache"], step, ">= 3"),
             ("3b loader img/s (memory cache) / fine-tune step", r["loader"]["memory_cache"], step, ">= 3"),
             ("4 peak RSS MB: fine-tune run / bare step", r["finetune"]["peak_rss_mb"], r["train_step"]["peak_rss_mb"],

@@ -97,7 +97,8 @@ def load_split(split_dir: Path, classes: list[str], max_pixels: int,
 
 def stratified_split(split: Split, val_fraction: float, seed: int,
                      groups: Optional[list] = None) -> tuple[Split, Split]:
-    """Seeded stratified train/val split; classes too small to stratify fall back to a plain split.
+    """Seeded stratified train/val split. A class with a single image (group) stays in train: it can still be
+    learned, only val has no example of it (warned). Every other class has >= 2 images and is stratified.
 
     `groups` (e.g. content hashes): members of a group land on the same side, so identical files
     never leak from train into val. Without repeated groups the split equals the ungrouped one.
@@ -105,16 +106,19 @@ def stratified_split(split: Split, val_fraction: float, seed: int,
     first: dict = {}
     rep_of = [first.setdefault(g, i) for i, g in enumerate(groups)] if groups else list(range(len(split)))
     reps = np.array(sorted(set(rep_of)))
-    labels = [split.labels[i] for i in reps]
-    counts = Counter(labels)
-    n_val = max(int(round(val_fraction * len(reps))), len(counts))
-    stratify = labels if min(counts.values()) >= 2 and n_val <= len(reps) - len(counts) else None
-    if stratify is None:
-        few = [split.classes[c] for c, n in sorted(counts.items()) if n < 2]
-        why = f"class(es) with a single train image: {few}" if few else "too few images per class"
-        _logger.warning("Val split is random, not stratified (%s); a class may end up only in train or only "
-                        "in val: add images or a val/ folder", why)
-    _, va_reps = train_test_split(reps, test_size=n_val, random_state=seed, stratify=stratify)
+    counts = Counter(split.labels[i] for i in reps)
+    singles = sorted(c for c, n in counts.items() if n < 2)
+    if singles:
+        _logger.warning("Class(es) with a single train image kept in train, so val has no image of them: %s; add "
+                        "images or a val/ folder", [split.classes[c] for c in singles])
+    pool = np.array([r for r in reps if split.labels[r] not in singles])
+    labels = [split.labels[i] for i in pool]
+    n_classes = len(set(labels))
+    n_val = max(int(round(val_fraction * len(reps))), n_classes)
+    if len(pool) - n_val < n_classes:  # (counts distinct files: duplicates count once)
+        raise ConfigError(f"Cannot split {n_val} val images off {len(reps)} distinct train images of {len(counts)} "
+                          "classes and keep every class in train: add a val/ folder or more train images")
+    _, va_reps = train_test_split(pool, test_size=n_val, random_state=seed, stratify=labels)
     in_val = set(va_reps.tolist())
     va = [i for i in range(len(split)) if rep_of[i] in in_val]
     tr = [i for i in range(len(split)) if rep_of[i] not in in_val]

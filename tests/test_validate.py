@@ -78,7 +78,7 @@ def test_classes_below_min_per_class_are_named(tmp_path):
         _layout(root, min_per_class=3)
 
 
-def test_impossible_val_split_is_an_error_and_a_single_image_class_a_warning(tmp_path, caplog):
+def test_impossible_val_split_is_an_error_and_a_single_image_class_stays_in_train(tmp_path, caplog):
     from pipeline.data import load_imagefolder
 
     root = make_imagefolder(tmp_path / "d", {"blue": 1, "green": 1})
@@ -89,8 +89,12 @@ def test_impossible_val_split_is_an_error_and_a_single_image_class_a_warning(tmp
     _layout(root)
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         splits = load_imagefolder(root, workers=1)
-    assert "not stratified" in caplog.text and "single train image: ['red']" in caplog.text
+    assert "single train image kept in train, so val has no image of them: ['red']" in caplog.text
     assert len(splits.train) + len(splits.val) == 13
+    red = splits.classes.index("red")
+    assert splits.train.labels.count(red) == 1 and red not in splits.val.labels
+    val = splits.val.counts()
+    assert len(splits.val) == 3 and val["red"] == 0 and min(val["blue"], val["green"]) >= 1
 
 
 def test_unwritable_output_dir_is_a_clear_error(tmp_path, monkeypatch):
