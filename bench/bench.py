@@ -49,15 +49,19 @@ def timed_steps(step, steps: int, batch: int) -> float:
 
 def part_train_step(a) -> dict:
     """Bare training step on synthetic tensors. Variants: plain (contiguous, torch's default AdamW), default
-    (the pipeline's defaults: channels_last), channels_last, fused, foreach_off, bf16."""
+    (the pipeline's defaults: channels_last), channels_last, fused, foreach_off, bf16, compile (channels_last +
+    torch.compile, as trainer.compile=true does; its first step, the compilation, is timed apart)."""
     import timm
     import torch
 
     torch.manual_seed(0)
     model = timm.create_model(ARCH, num_classes=5).train()
     x, y = torch.randn(a.batch, 3, a.size, a.size), torch.randint(0, 5, (a.batch,))
-    if a.variant in ("channels_last", "default"):
+    if a.variant in ("channels_last", "default", "compile"):
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if a.variant == "compile":
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", f"{a.tmp}/inductor")  # cold cache: full compile time
+        model.compile()
     opt_kwargs = {"foreach": False} if a.variant == "foreach_off" else \
         {"fused": True} if a.variant == "fused" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **opt_kwargs)
@@ -69,7 +73,10 @@ def part_train_step(a) -> dict:
         loss.backward()
         opt.step()
     steps = max(1, a.steps // 5) if a.variant == "bf16" else a.steps  # bf16 autocast is very slow without AMX
-    return {"img_per_s": timed_steps(step, steps, a.batch)}
+    first = time.perf_counter()
+    step()
+    first = time.perf_counter() - first
+    return {"img_per_s": timed_steps(step, steps, a.batch), "first_step_s": first}
 
 
 def part_forward(a) -> dict:
@@ -187,7 +194,7 @@ def measure(a) -> dict:
     r["loader"] = run_part(a, "loader")
     r["forward_no_allocator_fix"] = run_part(a, "forward", allocator=False)
     r["forward_channels_last"] = run_part(a, "forward", "channels_last")
-    for variant in ("channels_last", "fused", "foreach_off", "bf16"):
+    for variant in ("channels_last", "fused", "foreach_off", "bf16", "compile"):
         r[f"train_step_{variant}"] = run_part(a, "train_step", variant)
     return r
 
@@ -210,6 +217,9 @@ def table(r: dict) -> list[dict]:
     rows += [(f"train step img/s: {v} / plain fp32", r[f"train_step_{v}"]["img_per_s"], plain, "keep if > 1")
              for v in ("channels_last", "fused", "foreach_off", "bf16")]
     rows.append(("train step img/s: pipeline defaults (channels_last) / plain fp32", step, plain, ""))
+    compiled = r["train_step_compile"]
+    rows.append((f"train step img/s: compile / channels_last (first step, compiling: {compiled['first_step_s']:.0f} s)",
+                 compiled["img_per_s"], r["train_step_channels_last"]["img_per_s"], "keep if > 1"))
     return [{"measure": m, "value": v, "reference": ref, "ratio": v / ref, "target": t} for m, v, ref, t in rows]
 
 

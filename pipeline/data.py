@@ -115,7 +115,7 @@ def stratified_split(split: Split, val_fraction: float, seed: int,
     labels = [split.labels[i] for i in pool]
     n_classes = len(set(labels))
     n_val = max(int(round(val_fraction * len(reps))), n_classes)
-    if len(pool) - n_val < n_classes:  # (counts distinct files: duplicates count once)
+    if len(pool) - n_val < n_classes:  # validate's file count passed, but duplicate files count once here
         raise ConfigError(f"Cannot split {n_val} val images off {len(reps)} distinct train images of {len(counts)} "
                           "classes and keep every class in train: add a val/ folder or more train images")
     _, va_reps = train_test_split(pool, test_size=n_val, random_state=seed, stratify=labels)

@@ -4,7 +4,8 @@ A cache entry is `<cache_dir>/<key>.safetensors` (features, labels, the split in
 `<key>.json` (what went into the key, sizes, extraction speed). The key hashes everything the features
 depend on: backbone name, a hash of its weights, the split's file list (path, size, mtime), the
 preprocessing (data config; for augmented views also the augment config, view number, seed and worker
-count, which decide each image's random augmentation) and the feature levels. Change any of them and the features are recomputed; otherwise the entry is reused.
+count, which decide each image's random augmentation) and the feature levels. Change any of them and the
+features are recomputed; otherwise the entry is reused.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import distributed, sampler
-from pipeline.seeding import seed_transform, seed_worker
 from pipeline.data import ImageDataset, Split, collate_skip_none
 from pipeline.multidepth import pooled_features
+from pipeline.seeding import seed_transform, seed_worker
 
 _logger = logging.getLogger(__name__)
 
