@@ -82,7 +82,8 @@ def print_tables(rows: list[dict]) -> None:
     for r in rows:
         print(f"| {r['dataset']} | {r['epochs']} | {len(r['seeds'])} | {r['naive_seconds']:.0f} | "
               f"{r['cached_seconds']:.0f} | {r['ratio']:.1f}x | {r['naive_val_accuracy']:.4f} +- "
-              f"{r['naive_val_accuracy_std']:.4f} | {r['cached_val_accuracy']:.4f} +- {r['cached_val_accuracy_std']:.4f} "
+              f"{r['naive_val_accuracy_std']:.4f} | {r['cached_val_accuracy']:.4f} +- "
+              f"{r['cached_val_accuracy_std']:.4f} "
               f"| {r['accuracy_diff_pt']:+.2f} | {'met' if r['meets_target'] else 'MISSED'} |")
 
 
