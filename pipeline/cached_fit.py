@@ -80,8 +80,8 @@ def check_features_config(f) -> None:
 
 
 def extraction_workers(setting, trainer_workers: int, device: torch.device) -> int:
-    """DataLoader workers for extraction: `auto` = trainer.num_workers on CUDA; 0 on CPU, where the forward pass
-    already keeps every core busy and workers only add their start-up (README "Feature-extractor fast path")."""
+    """DataLoader workers for extraction: `auto` = trainer.num_workers on CUDA; 0 on CPU, where worker processes
+    only add their start-up and feature_cache.threaded_batches decodes in threads (README "Performance")."""
     if setting == "auto":
         return trainer_workers if device.type == "cuda" else 0
     return setting

@@ -142,7 +142,7 @@ class FeaturesConfig:
     augmented_views: int = 0  # extra augmented passes over train, cached like the plain one
     cache_dir: Optional[str] = "${data_dir}/cache/features"  # null = no disk cache (extract every run)
     channels_last: bool = True  # NHWC during extraction (yaml: follows trainer.channels_last)
-    num_workers: Any = "auto"  # DataLoader workers for extraction; auto: trainer.num_workers on CUDA, 0 on CPU
+    num_workers: Any = "auto"  # extraction workers; auto: trainer.num_workers on CUDA, 0 (decode threads) on CPU
 
 
 @dataclass

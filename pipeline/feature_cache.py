@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +104,22 @@ def extract(model: torch.nn.Module, loader, levels: Sequence, device: torch.devi
             "seconds": seconds, "img_per_s": n / max(seconds, 1e-9)}
 
 
+def threaded_batches(dataset, indices: list[int], batch_size: int, threads: int) -> Iterator:
+    """Batches of `dataset[indices]` in order, as a DataLoader without workers would give them, but the next batch
+    is decoded by `threads` threads while the caller runs the model on this one. PIL and OpenCV release the GIL
+    while decoding and resizing, and no worker process has to start (bench: 65 img/s against 49-59 serial)."""
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    with ThreadPoolExecutor(max(1, threads)) as pool, ThreadPoolExecutor(1) as ahead:
+        def make(chunk: list[int]):
+            return collate_skip_none(list(pool.map(dataset.__getitem__, chunk)))
+        pending = ahead.submit(make, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            batch = pending.result()
+            if k + 1 < len(chunks):
+                pending = ahead.submit(make, chunks[k + 1])
+            yield batch
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     write(tmp)
@@ -131,13 +148,17 @@ def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: 
     dataset = _Indexed(ImageDataset(split, transform, cache=image_cache))
     shard = sampler.distributed_sampler(len(dataset), None, train=False, rank=distributed.rank(),
                                         world=distributed.world_size())
-    seeded = {}
-    if seed is not None:
-        seed_transform(transform, seed)  # used as is when num_workers=0; workers reseed their copy
-        seeded = dict(generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=shard,
-                                         num_workers=num_workers, collate_fn=collate_skip_none,
-                                         persistent_workers=False, **seeded)
+    if num_workers == 0 and seed is None:  # a deterministic transform: safe to run in threads, in any order
+        indices = list(shard) if shard is not None else list(range(len(dataset)))
+        loader = threaded_batches(dataset, indices, batch_size, threads=torch.get_num_threads())
+    else:
+        seeded = {}
+        if seed is not None:
+            seed_transform(transform, seed)  # used as is when num_workers=0; workers reseed their copy
+            seeded = dict(generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=shard,
+                                             num_workers=num_workers, collate_fn=collate_skip_none,
+                                             persistent_workers=False, **seeded)
     out = _gather(extract(model, loader, levels, device, channels_last, allow_empty=distributed.is_distributed()))
     _logger.info("Feature cache miss (%s): extracted %d x %d in %.1f s (%.1f img/s)", name,
                  *out["features"].shape, out["seconds"], out["img_per_s"])

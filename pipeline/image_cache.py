@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,7 +73,7 @@ class DiskCache:
             _logger.warning("Rebuilding unreadable cache file %s", file)
         img = decode_for_cache(path, self.short_side, self.interpolation, self.max_pixels)
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp")
+        tmp = file.with_name(f"{file.stem}.{os.getpid()}.{threading.get_ident()}.tmp")  # workers and threads
         with open(tmp, "wb") as f:
             np.save(f, img, allow_pickle=False)
         os.replace(tmp, file)

@@ -68,6 +68,23 @@ def test_cache_hits_on_same_inputs_and_misses_on_any_change(tiny_folder, tmp_pat
     assert weights_hash(model) not in {json.loads(p.read_text())["key_parts"]["weights"] for p in cache.glob("*.json")}
 
 
+def test_threaded_extraction_equals_the_dataloader_and_skips_a_broken_file(tiny_folder, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3).eval()
+    split = _split(tiny_folder)
+    broken = tiny_folder / "train/red/broken.png"
+    broken.write_bytes(b"not a png")
+    split = Split(split.paths + [str(broken)], split.labels + [2], split.classes)
+
+    def run(workers):
+        return load_or_extract(model, split, build_eval_transform(PREP), levels=["head"], key_parts={},
+                               cache_dir=None, device=torch.device("cpu"), batch_size=5, num_workers=workers)
+
+    threaded, loader = run(0), run(2)
+    assert torch.equal(threaded["features"], loader["features"]) and torch.equal(threaded["index"], loader["index"])
+    assert len(split) - 1 not in threaded["index"].tolist() and len(threaded["index"]) == len(split) - 1
+
+
 def test_augmented_views_with_workers_repeat_per_seed_and_differ_between_seeds(tiny_folder):
     from pipeline.augment import build_train_transform
 
