@@ -1,6 +1,9 @@
 # Transfer-learning pipeline. `make help` lists the targets.
-# Anything you pass as `group=option` or `key=value` goes to Hydra, e.g.
-#   make train dataset=flowers ARGS="trainer.epochs=3 backbone=tf_efficientnet_lite1"
+# One convention for every target: `group=option` / `key=value` go to the command as they are (config
+# overrides, the same as on `python -m pipeline.<command>`), and Make's own UPPERCASE variables become the
+# command's own keys (RUN=r -> run=r), e.g.
+#   make train dataset=flowers trainer.epochs=3 backbone=tf_efficientnet_lite1
+#   make export RUN=outputs/runs/<run> export.opset=18
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -9,7 +12,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-# glibc allocator tuning (see pipeline/startup.py; also applied in-process with mallopt)
+# glibc allocator tuning (see pipeline/runtime/process.py; entry points also apply it in-process with mallopt)
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export MALLOC_TOP_PAD_ ?= 1073741824
@@ -22,7 +25,7 @@ MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC TORCHRUN_ARGS RUN IMAGES B
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
-.PHONY: help install train test clean-outputs sweep hpo rank bench report export predict
+.PHONY: help install train test lint clean-outputs sweep hpo rank bench report export predict
 
 help: ## List the targets
 	@echo "Usage: make <target> [group=option ...] [ARGS=\"hydra overrides\"]"
@@ -40,8 +43,11 @@ train: $(STAMP) ## Train: make train [dataset=X] [key=value ...] [ARGS="..."] [N
 	$(if $(NPROC),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC) $(or $(TORCHRUN_ARGS),--standalone),$(PY)) \
 		-m pipeline.train $(HYDRA_OVERRIDES) $(ARGS)
 
-test: $(STAMP) ## Run the test suite (pytest)
+test: lint ## Run the import contracts, then the test suite (pytest)
 	$(PY) -m pytest $(or $(TESTS),tests) $(ARGS)
+
+lint: $(STAMP) ## Check the package layering (import-linter contracts in pyproject.toml)
+	$(VENV)/bin/lint-imports
 
 clean-outputs: ## Delete outputs/ (run dirs)
 	rm -rf outputs
@@ -62,24 +68,23 @@ bench: $(STAMP) ## Speed/memory vs bare-PyTorch ceilings (table + outputs/bench/
 	$(PY) bench/bench.py $(ARGS)
 
 report: $(STAMP) ## Rebuild a sweep's report.md/.csv/.png: make report [SWEEP=outputs/multirun/<dir>] (default: latest)
-	$(PY) -m pipeline.report $(SWEEP)
+	$(PY) -m pipeline.report $(if $(SWEEP),'sweep=$(SWEEP)') $(if $(OUT),'out=$(OUT)') $(HYDRA_OVERRIDES) $(ARGS)
 
-# Export and predict (argparse entry points: extra flags go in ARGS, e.g. ARGS="--formats onnx --out DIR")
-export: $(STAMP) ## Export a run: make export RUN=outputs/runs/<run> [ARGS="--out DIR --formats ..."]
-	@test -n "$(RUN)" || { echo "error: set RUN=<run dir>, e.g. make export RUN=outputs/runs/<date>_<dataset>" >&2; exit 2; }
-	$(PY) -m pipeline.export "$(RUN)" $(HYDRA_OVERRIDES) $(ARGS)
+# Export and predict (their own keys: run=, out=, images=, ...; export.* settings override the run's)
+export: $(STAMP) ## Export a run: make export RUN=outputs/runs/<run> [OUT=dir] [export.opset=18 export.formats=[onnx] ...]
+	$(PY) -m pipeline.export $(if $(RUN),'run=$(RUN)') $(if $(OUT),'out=$(OUT)') $(HYDRA_OVERRIDES) $(ARGS)
 
-predict: $(STAMP) ## Predict: make predict RUN=<export dir> IMAGES=<file or folder> [BACKEND=onnx] [TOPK=3]
-	@test -n "$(RUN)" -a -n "$(IMAGES)" || { echo "error: set RUN=<export dir> and IMAGES=<file or folder>" >&2; exit 2; }
-	$(PY) -m pipeline.predict "$(RUN)" $(IMAGES) --backend $(or $(BACKEND),torch) --topk $(or $(TOPK),3) $(HYDRA_OVERRIDES) $(ARGS)
+predict: $(STAMP) ## Predict: make predict RUN=<export dir> IMAGES=<files or folders> [BACKEND=onnx] [TOPK=3] [OUT=file.csv]
+	$(PY) -m pipeline.predict $(if $(RUN),'run=$(RUN)') $(foreach i,$(IMAGES),'images=$(i)') $(if $(BACKEND),'backend=$(BACKEND)') \
+		$(if $(TOPK),'topk=$(TOPK)') $(if $(OUT),'csv=$(OUT)') $(HYDRA_OVERRIDES) $(ARGS)
 
 # Data: audit and augmentation preview (Hydra overrides as for train; N/OUT are Make's own)
 .PHONY: audit preview
 audit: $(STAMP) ## Audit a dataset (counts, sizes, modes, odd files, duplicates, leakage): make audit dataset=X [OUT=dir]
-	$(PY) -m pipeline.audit $(if $(OUT),--out "$(OUT)") $(HYDRA_OVERRIDES) $(ARGS)
+	$(PY) -m pipeline.audit $(if $(OUT),'out=$(OUT)') $(HYDRA_OVERRIDES) $(ARGS)
 
 preview: $(STAMP) ## PNG grid of augmented train samples: make preview dataset=X [augment=heavy] [N=16] [OUT=file.png]
-	$(PY) -m pipeline.preview $(if $(N),--n $(N)) $(if $(OUT),--out "$(OUT)") $(HYDRA_OVERRIDES) $(ARGS)
+	$(PY) -m pipeline.preview $(if $(N),'n=$(N)') $(if $(OUT),'out=$(OUT)') $(HYDRA_OVERRIDES) $(ARGS)
 
 # Reliability: continue a run that was killed (kill -9, power loss) or stopped with Ctrl-C / SIGTERM
 .PHONY: resume

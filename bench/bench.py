@@ -124,10 +124,12 @@ def part_pipeline_extract(a) -> dict:
     with the pipeline's extraction settings (features.num_workers, features.channels_last)."""
     import torch
 
-    from pipeline import augment, backbone
-    from pipeline.cached_fit import extraction_workers
-    from pipeline.data import Split
-    from pipeline.feature_cache import load_or_extract
+    from pipeline.data import augment
+
+    from pipeline.model import backbone
+    from pipeline.features.fit import extraction_workers
+    from pipeline.data.folder import Split
+    from pipeline.features.cache import load_or_extract
     from pipeline.train import build_data
 
     cfg = _compose(_overrides(a))
@@ -148,7 +150,9 @@ def part_loader(a) -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_data import loader_epoch
 
-    from pipeline import augment, image_cache
+    from pipeline.data import augment
+
+    from pipeline.data import image_cache
     from pipeline.train import build_data
 
     cfg = _compose(_overrides(a))
@@ -239,7 +243,7 @@ def main() -> None:
     if a.part:
         sys.path.insert(0, str(ROOT))
         import pipeline  # noqa: F401  (allocator fix unless PIPELINE_MALLOC_TUNE=0)
-        from pipeline.startup import set_threads
+        from pipeline.runtime.process import set_threads
         set_threads(0)
         result = PARTS[a.part](a)
         print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))

@@ -27,8 +27,10 @@ import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 import pipeline  # noqa: E402,F401  (allocator tuning before heavy allocations)
-from pipeline import augment, data, image_cache  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.data import augment
+from pipeline.data import folder
+from pipeline.data import image_cache  # noqa: E402
+from pipeline.data.images import DEFAULT_MAX_PIXELS, decode_rgb  # noqa: E402
 
 
 def rate(n: int, seconds: float) -> float:
@@ -68,17 +70,17 @@ def bench_augment(paths: list[str], data_cfg: dict) -> dict:
     return out
 
 
-def loader_epoch(split: data.Split, transform, cache, workers: int, batch: int) -> float:
-    ds = data.ImageDataset(split, transform, cache=cache)
+def loader_epoch(split: folder.Split, transform, cache, workers: int, batch: int) -> float:
+    ds = folder.ImageDataset(split, transform, cache=cache)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                         collate_fn=data.collate_skip_none)
+                                         collate_fn=folder.collate_skip_none)
     start, seen = time.perf_counter(), 0
     for batch_ in loader:
         seen += len(batch_[1])
     return rate(seen, time.perf_counter() - start)
 
 
-def bench_loader(split: data.Split, data_cfg: dict, workers: int, batch: int) -> dict:
+def bench_loader(split: folder.Split, data_cfg: dict, workers: int, batch: int) -> dict:
     """Epoch img/s of the train DataLoader (light preset) for dataset.cache=none|memory|disk."""
     tf = augment.build_train_transform(data_cfg, preset="light")
     short = augment.eval_resize_size(data_cfg)
@@ -130,14 +132,14 @@ def main() -> None:
     ap.add_argument("--model-steps", type=int, default=3)
     args = ap.parse_args()
     root = Path(os.environ.get("DATASETS_DIR", "../shared/datasets")) / args.dataset / "train"
-    classes = data.find_classes(root)
-    paths, labels, _ = data.list_split(root, classes)
+    classes = folder.find_classes(root)
+    paths, labels, _ = folder.list_split(root, classes)
     if args.limit:
         keep = sorted(random.Random(0).sample(range(len(paths)), min(args.limit, len(paths))))
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-    bad = data.check_decodable(paths, max_pixels=89_478_485)
+    bad = folder.check_decodable(paths, max_pixels=DEFAULT_MAX_PIXELS)
     good = [i for i, p in enumerate(paths) if p not in bad]
-    split = data.Split([paths[i] for i in good], [labels[i] for i in good], classes)
+    split = folder.Split([paths[i] for i in good], [labels[i] for i in good], classes)
     data_cfg = {**timm.data.resolve_data_config({}, model=timm.create_model("tf_efficientnet_lite0")),
                 "input_size": [3, args.size, args.size]}
     torch.set_num_threads(os.cpu_count() or 1)

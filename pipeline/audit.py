@@ -1,280 +1,37 @@
-"""Dataset audit: counts, sizes, colour modes, odd files, exact duplicates and train/eval leakage.
+"""Entry point: `python -m pipeline.audit dataset=X [out=DIR] [key=value ...]` (or `make audit dataset=X [OUT=DIR]`).
 
-Works on the probe records `data.load_imagefolder` already made (one read per file: sha1 of
-the bytes, header format/mode/size, draft decode), so auditing costs no second pass.
-`python -m pipeline.audit dataset=X [key=value ...]` (or `make audit dataset=X`) writes
-`audit.json` + `audit.md`; training runs the same audit and puts it in the run dir.
+Audits a dataset without training (data/audit.py): counts, sizes, colour modes, odd files, duplicates and
+train/eval leakage. Writes `audit.json` and `audit.md` to `out` (default outputs/audit/<dataset>).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import statistics
 import sys
-from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Optional
 
-from pipeline.data import DatasetSplits, Split
+from pipeline.data.audit import audit_markdown, input_side, run_audit
+from pipeline.errors import exit_on_user_error
+from pipeline.config import compose_config
+from pipeline.runtime.cli import split_args
+from pipeline.runtime.files import write_text
+from pipeline.runtime.process import tune_allocator
+from pipeline.training.setup import build_data
+from pipeline.training.validate import validate_values
 
-_logger = logging.getLogger(__name__)
-
-DEDUP_MODES = ("none", "drop_from_eval")
-SPLIT_ORDER = ("train", "val", "test")
-MAX_LISTED = 20  # examples per finding in audit.md (audit.json has all)
-FEW_COLORS = 64  # a photo or scan has hundreds of distinct colours in a 64 px sample; a placeholder has few
-
-
-def _splits(data: DatasetSplits) -> dict[str, Split]:
-    return {n: s for n, s in (("train", data.train), ("val", data.val), ("test", data.test)) if s is not None}
+OWN_KEYS = {"out": None}  # this command's own keys; every other key=value overrides conf/
 
 
-def _spread(values: list[int]) -> dict:
-    if not values:
-        return {}
-    return {"min": min(values), "median": int(statistics.median(values)), "max": max(values)}
-
-
-def split_stats(split: Split, files: dict[str, dict], min_side: int = 0) -> dict:
-    """Counts per class, formats, colour modes, size spread and grey-content files of one split."""
-    recs = [files.get(p, {}) for p in split.paths]
-    widths = [r["width"] for r in recs if "width" in r]
-    heights = [r["height"] for r in recs if "height" in r]
-    return {"images": len(split), "per_class": split.counts(),
-            "formats": dict(Counter(r.get("format", "?") for r in recs)),
-            "modes": dict(Counter(r.get("mode", "?") for r in recs)),
-            "gray_content": sum(bool(r.get("gray_content")) for r in recs),
-            "width": _spread(widths), "height": _spread(heights),
-            "short_side_below_input": {"input": min_side, "count": sum(min(w, h) < min_side
-                                                                       for w, h in zip(widths, heights))},
-            "megabytes": round(sum(r.get("bytes", 0) for r in recs) / 2**20, 1)}
-
-
-def find_duplicates(data: DatasetSplits) -> dict[str, list[dict]]:
-    """Groups of byte-identical files: within one split, across splits (leakage), under different labels."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for name, split in _splits(data).items():
-        for path, label in zip(split.paths, split.labels):
-            sha = data.files.get(path, {}).get("sha1")
-            if sha:
-                groups[sha].append({"split": name, "class": split.classes[label], "path": path})
-    found: dict[str, list[dict]] = {"within_split": [], "cross_split": [], "label_conflicts": []}
-    for sha, members in groups.items():
-        if len(members) < 2:
-            continue
-        by_split = Counter(m["split"] for m in members)
-        for name, n in by_split.items():
-            if n > 1:
-                found["within_split"].append({"sha1": sha, "split": name,
-                                              "files": [m for m in members if m["split"] == name]})
-        if len(by_split) > 1:
-            found["cross_split"].append({"sha1": sha, "files": members})
-        if len({m["class"] for m in members}) > 1:
-            found["label_conflicts"].append({"sha1": sha, "files": members})
-    return found
-
-
-def stray_files(root: Optional[str | Path]) -> list[str]:
-    """Files beside the class folders (e.g. `train/.DS_Store`) and hidden files inside them: never used."""
-    if root is None or not Path(root).is_dir():
-        return []
-    found = []
-    for split_dir in (d for d in Path(root).iterdir() if d.is_dir()):
-        for entry in split_dir.iterdir():
-            if entry.is_file():
-                found.append(str(entry))
-            elif entry.is_dir():
-                found += [str(p) for p in entry.iterdir() if p.is_file() and p.name.startswith(".")]
-    return sorted(found)
-
-
-def _warnings(report: dict) -> list[str]:
-    s, out = report["summary"], []
-    if s["eval_files_leaked"]:
-        hint = ("removed from the eval splits (dataset.dedup=drop_from_eval)" if report["dedup"]["mode"] != "none"
-                else "val/test metrics are optimistic; set dataset.dedup=drop_from_eval to remove them")
-        out.append(f"DATA LEAKAGE: {s['eval_files_leaked']} val/test file(s) are byte-identical to files of an "
-                   f"earlier split ({s['cross_split_groups']} group(s)); {hint}")
-    if s["label_conflict_groups"]:
-        out.append(f"LABEL CONFLICT: {s['label_conflict_groups']} image(s) stored under two or more classes "
-                   "(see audit.json 'label_conflicts'); fix the labels or delete the copies")
-    if s["within_split_extra_copies"]:
-        out.append(f"{s['within_split_extra_copies']} extra copies of identical files within a split "
-                   f"({s['within_split_groups']} group(s)): they weigh those images more")
-    if s["few_colors"]:
-        out.append(f"{s['few_colors']} image(s) have <= {FEW_COLORS} distinct colours (placeholder, icon or blank "
-                   "page?): look at them (audit.json 'few_colors')")
-    stats = report["splits"].values()
-    if stats and all(st["images"] and st["gray_content"] == st["images"] for st in stats):
-        out.append("Hint: every image is greyscale (even if stored as RGB); augment.grayscale_input=true keeps "
-                   "colour augmentations from inventing colours the data never has")
-    if s["unreadable"]:
-        out.append(f"{s['unreadable']} file(s) are not usable images and are skipped (listed in the report)")
-    return out
-
-
-def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | Path] = None,
-                  min_side: int = 0) -> dict:
-    """The audit report (a JSON-ready dict) of loaded splits; see module docstring."""
-    dups = find_duplicates(data)
-    eval_paths = {p for n, s in _splits(data).items() if n != "train" for p in s.paths}
-    leaked = _leaked_eval_files(data)
-    used = [p for s in _splits(data).values() for p in s.paths]
-    mismatch = [{"path": p, "format": data.files[p].get("format")} for p in used
-                if data.files.get(p, {}).get("ext_ok") is False]
-    odd = [{"path": p, "mode": data.files[p].get("mode")} for p in used
-           if data.files.get(p, {}).get("mode") not in (None, "RGB", "L")]
-    few = [{"path": p, "colors": data.files[p]["colors"]} for p in used
-           if data.files.get(p, {}).get("colors", FEW_COLORS + 1) <= FEW_COLORS]
-    report = {"dataset": name, "root": str(root) if root else None, "classes": data.classes,
-              "val_source": data.val_source,
-              "splits": {n: split_stats(s, data.files, min_side) for n, s in _splits(data).items()},
-              "unreadable": data.skipped, "extension_mismatch": mismatch, "odd_modes": odd, "few_colors": few,
-              "stray_files": stray_files(root), "duplicates": dups,
-              "dedup": {"mode": "none", "dropped": []}}
-    report["summary"] = {
-        "images": len(used), "unreadable": len(data.skipped), "extension_mismatch": len(mismatch),
-        "odd_modes": len(odd), "few_colors": len(few), "stray_files": len(report["stray_files"]),
-        "within_split_groups": len(dups["within_split"]),
-        "within_split_extra_copies": sum(len(g["files"]) - 1 for g in dups["within_split"]),
-        "cross_split_groups": len(dups["cross_split"]), "eval_files_leaked": len(leaked & eval_paths),
-        "label_conflict_groups": len(dups["label_conflicts"])}
-    report["warnings"] = _warnings(report)
-    return report
-
-
-def _leaked_eval_files(data: DatasetSplits) -> set[str]:
-    """val files identical to a train file; test files identical to a train or val file."""
-    seen: set[str] = set()
-    leaked: set[str] = set()
-    for name, split in _splits(data).items():
-        hashes = [data.files.get(p, {}).get("sha1") for p in split.paths]
-        if name != "train":
-            leaked |= {p for p, h in zip(split.paths, hashes) if h and h in seen}
-        seen |= {h for h in hashes if h}
-    return leaked
-
-
-def drop_eval_duplicates(data: DatasetSplits, report: dict) -> DatasetSplits:
-    """`dataset.dedup=drop_from_eval`: remove leaked files from val/test; records them in `report`."""
-    leaked = _leaked_eval_files(data)
-
-    def keep(split: Optional[Split]) -> Optional[Split]:
-        if split is None:
-            return None
-        idx = [i for i, p in enumerate(split.paths) if p not in leaked]
-        return Split([split.paths[i] for i in idx], [split.labels[i] for i in idx], split.classes)
-
-    report["dedup"] = {"mode": "drop_from_eval", "dropped": sorted(leaked)}
-    report["warnings"] = _warnings(report)
-    return dataclasses.replace(data, val=keep(data.val), test=keep(data.test))
-
-
-def run_audit(data: DatasetSplits, *, name: str, root, dedup: str = "none", min_side: int = 0,
-              out_dir: Optional[Path] = None) -> tuple[DatasetSplits, dict]:
-    """Audit, log the findings (leakage loudly), apply `dataset.dedup`, write `out_dir/audit.json`."""
-    if dedup not in DEDUP_MODES:
-        from pipeline.errors import ConfigError
-        raise ConfigError(f"dataset.dedup='{dedup}' is not valid; choose one of: {', '.join(DEDUP_MODES)}")
-    report = audit_dataset(data, name=name, root=root, min_side=min_side)
-    if dedup == "drop_from_eval" and report["summary"]["eval_files_leaked"]:
-        data = drop_eval_duplicates(data, report)
-    for line in report["warnings"]:
-        (_logger.error if line.startswith("DATA LEAKAGE") else _logger.warning)(line)
-    if out_dir is not None:
-        (Path(out_dir) / "audit.json").write_text(json.dumps(report, indent=2))
-    return data, report
-
-
-def _example_lines(title: str, groups: list[dict]) -> list[str]:
-    if not groups:
-        return []
-    lines = [f"**{title}: {len(groups)} group(s)**", ""]
-    for g in groups[:MAX_LISTED]:
-        lines.append("- " + " = ".join(f"`{f['split']}/{f['class']}/{Path(f['path']).name}`" for f in g["files"]))
-    if len(groups) > MAX_LISTED:
-        lines.append(f"- ... {len(groups) - MAX_LISTED} more in audit.json")
-    return lines + [""]
-
-
-def audit_markdown(report: dict) -> list[str]:
-    """A readable `## Data audit` section (summary.md and audit.md)."""
-    lines = ["## Data audit", ""] + [f"> **{w}**" for w in report["warnings"]] + ([""] if report["warnings"] else [])
-    cols = ("images", "formats", "modes", "grey content", "width min/med/max", "height min/med/max", "below input")
-    lines += ["| split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, st in report["splits"].items():
-        size = lambda d: "/".join(str(d.get(k, "-")) for k in ("min", "median", "max"))
-        lines.append(f"| {name} | {st['images']} | {st['formats']} | {st['modes']} | {st['gray_content']} | "
-                     f"{size(st['width'])} | {size(st['height'])} | {st['short_side_below_input']['count']} |")
-    s = report["summary"]
-    lines += ["", f"- val split: {report['val_source']} (split names below are logical splits)",
-              f"- unreadable/skipped: {s['unreadable']}, extension does not match content: "
-              f"{s['extension_mismatch']}, odd colour modes: {s['odd_modes']}, few colours: {s['few_colors']}, "
-              f"stray files: {s['stray_files']}",
-              f"- duplicates: {s['within_split_groups']} group(s) within a split, {s['cross_split_groups']} across "
-              f"splits ({s['eval_files_leaked']} eval file(s) leaked), {s['label_conflict_groups']} under different "
-              f"labels; dedup: {report['dedup']['mode']} ({len(report['dedup']['dropped'])} dropped)", ""]
-    for key, title in (("extension_mismatch", "Extension does not match content"), ("odd_modes", "Odd colour modes"),
-                       ("few_colors", "Few distinct colours"), ("stray_files", "Stray files (not in a class folder)")):
-        items = report[key][:MAX_LISTED]
-        if items:
-            detail = lambda i: f"`{i}`" if isinstance(i, str) else \
-                f"`{i['path']}`: {i.get('format') or i.get('mode') or i.get('colors')}"
-            lines += [f"**{title}**", ""] + [f"- {detail(i)}" for i in items] + [""]
-    d = report["duplicates"]
-    lines += _example_lines("Across splits (leakage)", d["cross_split"])
-    lines += _example_lines("Same file under different labels", d["label_conflicts"])
-    lines += _example_lines("Within a split", d["within_split"])
-    return lines
-
-
-def compose_from_argv(argv: list[str], options: dict[str, Optional[str]]):
-    """Split `--name value` options from Hydra overrides and compose the project config (no run dir)."""
-    from hydra import compose, initialize_config_dir
-    from pipeline.config import register_configs
-    from pipeline.errors import ConfigError
-
-    opts, overrides, args = dict(options), [], list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in opts:
-            if not args:
-                raise ConfigError(f"{arg} needs a value")
-            opts[arg] = args.pop(0)
-        elif arg.startswith("--"):
-            raise ConfigError(f"unknown option {arg}; options: {', '.join(opts)}; anything else is key=value")
-        else:
-            overrides.append(arg)
-    register_configs()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides), opts
-
-
-def input_side(cfg) -> int:
-    """The model's input side from the config, without building the model."""
-    import timm
-
-    side = cfg.backbone.get("input_size") or cfg.dataset.get("input_size")
-    if side:
-        return int(side)
-    pretrained = timm.models.get_pretrained_cfg(cfg.backbone.name)
-    return int(pretrained.input_size[-1]) if pretrained else 224
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m pipeline.audit [--out DIR] [hydra overrides]`: audit a dataset without training."""
-    from pipeline.train import build_data, exit_on_user_error
-
+def main(argv: list[str] | None = None) -> None:
+    tune_allocator()
     with exit_on_user_error():
-        cfg, opts = compose_from_argv(sys.argv[1:] if argv is None else argv, {"--out": None})
+        own, overrides = split_args(sys.argv[1:] if argv is None else argv, OWN_KEYS, prog="audit")
+        cfg = compose_config(overrides)
+        validate_values(cfg)
         data, root = build_data(cfg)
-        out = Path(opts["--out"] or Path("outputs/audit") / cfg.dataset.name)
-        out.mkdir(parents=True, exist_ok=True)
+        out = Path(own["out"] or Path("outputs/audit") / cfg.dataset.name)
         _, report = run_audit(data, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup,
                               min_side=input_side(cfg), out_dir=out)
         text = "\n".join(audit_markdown(report))
-        (out / "audit.md").write_text(text + "\n")
+        write_text(out / "audit.md", text + "\n")
         print(text)
         print(f"\nWrote {out / 'audit.json'} and {out / 'audit.md'}")
 

@@ -1,157 +1,198 @@
-"""Structured config schemas (Hydra's "structured config schema" pattern).
+"""The config schema: the type and the valid values of every key. The values themselves live in conf/ (YAML).
 
-`conf/config.yaml` lists `_config_schema` first in its defaults, so every YAML
-option of every group is merged into these dataclasses: a typo'd key or a value
-of the wrong type fails at start-up with Hydra's own message. Fields typed `Any`
-accept several shapes (e.g. `freeze_depth: 3 | all`) and are checked by the stage
-that uses them, with an error listing the allowed values.
+`conf/config.yaml` lists `_config_schema` first in its defaults, so every YAML option of every group is
+merged into these dataclasses: a typo'd key or a value of the wrong type fails at start-up with Hydra's own
+message. Each field carries its constraint (`choice`, `number`) as metadata, in the manner of scikit-learn's
+`_parameter_constraints`, and `check_values` checks them all at start-up, before any data is read, with one
+message format. The few keys whose valid values take more than a constraint (freeze depth, class weights,
+feature depths, export formats) have a checker in `_CUSTOM`. No default is written here: a group's values
+are in its YAML (`conf/<group>/*.yaml`), so each value is written once.
+
+This module imports no Hydra (only `register_configs` does), so every layer may read its choices.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import math
+from pathlib import Path
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from pipeline.errors import ConfigError, check_choice
+
+MISSING = "???"  # omegaconf.MISSING: the value must come from conf/
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# The valid values of the choice keys, one tuple each; the modules that act on them import them from here.
+SOURCES = ("folder", "digits")
+DEDUP_MODES = ("none", "drop_from_eval")
+CACHE_MODES = ("none", "memory", "disk")
+SAMPLERS = ("shuffle", "balanced")
+MODES = ("auto", "linear_probe", "partial", "finetune", "gradual")
+BN_POLICIES = ("frozen", "affine", "train")
+PRESETS = ("none", "light", "medium", "heavy", "custom")
+LOSSES = ("ce", "focal")
+WEIGHT_MODES = ("none", "balanced", "effective")
+PRIOR_BIAS = ("auto", "true", "false")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+MONITORS = {"balanced_accuracy": "max", "accuracy": "max", "macro_f1": "max", "loss": "min"}  # + direction
+AMP = ("auto", "off", "bf16", "fp16")
+HEADS = ("linear", "logistic")
+EXPORT_FORMATS = ("safetensors", "onnx", "torchscript")
+
+
+def choice(options) -> Any:
+    """A field whose value must be one of `options`."""
+    return field(default=MISSING, metadata={"choices": tuple(options)})
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False, example: Any = None, optional: bool = False) -> Any:
+    """A numeric field within [low, high] (`*_open`: the bound itself is excluded); `optional`: null allowed."""
+    return field(default=MISSING, metadata={"range": (low, high, low_open, high_open), "example": example,
+                                            "optional": optional})
+
+
+def value() -> Any:
+    """A field with no constraint beyond its type."""
+    return field(default=MISSING)
 
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING
-    root: str = MISSING
-    source: str = "folder"  # folder | digits (generated from sklearn into root)
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
-    val_fraction: float = 0.2  # stratified split of train when no val/ exists
-    url: Optional[str] = None  # archive to fetch when download=true (online users)
-    download: bool = False
-    download_hint: str = ""
-    image_size: int = 64  # digits only: side of the written PNGs
-    input_size: Optional[int] = None  # preferred model resolution for small images (backbone.input_size wins)
-    min_per_class: int = 1
-    max_pixels: int = 89_478_485  # decompression-bomb guard (PIL's default)
-    audit_workers: int = 8
-    dedup: str = "none"  # none (warn only) | drop_from_eval: drop val/test files identical to a train (or val) file
-    cache: str = "none"  # none | memory | disk: decoded images resized to what the transform needs
-    cache_dir: str = "${data_dir}/cache"  # dataset.cache=disk
-    sampler: str = "shuffle"  # shuffle | balanced (each class drawn equally per epoch, seeded)
+    name: str = value()
+    root: str = value()
+    source: str = choice(SOURCES)
+    train_split: str = value()
+    val_split: str = value()
+    test_split: str = value()
+    val_fraction: float = number(0, 1, low_open=True, high_open=True, example=0.2)
+    url: Optional[str] = value()
+    download: bool = value()
+    download_hint: str = value()
+    image_size: int = number(1, example=64)
+    input_size: Optional[int] = number(1, example=128, optional=True)
+    min_per_class: int = number(1, example=1)
+    max_pixels: int = number(1, example=89_478_485)
+    audit_workers: int = number(1, example=8)
+    dedup: str = choice(DEDUP_MODES)
+    cache: str = choice(CACHE_MODES)
+    cache_dir: str = value()
+    sampler: str = choice(SAMPLERS)
 
 
 @dataclass
 class BackboneConfig:
-    name: str = "tf_efficientnet_lite0"
-    weights: str = "auto"  # auto | embedded | hub | none | /path/to/file.{safetensors,pth}
-    input_size: Optional[int] = None  # override pretrained_cfg resolution (e.g. small images)
-    drop_rate: float = 0.2
-    drop_path_rate: float = 0.0
-    cache_dir: str = "data/weights"
+    name: str = value()  # checked against timm's model list (training/validate.py)
+    weights: str = value()  # auto | embedded | hub | none | a file: checked by reading it (training/validate.py)
+    input_size: Optional[int] = number(1, example=224, optional=True)
+    drop_rate: float = number(0, 1, high_open=True, example=0.2)
+    drop_path_rate: float = number(0, 1, high_open=True, example=0.1)
+    cache_dir: str = value()
 
 
 @dataclass
 class AutoStrategyConfig:
-    """Thresholds of the auto decision (see pipeline/auto_strategy.py)."""
-    large_per_class: int = 300  # "large" needs at least this many train images in every class ...
-    large_total: int = 1500  # ... and at least this many in all
-    similar_gain: float = 0.3  # frozen-feature separability minus raw-pixel separability; >= -> "similar"
-    sample_per_class: int = 40  # bounded sample for the separability probe
-    sample_total: int = 300
-    similar_freeze_depth: int = 2  # large+similar: keep the stem and first stage frozen (generic features)
-    shallow_unfreeze: int = 3  # small+different: train only the top N layer groups
+    large_per_class: int = number(1, example=300)
+    large_total: int = number(1, example=1500)
+    similar_gain: float = value()
+    sample_per_class: int = number(1, example=40)
+    sample_total: int = number(2, example=300)
+    similar_freeze_depth: int = number(0, example=2)
+    shallow_unfreeze: int = number(0, example=3)
 
 
 @dataclass
 class StrategyConfig:
-    mode: str = "auto"  # auto | linear_probe | partial | finetune | gradual
-    freeze_depth: Any = 0  # partial: int >= 0 or "all"; gradual: the depth to thaw down to
-    bn: str = "frozen"  # frozen | affine | train (for BatchNorm layers in frozen groups)
-    warmup_epochs: int = 1  # gradual: head-only epochs before the first thaw
-    unfreeze_every: int = 1  # gradual: epochs between thaws
-    unfreeze_groups: int = 1  # gradual: layer groups thawed per step, from the top
+    mode: str = choice(MODES)
+    freeze_depth: Any = value()  # int >= 0 or "all" (_check_freeze_depth; the upper bound needs the backbone)
+    bn: str = choice(BN_POLICIES)
+    warmup_epochs: int = number(0, example=1)
+    unfreeze_every: int = number(1, example=1)
+    unfreeze_groups: int = number(1, example=1)
     auto: AutoStrategyConfig = field(default_factory=AutoStrategyConfig)
 
 
 @dataclass
 class AugmentConfig:
-    preset: str = "light"  # none | light | medium | heavy | custom (knob values: conf/augment/<preset>.yaml)
-    scale_min: float = 0.5  # RandomResizedCrop lower scale bound
-    hflip: bool = True
-    vflip: bool = False  # domain knob: satellite, microscopy
-    rot90: bool = False  # domain knob: random 90-degree rotations (no canonical orientation)
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength (p=0.8); 0 = off
-    rotate: float = 0.0  # Affine (p=0.5): max rotation in degrees
-    translate: float = 0.0  # Affine: max shift as a fraction of the side
-    shear: float = 0.0  # Affine: max shear in degrees
-    coarse_dropout: float = 0.0  # probability of 1-4 mean-coloured holes (5-20% of the side)
-    blur: float = 0.0  # probability of a Gaussian blur
-    grayscale_input: bool = False  # domain knob (X-ray): one grey channel replicated to RGB, train and eval
-    extra: list = field(default_factory=list)  # more albumentations ops: [{name: CLAHE, p: 0.3, clip_limit: 2}]
+    preset: str = choice(PRESETS)
+    scale_min: float = number(0.001, 1, example=0.5)
+    hflip: bool = value()
+    vflip: bool = value()
+    rot90: bool = value()
+    color_jitter: float = number(0, 1, example=0.3)
+    rotate: float = number(0.0, 180.0, example=10)
+    translate: float = number(0.0, 0.5, example=0.05)
+    shear: float = number(0.0, 45.0, example=5)
+    coarse_dropout: float = number(0, 1, example=0.5)
+    blur: float = number(0, 1, example=0.1)
+    grayscale_input: bool = value()
+    extra: list = value()  # albumentations ops, checked by building them (training/validate.py)
 
 
 @dataclass
 class LossConfig:
-    name: str = "ce"  # ce | focal
-    label_smoothing: float = 0.1
-    gamma: float = 2.0  # focal only
-    class_weights: Any = "none"  # none | balanced | effective | {class_name: weight}
-    beta: float = 0.999  # effective-number weights (Cui et al. 2019)
-    prior_bias: Any = "auto"  # auto | true | false: head bias = log class prior (auto: on if imbalance > 3)
+    name: str = choice(LOSSES)
+    label_smoothing: float = number(0, 1, high_open=True, example=0.1)
+    gamma: float = number(0.0, example=2.0)
+    class_weights: Any = value()  # one of WEIGHT_MODES or {class_name: weight} (_check_class_weights)
+    beta: float = number(0, 1, high_open=True, example=0.999)
+    prior_bias: Any = choice(PRIOR_BIAS)  # YAML reads true/false as booleans: compared in lower case
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3  # head learning rate
-    backbone_lr_mult: float = 0.1  # backbone LR = lr * backbone_lr_mult * layer_decay^(groups from top)
-    layer_decay: float = 1.0
-    weight_decay: float = 0.01
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # cosine | constant
-    warmup_epochs: float = 0.0
-    fused: bool = False  # torch's fused optimizer kernels (0.99x-1.22x in `make bench` runs: not a clear win)
+    name: str = choice(OPTIMIZERS)
+    lr: float = number(0.0, low_open=True, example=1e-3)
+    backbone_lr_mult: float = number(0.0, example=0.1)
+    layer_decay: float = number(0, 1, low_open=True, example=1.0)
+    weight_decay: float = number(0.0, example=0.01)
+    momentum: float = number(0, 1, high_open=True, example=0.9)
+    scheduler: str = choice(SCHEDULERS)
+    warmup_epochs: float = number(0.0, example=1)
+    fused: bool = value()
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 5
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    num_workers: int = 2
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch intra-op threads; 0 = all available cores (torchrun: split between local ranks)
-    sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm for BN layers that train (README "Multi-process")
-    monitor: str = "balanced_accuracy"  # val metric for best checkpoint / early stop: + accuracy, macro_f1, loss
-    early_stop_patience: int = 0  # stop after this many epochs without a better monitor value; 0 = off
-    progress: bool = True
-    max_train_batches: int = 0  # >0: cap batches per epoch (smoke runs)
-    resume: Optional[str] = None  # null | auto | <run dir>: continue a killed/interrupted run (pipeline/resume.py)
-    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
-    max_nonfinite_steps: int = 5  # stop after this many consecutive NaN/inf losses or gradients (pipeline/guard.py)
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16 (CUDA only)
-    channels_last: bool = True  # NHWC model and batches: 1.8x faster training steps on CPU in `make bench`
-    compile: bool = False  # torch.compile the model (inductor cache under data/cache/inductor)
-    keep_last: bool = False  # keep last.pt (full training state, ~3x the model) after the run finishes
+    epochs: int = number(1, example=5)
+    batch_size: int = number(1, example=32)
+    eval_batch_size: int = number(1, example=64)
+    num_workers: int = number(0, example=2)
+    device: str = choice(DEVICES)
+    threads: int = number(0, example=0)
+    sync_bn: bool = value()
+    monitor: str = choice(MONITORS)
+    early_stop_patience: int = number(0, example=3)
+    progress: bool = value()
+    max_train_batches: int = number(0, example=0)
+    resume: Optional[str] = value()
+    grad_clip: float = number(0.0, example=1.0)
+    max_nonfinite_steps: int = number(1, example=5)
+    amp: str = choice(AMP)
+    channels_last: bool = value()
+    compile: bool = value()
+    keep_last: bool = value()
 
 
 @dataclass
 class FeaturesConfig:
-    """Feature-extractor fast path (pipeline/cached_fit.py), used whenever the mode resolves to linear_probe."""
-    cached: bool = True  # extract features once per split and train the head on them; false = backbone every epoch
-    head: str = "linear"  # linear (torch, epochs/early stop/class weights) | logistic (sklearn, C by CV)
-    depths: Any = field(default_factory=lambda: ["head"])  # feature levels (ints) and/or head; auto = best LogME
-    augmented_views: int = 0  # extra augmented passes over train, cached like the plain one
-    cache_dir: Optional[str] = "${data_dir}/cache/features"  # null = no disk cache (extract every run)
-    channels_last: bool = True  # NHWC during extraction (yaml: follows trainer.channels_last)
-    num_workers: Any = "auto"  # extraction workers; auto: trainer.num_workers on CUDA, 0 (decode threads) on CPU
+    cached: bool = value()
+    head: str = choice(HEADS)
+    depths: Any = value()  # "auto" or a list of feature levels and/or "head" (features/fit.py resolve_levels)
+    augmented_views: int = number(0, example=1)
+    cache_dir: Optional[str] = value()
+    channels_last: bool = value()
+    num_workers: Any = value()  # "auto" or a count >= 0 (_check_auto_or_count)
 
 
 @dataclass
 class ExportConfig:
-    """Defaults for `python -m pipeline.export` (pipeline/export.py); CLI flags override per export."""
-    formats: list = field(default_factory=lambda: ["safetensors", "onnx", "torchscript"])
-    opset: int = 17  # ONNX opset
-    tolerance: float = 1e-3  # max abs logit diff of any format vs the PyTorch checkpoint
-    parity_images: int = 16  # real val images used for the parity check
+    formats: list = value()  # of EXPORT_FORMATS (_check_formats)
+    opset: int = number(7, example=17)
+    tolerance: float = number(0.0, example=1e-3)
+    parity_images: int = number(1, example=16)
 
 
 @dataclass
@@ -165,11 +206,140 @@ class Config:
     trainer: TrainerConfig = MISSING
     export: ExportConfig = MISSING
     features: FeaturesConfig = MISSING
-    seed: int = 42
-    output_dir: Optional[str] = None  # run dir; default: Hydra's run dir
-    data_dir: str = "data"  # generated datasets and caches
-    backbones: list = field(default_factory=list)  # make rank: timm names to compare (empty: backbone.name)
+    seed: int = value()
+    output_dir: Optional[str] = value()
+    data_dir: str = value()
+    backbones: list = value()
 
 
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="_config_schema", node=Config)
+
+
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return "positive" if low == 1 and not low_open or (low == 0 and low_open) else f">= {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def check_number(key: str, x: Any, low, high, low_open: bool = False, high_open: bool = False,
+                 example: Any = None) -> None:
+    """The one check (and message) for a numeric setting and its bounds; NaN is never valid."""
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+    ok = ok and (low is None or (x > low if low_open else x >= low))
+    ok = ok and (high is None or (x < high if high_open else x <= high))
+    if not ok:
+        hint = f" (e.g. {key}={example})" if example is not None else ""
+        raise ConfigError(f"{key}={x} must be {_range_text(low, high, low_open, high_open)}{hint}")
+
+
+def _check_freeze_depth(key: str, x: Any) -> None:
+    if x != "all" and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
+        raise ConfigError(f"{key}={x!r} is not valid: use an integer >= 0 (layer groups frozen from the input) "
+                          "or 'all'")
+
+
+def _check_class_weights(key: str, x: Any) -> None:
+    if hasattr(x, "items"):
+        bad = {k: v for k, v in x.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0}
+        if bad:
+            raise ConfigError(f"{key} values must be numbers >= 0, got {dict(bad)}")
+        return
+    if x not in WEIGHT_MODES:
+        raise ConfigError(f"{key}={x!r} is not valid; choose one of: {', '.join(WEIGHT_MODES)} "
+                          "or a mapping {class_name: weight}")
+
+
+def _check_auto_or_count(key: str, x: Any) -> None:
+    if x != "auto" and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
+        raise ConfigError(f"{key}={x} is not valid: use auto or a count >= 0 (e.g. 2)")
+
+
+def _check_formats(key: str, x: Any) -> None:
+    for fmt in list(x):
+        check_choice(key, fmt, EXPORT_FORMATS)
+
+
+_CUSTOM: dict[str, Callable[[str, Any], None]] = {
+    "strategy.freeze_depth": _check_freeze_depth, "loss.class_weights": _check_class_weights,
+    "features.num_workers": _check_auto_or_count, "export.formats": _check_formats,
+}
+
+
+def check_group(prefix: str, schema: type, values: Any) -> None:
+    """Check the values of one group (`values`: a DictConfig or dict) against `schema`'s constraints."""
+    for f in fields(schema):
+        key = f"{prefix}.{f.name}"
+        if f.name not in values:
+            continue
+        x = values[f.name]
+        if schema is StrategyConfig and f.name == "auto":
+            check_group(key, AutoStrategyConfig, x)
+        elif key in _CUSTOM:
+            _CUSTOM[key](key, x)
+        elif "choices" in f.metadata:
+            check_choice(key, str(x).lower() if isinstance(x, bool) else x, f.metadata["choices"])
+        elif "range" in f.metadata and not (x is None and f.metadata["optional"]):
+            check_number(key, x, *f.metadata["range"], example=f.metadata["example"])
+
+
+GROUPS = {"dataset": DatasetConfig, "backbone": BackboneConfig, "strategy": StrategyConfig,
+          "augment": AugmentConfig, "loss": LossConfig, "optim": OptimConfig, "trainer": TrainerConfig,
+          "features": FeaturesConfig, "export": ExportConfig}
+
+
+def check_values(cfg: Any) -> None:
+    """Every constraint of the schema, over every group present in `cfg` (raises a one-line ConfigError)."""
+    for group, schema in GROUPS.items():
+        if group in cfg:
+            check_group(group, schema, cfg[group])
+
+
+def compose_config(overrides: list[str]):
+    """The project config (conf/config.yaml) with `overrides`, as `python -m pipeline.train` would compose it,
+    without a run dir. A wrong key or value is a one-line ConfigError naming it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = first.removeprefix("In 'config': ").rstrip(".")
+        raise ConfigError(f"{what}; {_override_hint(first)}") from None
+
+
+def _override_hint(message: str) -> str:
+    """The fix for a failed override: the group's options, or the keys closest to a typo'd one."""
+    import difflib
+    import re
+
+    option = re.search(r"Could not find '([\w]+)/([^']+)'", message)
+    if option and (CONF_DIR / option.group(1)).is_dir():
+        names = sorted(p.stem for p in (CONF_DIR / option.group(1)).glob("*.yaml") if not p.stem.startswith("_"))
+        return f"{option.group(1)} is one of: {', '.join(names)}"
+    key = re.search(r"override '([\w.]+)'", message)
+    if key:
+        group, _, leaf = key.group(1).rpartition(".")
+        schema = GROUPS.get(group.split(".")[0])
+        keys = [f"{group}.{f.name}" for f in fields(schema)] if schema and "." not in group else []
+        close = difflib.get_close_matches(key.group(1), keys, n=3)
+        if close:
+            return f"did you mean {' or '.join(close)}? (keys: conf/{group}/)"
+    return "check the key and value against conf/ (e.g. trainer.epochs=3, dataset=hymenoptera)"
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Before `@hydra.main` takes `argv`: compose the config once, so a typo'd key, an unknown option or a
+    value outside its constraint is one line (Hydra's own report is several). Multirun and Hydra's flags are
+    left to Hydra (a sweep records a failing job and goes on); `hydra.*` overrides are Hydra's own."""
+    if any(a.startswith("-") for a in argv):
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    check_values(compose_config(overrides))
+

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from typing import Any, Iterable
 
 
 class PipelineError(Exception):
@@ -19,6 +20,17 @@ class MissingFileError(PipelineError, FileNotFoundError):
 
 class OutputError(PipelineError, OSError):
     """The run dir or a file in it cannot be written (unwritable dir, disk full)."""
+
+
+class ModelFileError(ConfigError):
+    """A model or weights file that is damaged, truncated, modified, or does not match its JSON."""
+
+
+def check_choice(key: str, value: Any, choices: Iterable) -> None:
+    """The one check (and message) for a setting that must be one of a fixed set of values."""
+    options = [str(c) for c in choices]
+    if isinstance(value, bool) or str(value) not in options:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(options)}")
 
 
 @contextmanager

@@ -1,248 +1,45 @@
-"""Entry point: `python -m pipeline.export RUN_DIR [--out DIR] [--formats ...]` -> a shippable export dir.
+"""Entry point: `python -m pipeline.export run=<run dir> [out=DIR] [export.opset=18 ...]` (or `make export RUN=...`).
 
-Writes `model.safetensors` (weights only), `model.json` (arch, classes, preprocessing, metrics, training
-config, package versions, sha256 of every model file, parity results), `model.onnx` (dynamic batch axis),
-`model.ts` (TorchScript: script, else trace) and `MODEL_CARD.md`. Every format is compared with the
-PyTorch checkpoint on real preprocessed images from the run's dataset, at two batch sizes; a max abs
-logit diff above `export.tolerance` fails the export and leaves no export dir behind.
+Writes a shippable export dir (ship/export.py): model.safetensors, model.json, ONNX, TorchScript and
+MODEL_CARD.md, each format parity-checked against the PyTorch checkpoint on real images. Own keys: `run`
+(required), `out` (default <run>/export), `checkpoint` (default best), `images` (a folder for the parity
+check; default the run's val split). `export.*` keys override the run's export settings (conf/export/).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import warnings
-from dataclasses import asdict
-from itertools import zip_longest
-from pathlib import Path
+import sys
 
-import numpy as np
-import torch
-from safetensors.torch import save_file
+from omegaconf import OmegaConf
 
-from pipeline import checkpoint, loading, model_card
-from pipeline.config import ExportConfig
-from pipeline.errors import ConfigError, MissingFileError, PipelineError
-from pipeline.predict import OneLineParser, collect_images, exit_on_user_error
+from pipeline.errors import ConfigError, exit_on_user_error
+from pipeline.runtime.cli import require, split_args
+from pipeline.runtime.process import tune_allocator
+from pipeline.ship.export import export_run
 
-_logger = logging.getLogger(__name__)
-
-FORMATS = ("safetensors", "onnx", "torchscript")
-FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torchscript": "model.ts"}
+OWN_KEYS = {"run": None, "out": None, "checkpoint": "best", "images": None}
 
 
-class ExportError(PipelineError):
-    """An export format that cannot be written, or whose outputs differ from the PyTorch model."""
-
-
-def resolve_settings(run_config: dict, overrides: dict) -> dict:
-    """Export settings: ExportConfig defaults < the run's `export` config < explicit overrides; validated."""
-    settings = {**asdict(ExportConfig()), **(run_config.get("export") or {}),
-                **{k: v for k, v in overrides.items() if v is not None}}
-    formats = list(dict.fromkeys(["safetensors", *settings["formats"]]))  # the loader always needs safetensors
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise ConfigError(f"export format(s) {bad} not known; choose from: {', '.join(FORMATS)}")
-    if not float(settings["tolerance"]) >= 0 or int(settings["parity_images"]) < 1:
-        raise ConfigError(f"export.tolerance={settings['tolerance']} must be >= 0 and "
-                          f"export.parity_images={settings['parity_images']} >= 1")
-    return {**settings, "formats": formats, "tolerance": float(settings["tolerance"])}
-
-
-def dataset_splits(config: dict):
-    """The run's dataset splits, re-listed exactly as training did (same seed, val fraction, file checks)."""
-    from pipeline.data import load_imagefolder
-
-    d = config["dataset"]
-    root = Path(d["root"])
-    if not (root / d.get("train_split", "train")).is_dir():
-        raise MissingFileError(f"Dataset root {root} of this run is not here (relative paths are relative to the "
-                               "directory you trained in): run from there, or pass --images <folder of images>")
-    return load_imagefolder(root, train_split=d.get("train_split", "train"), val_split=d.get("val_split", "val"),
-                            test_split=d.get("test_split", "test"), val_fraction=d.get("val_fraction", 0.2),
-                            seed=config.get("seed", 42), max_pixels=d.get("max_pixels", 89_478_485),
-                            min_per_class=d.get("min_per_class", 1), workers=d.get("audit_workers", 8))
-
-
-def parity_images(config: dict, images: str | None, n: int) -> tuple[list[str], dict]:
-    """Up to `n` real images for the parity check (val split, classes interleaved) and dataset facts."""
-    if images:
-        paths = collect_images([images])[0]
-        if not paths:
-            raise MissingFileError(f"No image files under --images {images}")
-        return paths[:n], {"parity_source": f"--images {images}"}
-    splits = dataset_splits(config)
-    by_class = [[p for p, y in zip(splits.val.paths, splits.val.labels) if y == c] for c in range(len(splits.classes))]
-    interleaved = [p for row in zip_longest(*by_class) for p in row if p is not None]
-    split_names = {"train": splits.train, "val": splits.val, **({"test": splits.test} if splits.test else {})}
-    facts = {"parity_source": f"val split of {config['dataset']['root']} ({splits.val_source})",
-             "counts": {name: s.counts() for name, s in split_names.items()},
-             "skipped_files": len(splits.skipped), "val_source": splits.val_source}
-    return interleaved[:n], facts
-
-
-def reference_batch(paths: list[str], preprocessing: dict, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
-    """Images preprocessed by the training-time path (data.ImageDataset + augment.build_eval_transform)."""
-    from pipeline.augment import build_eval_transform
-    from pipeline.data import ImageDataset, Split
-
-    dataset = ImageDataset(Split(list(paths), [0] * len(paths), ["?"]), build_eval_transform(preprocessing),
-                           max_pixels)
-    items = [(dataset[i], p) for i, p in enumerate(paths)]
-    kept = [(item[0], p) for item, p in items if item is not None]
-    if not kept:
-        raise ExportError(f"None of the {len(paths)} parity images could be read; pass --images <folder>")
-    return torch.stack([x for x, _ in kept]), [p for _, p in kept]
-
-
-def compare(name: str, refs: list[torch.Tensor], outs: list[torch.Tensor]) -> dict:
-    """Max abs logit diff and top-1 agreement of `outs` against the PyTorch `refs`, per batch size."""
-    diffs = [float((r - o.float()).abs().max()) for r, o in zip(refs, outs)]
-    agree = float(np.mean(np.concatenate([(r.argmax(1) == o.argmax(1)).numpy() for r, o in zip(refs, outs)])))
-    result = {"max_abs_diff": max(diffs), "top1_agreement": agree, "batch_sizes": [len(r) for r in refs],
-              "max_abs_diff_per_batch": diffs}
-    _logger.info("parity %-11s max abs logit diff %.3g, top-1 agreement %.3f (batch sizes %s)", name,
-                 result["max_abs_diff"], agree, result["batch_sizes"])
-    return result
-
-
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> dict:
-    """torch.onnx.export (TorchScript-based exporter; no extra deps) with a dynamic batch axis; onnx.checker."""
-    import onnx
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's DeprecationWarning and tracer warnings
-            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
-                              output_names=["logits"], opset_version=opset,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        onnx.checker.check_model(str(path))
-    except Exception as e:  # noqa: BLE001 - exporter errors come in many types
-        raise ExportError(f"ONNX export of {type(model).__name__} failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160]}); drop onnx from --formats") from None
-    return {"file": path.name, "opset": opset, "input_name": "input", "output_name": "logits",
-            "input_shape": ["batch", *example.shape[1:]], "exporter": "torch.onnx (TorchScript-based, dynamo=False)"}
-
-
-def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> dict:
-    """torch.jit.script, falling back to torch.jit.trace; {'method': ...} or {'skipped': reason}."""
-    errors = []
-    for method in ("script", "trace"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ts = torch.jit.script(model) if method == "script" else torch.jit.trace(model, example)
-                torch.jit.save(ts, str(path))
-            return {"file": path.name, "method": method}
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"{method}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
-    _logger.warning("TorchScript export skipped, the model neither scripts nor traces (%s)", "; ".join(errors))
-    return {"skipped": "; ".join(errors)}
-
-
-def two_batch_sizes(x: torch.Tensor) -> list[torch.Tensor]:
-    """The batch and its first image (or the image twice): a dynamic batch axis must handle both."""
-    return [x, x[:1]] if len(x) > 1 else [x, x.repeat(2, 1, 1, 1)]
-
-
-def check_formats(model: torch.nn.Module, tmp: Path, paths: list[str], ref_x: torch.Tensor, settings: dict) -> dict:
-    """Write the non-safetensors formats into `tmp` and compare every format with the PyTorch model."""
-    batches = two_batch_sizes(ref_x)
-    with torch.inference_mode():
-        refs = [model(b).float() for b in batches]
-    loaded = loading.load(tmp)  # the user's path: model.json + model.safetensors, its own preprocessing
-    x = torch.stack([loaded.preprocess(p) for p in paths])
-    if not torch.equal(x, ref_x):
-        raise ExportError(f"pipeline.load preprocessing differs from training's eval transform "
-                          f"(max diff {float((x - ref_x).abs().max()):.3g})")
-    results = {"parity": {"safetensors": compare("safetensors", refs, [loaded.logits(b) for b in two_batch_sizes(x)])}}
-    if "onnx" in settings["formats"]:
-        results["onnx"] = export_onnx(model, batches[0][:2], tmp / FILES["onnx"], settings["opset"])
-        session = loading.OnnxModel(tmp / FILES["onnx"])
-        results["parity"]["onnx"] = compare("onnx", refs, [session(b) for b in batches])
-    if "torchscript" in settings["formats"]:
-        results["torchscript"] = export_torchscript(model, batches[0][:2], tmp / FILES["torchscript"])
-        if "method" in results["torchscript"]:
-            with warnings.catch_warnings(), torch.inference_mode():
-                warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript
-                ts = torch.jit.load(str(tmp / FILES["torchscript"]), map_location="cpu")
-                results["parity"]["torchscript"] = compare("torchscript", refs, [ts(b) for b in batches])
-    tol = settings["tolerance"]
-    failed = {f: r["max_abs_diff"] for f, r in results["parity"].items() if not r["max_abs_diff"] <= tol}
-    if failed:
-        raise ExportError(f"Parity check failed: max abs logit diff {failed} above tolerance {tol:g} "
-                          f"on {len(paths)} images; raise --tolerance only if the gap is expected, or drop the format")
-    return results
-
-
-def prepare_out_dir(run_dir: Path, out_dir: str | Path | None) -> tuple[Path, Path]:
-    """(final out dir, fresh temp dir beside it). An existing out dir must be an earlier export (or empty)."""
-    out = Path(out_dir) if out_dir else run_dir / "export"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "model.json").is_file())):
-        raise ConfigError(f"--out {out} exists and is not an export dir; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return out, tmp
-
-
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkpoint_name: str = "best",
-               images: str | None = None, **overrides) -> Path:
-    """Export `run_dir`'s checkpoint (see module docstring). `overrides`: formats, opset, tolerance, parity_images."""
-    run_dir = Path(run_dir)
-    if not (run_dir / f"{checkpoint_name}.json").is_file():
-        raise MissingFileError(f"{run_dir} has no {checkpoint_name}.json/.safetensors: pass a finished run dir "
-                               "(outputs/runs/<date>_<dataset>)")
-    model, meta = checkpoint.load_checkpoint(run_dir, checkpoint_name)
-    config = meta.get("config") or {}
-    settings = resolve_settings(config, overrides)
-    max_pixels = (config.get("dataset") or {}).get("max_pixels", 89_478_485)
-    paths, facts = parity_images(config, images, int(settings["parity_images"]))
-    ref_x, paths = reference_batch(paths, meta["preprocessing"], max_pixels)
-    out, tmp = prepare_out_dir(run_dir, out_dir)
-    try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / FILES["safetensors"]), metadata={"arch": meta["arch"]})
-        os.chmod(tmp / FILES["safetensors"], 0o644)  # safetensors writes 0600; a shipped file is world-readable
-        base = {k: meta[k] for k in (*loading.REQUIRED_KEYS, "feature_levels") if k in meta}
-        (tmp / "model.json").write_text(json.dumps(base, indent=2))
-        results = check_formats(model, tmp, paths, ref_x, settings)
-        run_metrics = model_card.read_json(run_dir / "metrics.json")
-        doc = model_card.model_json(meta, run_dir, checkpoint_name, settings, results, facts, run_metrics,
-                                    {f: tmp / name for f, name in FILES.items() if (tmp / name).is_file()})
-        images_copied = model_card.copy_figures(run_dir, tmp)
-        (tmp / "MODEL_CARD.md").write_text(model_card.render(doc, images_copied))
-        (tmp / "model.json").write_text(json.dumps(doc, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _logger.info("Exported %s -> %s (%s)", run_dir, out, ", ".join(sorted(doc["files"])))
-    return out
+def parse_overrides(overrides: list[str]) -> dict:
+    """`export.key=value` overrides as {key: value} (YAML values: export.formats=[onnx] is a list)."""
+    wrong = [o for o in overrides if not o.startswith("export.")]
+    if wrong:
+        raise ConfigError(f"export: unknown argument(s) {wrong}; it takes run=, out=, checkpoint=, images= and "
+                          "export.* settings (e.g. export.opset=18)")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(overrides)).get("export", {}) if overrides else {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m pipeline.export", description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="finished run dir (outputs/runs/<date>_<dataset>)")
-    parser.add_argument("--out", help="export dir (default: <run>/export)")
-    parser.add_argument("--checkpoint", default="best", help="checkpoint name in the run dir (default: best)")
-    parser.add_argument("--formats", nargs="+", help=f"of {', '.join(FORMATS)} (default: the run's export.formats)")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: export.opset)")
-    parser.add_argument("--tolerance", type=float, help="max abs logit diff allowed (default: export.tolerance)")
-    parser.add_argument("--parity-images", type=int, dest="parity_images", help="images for the parity check")
-    parser.add_argument("--images", help="folder of images for the parity check (default: the run's val split)")
-    args = parser.parse_args(argv)
+    tune_allocator()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with exit_on_user_error():
-        out = export_run(args.run, args.out, checkpoint_name=args.checkpoint, images=args.images,
-                         formats=args.formats, opset=args.opset, tolerance=args.tolerance,
-                         parity_images=args.parity_images)
+        own, overrides = split_args(sys.argv[1:] if argv is None else argv, OWN_KEYS, prog="export")
+        run = require(own, "run", prog="export", example="run=outputs/runs/<date>_<dataset>")
+        out = export_run(run, own["out"], checkpoint_name=own["checkpoint"], images=own["images"],
+                         **parse_overrides(overrides))
         print(out)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,138 +1,36 @@
-"""Entry point: `python -m pipeline.predict EXPORT_DIR IMAGES... [--backend onnx] [--topk 3] [--csv FILE]`.
+"""Entry point: `python -m pipeline.predict run=<export dir> images=<file or folder> [topk=3] [backend=onnx]
+[csv=FILE] [batch_size=32]` (or `make predict RUN=... IMAGES=...`).
 
-Prints the top-k classes (with probabilities) per image and writes them to a CSV. An image that does
-not decode is reported (stderr and the CSV's `error` column) and the others are still predicted.
-Like `pipeline.load`, this imports no Hydra and no training code.
+Prints the top-k classes (with probabilities) per image and writes them to a CSV (ship/predict.py). `images`
+may be given more than once. Like `pipeline.load`, this imports no Hydra and no training code.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import logging
 import sys
-import time
-from pathlib import Path
 
-import torch
+from pipeline.errors import ConfigError, check_choice, exit_on_user_error
+from pipeline.runtime.cli import positive_int, require, split_args
+from pipeline.ship.loading import BACKENDS
+from pipeline.ship.predict import run
 
-from pipeline.errors import ConfigError, MissingFileError, PipelineError, exit_on_user_error  # noqa: F401
-from pipeline.images import ImageDecodeError
-from pipeline.loading import BACKENDS, LoadedModel, load
-
-_logger = logging.getLogger(__name__)
-
-# The same list as pipeline.data (not imported: predict stays free of the training data stage).
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr with exit code 2 (like every user error here)."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-
-
-def collect_images(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """(image files, other files ignored): files as given, folders searched recursively by extension."""
-    images, ignored = [], []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_file():
-            images.append(str(path))
-        elif path.is_dir():
-            for p in sorted(path.rglob("*")):
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts):
-                    (images if p.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(str(p))
-        else:
-            raise MissingFileError(f"Image path not found: {path} (pass image files or folders)")
-    return images, ignored
-
-
-@torch.inference_mode()
-def predict_paths(model: LoadedModel, paths: list[str], topk: int = 3, batch_size: int = 32) -> list[dict]:
-    """One row per path, in order: {'path', 'top': [(class, prob), ...]} or {'path', 'error': reason}."""
-    rows: list[dict] = []
-    k = min(topk, len(model.class_names))
-    for start in range(0, len(paths), batch_size):
-        chunk, tensors, ok = paths[start:start + batch_size], [], []
-        for path in chunk:
-            try:
-                tensors.append(model.preprocess(path))
-                ok.append({"path": path})
-            except ImageDecodeError as e:
-                ok.append({"path": path, "error": str(e).removeprefix(f"{path}: ")})
-        if tensors:
-            probs = torch.softmax(model.logits(torch.stack(tensors)), dim=1)
-            values, indices = probs.topk(k, dim=1)
-            good = iter(zip(values.tolist(), indices.tolist()))
-            for row in ok:
-                if "error" not in row:
-                    vs, ix = next(good)
-                    row["top"] = [(model.class_names[i], v) for v, i in zip(vs, ix)]
-        rows += ok
-    return rows
-
-
-def write_csv(rows: list[dict], path: Path, topk: int) -> Path:
-    """path, label_1, prob_1, ..., label_k, prob_k, error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = ["path"] + [f"{c}_{i}" for i in range(1, topk + 1) for c in ("label", "prob")] + ["error"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in rows:
-            top = [x for name, p in row.get("top", []) for x in (name, f"{p:.6f}")]
-            writer.writerow([row["path"], *top, *[""] * (2 * topk - len(top)), row.get("error", "")])
-    return path
-
-
-def format_row(row: dict) -> str:
-    if "error" in row:
-        return f"{row['path']}: UNREADABLE ({row['error']})"
-    return f"{row['path']}: " + " | ".join(f"{name} {p:.3f}" for name, p in row["top"])
-
-
-def run(export_dir: str, inputs: list[str], *, backend: str = "torch", topk: int = 3, csv_path: str | None = None,
-        batch_size: int = 32) -> tuple[list[dict], Path]:
-    """Predict every image under `inputs`, print the top-k, write the CSV; returns (rows, csv path)."""
-    if topk < 1 or batch_size < 1:
-        raise ConfigError(f"--topk={topk} and --batch-size={batch_size} must be >= 1")
-    paths, ignored = collect_images(inputs)
-    if ignored:
-        _logger.info("Ignoring %d non-image file(s), e.g. %s", len(ignored), ignored[0])
-    if not paths:
-        raise MissingFileError(f"No image files in {' '.join(inputs)} "
-                               f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    model = load(export_dir, backend=backend)
-    k = min(topk, len(model.class_names))
-    rows = predict_paths(model, paths, k, batch_size)
-    for row in rows:
-        print(format_row(row), file=sys.stderr if "error" in row else sys.stdout)
-    out = Path(csv_path or Path("outputs/predictions") / time.strftime("predictions_%Y-%m-%d_%H-%M-%S.csv"))
-    write_csv(rows, out, k)
-    bad = sum("error" in r for r in rows)
-    if bad == len(rows):
-        raise PipelineError(f"None of the {len(rows)} images could be read (listed above); CSV: {out}")
-    print(f"{len(rows) - bad} image(s) predicted, {bad} unreadable; CSV: {out}", file=sys.stderr)
-    return rows, out
+OWN_KEYS = {"run": None, "images": None, "backend": "torch", "topk": 3, "csv": None, "batch_size": 32}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("export_dir", help="export dir (make export) or run dir")
-    parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--backend", default="torch", choices=BACKENDS, help="torch (safetensors) or onnx")
-    parser.add_argument("--topk", type=int, default=3, help="classes to print per image (default 3)")
-    parser.add_argument("--csv", help="CSV to write (default: outputs/predictions/predictions_<time>.csv)")
-    parser.add_argument("--batch-size", type=int, default=32, dest="batch_size")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     with exit_on_user_error():
-        run(args.export_dir, args.images, backend=args.backend, topk=args.topk, csv_path=args.csv,
-            batch_size=args.batch_size)
+        own, extra = split_args([a for a in argv if not a.startswith("images=")], OWN_KEYS, prog="predict")
+        images = [a.split("=", 1)[1] for a in argv if a.startswith("images=")]
+        if extra:
+            raise ConfigError(f"predict: unknown argument(s) {extra}; it takes {', '.join(f'{k}=' for k in OWN_KEYS)}")
+        export_dir = require(own, "run", prog="predict", example="run=outputs/runs/<run>/export")
+        if not any(images):
+            raise ConfigError("predict needs images=...: e.g. images=photos/ (a file or folder; may repeat)")
+        check_choice("backend", own["backend"], BACKENDS)
+        run(export_dir, images, backend=own["backend"], topk=positive_int(own, "topk", prog="predict"),
+            csv_path=own["csv"], batch_size=positive_int(own, "batch_size", prog="predict"))
     return 0
 
 

@@ -1,120 +1,43 @@
-"""`make preview dataset=X [augment=heavy]`: a PNG grid of augmented training samples with class names.
+"""Entry point: `python -m pipeline.preview dataset=X [augment=heavy] [n=16] [out=file.png]` (or `make preview`).
 
-Each tile is exactly what the model receives (train transform incl. normalisation, mapped
-back to pixels), so a person can check that crops, flips and colour changes keep the class
-recognisable (a mirrored digit, a rotated X-ray, a hue-shifted rose...).
+A PNG grid of augmented training samples (reports/preview.py), so the augmentation can be judged by eye.
 """
 from __future__ import annotations
 
-import logging
-import math
-import random
 import sys
-from pathlib import Path
-from typing import Optional
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+import timm
 
-from pipeline.images import ImageDecodeError, load_rgb
+from pipeline.data import augment, folder, sources
+from pipeline.errors import exit_on_user_error
+from pipeline.model import backbone
+from pipeline.reports.preview import write_preview
+from pipeline.config import compose_config
+from pipeline.runtime.cli import positive_int, split_args
+from pipeline.runtime.process import tune_allocator
+from pipeline.training.validate import validate_values
 
-_logger = logging.getLogger(__name__)
-
-CAPTION = 14  # px of text strip above each tile
-PAD = 2
-
-
-def pick_samples(paths: list[str], labels: list[int], n: int, seed: int = 0) -> list[int]:
-    """Indices of `n` samples, classes taken round-robin (each class shows up), seeded."""
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
-    for members in by_class.values():
-        rng.shuffle(members)
-    order, queues = [], [by_class[c] for c in sorted(by_class)]
-    while len(order) < min(n, len(paths)):
-        for q in queues:
-            if q and len(order) < n:
-                order.append(q.pop())
-    return order
+OWN_KEYS = {"n": 16, "out": None}  # this command's own keys; every other key=value overrides conf/
 
 
-def to_pixels(tensor: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:
-    """Undo Normalize + ToTensor: CHW float -> HWC uint8."""
-    x = tensor.float().numpy().transpose(1, 2, 0) * np.array(std) + np.array(mean)
-    return (x * 255.0).round().clip(0, 255).astype(np.uint8)
-
-
-def grid_size(n: int, tile: int) -> tuple[int, int]:
-    """(width, height) of the PNG for `n` tiles of side `tile`."""
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    return cols * (tile + PAD) + PAD, rows * (tile + CAPTION + PAD) + PAD
-
-
-def render_grid(tiles: list[np.ndarray], captions: list[str]) -> Image.Image:
-    """Tiles (same square size) on a white sheet, each with its caption above it."""
-    tile = tiles[0].shape[0]
-    cols = math.ceil(math.sqrt(len(tiles)))
-    sheet = Image.new("RGB", grid_size(len(tiles), tile), (255, 255, 255))
-    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
-    for k, (img, text) in enumerate(zip(tiles, captions)):
-        x = PAD + (k % cols) * (tile + PAD)
-        y = PAD + (k // cols) * (tile + CAPTION + PAD)
-        draw.text((x + 1, y + 1), text[: max(4, tile // 6)], fill=(0, 0, 0), font=font)
-        sheet.paste(Image.fromarray(img), (x, y + CAPTION))
-    return sheet
-
-
-def write_preview(paths: list[str], labels: list[int], classes: list[str], transform, data_cfg: dict,
-                  out: str | Path, *, n: int = 16, seed: int = 0, max_pixels: int = 89_478_485) -> Path:
-    """Augment `n` training samples once each and save the grid PNG at `out`."""
-    tiles, captions = [], []
-    for i in pick_samples(paths, labels, n * 2, seed):  # spare picks replace unreadable files
-        if len(tiles) == n:
-            break
-        try:
-            image = load_rgb(paths[i], max_pixels=max_pixels)
-        except ImageDecodeError as e:
-            _logger.warning("preview: skipping %s", e)
-            continue
-        tiles.append(to_pixels(transform(image=image)["image"], data_cfg["mean"], data_cfg["std"]))
-        captions.append(classes[labels[i]])
-    if not tiles:
-        from pipeline.errors import PipelineError
-        raise PipelineError("preview: no readable training image found; run `make audit` on this dataset")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    render_grid(tiles, captions).save(out)
-    return out
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m pipeline.preview [--n 16] [--out file.png] [hydra overrides]`."""
-    import timm
-
-    from pipeline import augment, backbone, data, sources
-    from pipeline.audit import compose_from_argv
-    from pipeline.errors import ConfigError
-    from pipeline.train import exit_on_user_error
-
+def main(argv: list[str] | None = None) -> None:
+    tune_allocator()
     with exit_on_user_error():
-        cfg, opts = compose_from_argv(sys.argv[1:] if argv is None else argv, {"--n": "16", "--out": None})
+        own, overrides = split_args(sys.argv[1:] if argv is None else argv, OWN_KEYS, prog="preview")
+        n = positive_int(own, "n", prog="preview")
+        cfg = compose_config(overrides)
+        validate_values(cfg)
+        backbone.check_arch(cfg.backbone.name)  # preprocessing only: no weights needed
         d, b = cfg.dataset, cfg.backbone
         root = sources.prepare_root(name=d.name, root=d.root, source=d.source, image_size=d.image_size, url=d.url,
                                     download=d.download, download_hint=d.download_hint, train_split=d.train_split)
-        classes = data.find_classes(root / d.train_split)
-        paths, labels, _ = data.list_split(root / d.train_split, classes)
-        backbone.check_arch(b.name)  # preprocessing only: no weights needed
+        classes = folder.find_classes(root / d.train_split)
+        paths, labels, _ = folder.list_split(root / d.train_split, classes)
         data_cfg = backbone.data_config(timm.create_model(b.name, pretrained=False), b.input_size or d.input_size)
         data_cfg["grayscale_input"] = bool(cfg.augment.grayscale_input)
         transform = augment.train_transform_from_cfg(data_cfg, cfg.augment)
-        out = opts["--out"] or f"outputs/preview/{d.name}_{cfg.augment.preset}.png"
-        if not str(opts["--n"]).isdigit() or int(opts["--n"]) < 1:
-            raise ConfigError(f"--n {opts['--n']}: give a positive number of samples, e.g. N=16")
-        path = write_preview(paths, labels, classes, transform, data_cfg, out, n=int(opts["--n"]), seed=cfg.seed,
+        out = own["out"] or f"outputs/preview/{d.name}_{cfg.augment.preset}.png"
+        path = write_preview(paths, labels, classes, transform, data_cfg, out, n=n, seed=cfg.seed,
                              max_pixels=d.max_pixels)
         print(f"Wrote {path} ({len(classes)} classes, augment preset '{cfg.augment.preset}')")
 

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny real image files on disk and the composed project config."""
+"""Shared fixtures: tiny real image files on disk and the composed project config.
+
+Tests mirror the package: tests/<package>/test_<module>.py; tests/cli/ holds the entry points' tests.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +11,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import pipeline  # noqa: F401  (allocator tuning before torch)
 from pipeline.config import register_configs
+from pipeline.runtime.process import tune_allocator
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+tune_allocator()  # the test session is an entry point: 3-5x faster torch on glibc (runtime/process.py)
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
+CLASSES = ["blue", "green", "red"]
 register_configs()
 
 
@@ -36,13 +42,16 @@ def make_imagefolder(root: Path, per_class: dict[str, int], split: str = "train"
     return root
 
 
+def write_tiny_folder(root: Path, val: dict[str, int] | None = None) -> Path:
+    """The tiny dataset every training test uses: 3 classes, train 12 each + val 4 each (PNG files)."""
+    make_imagefolder(root, {c: 12 for c in CLASSES}, "train")
+    make_imagefolder(root, val or {c: 4 for c in CLASSES}, "val", offset=500)
+    return root
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
-    """3 classes, train 12 each + val 4 each (PNG files)."""
-    root = tmp_path / "tiny"
-    make_imagefolder(root, {"blue": 12, "green": 12, "red": 12}, "train")
-    make_imagefolder(root, {"blue": 4, "green": 4, "red": 4}, "val", offset=500)
-    return root
+    return write_tiny_folder(tmp_path / "tiny")
 
 
 def compose_cfg(overrides: list[str] | None = None):
@@ -58,3 +67,23 @@ def cfg_factory(tmp_path: Path):
                 f"backbone.cache_dir={Path('data/weights').resolve()}", "trainer=smoke"]
         return compose_cfg(base + list(overrides))
     return make
+
+
+def train_and_export(base: Path, formats: list[str]) -> tuple[Path, Path, Path]:
+    """A tiny real run (3-class PNG folder, random-init test_efficientnet) and its export: (data, run, export)."""
+    from pipeline.ship.export import export_run
+    from pipeline.train import train
+
+    data = write_tiny_folder(base / "tiny")
+    cfg = compose_cfg([f"output_dir={base / 'run'}", f"data_dir={base / 'data'}", "trainer=smoke", "dataset=folder",
+                       f"dataset.root={data}", "backbone=tiny", "backbone.input_size=64", "strategy=finetune",
+                       "trainer.epochs=2", "trainer.max_train_batches=0", "optim.lr=0.01"])
+    train(cfg)
+    return data, base / "run", export_run(base / "run", base / "export", formats=formats)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(data, run dir, export dir) of one tiny run exported in every format; shared by ship/ and cli/ tests."""
+    return train_and_export(tmp_path_factory.mktemp("exported"), ["safetensors", "onnx", "torchscript"])
+

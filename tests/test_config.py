@@ -1,4 +1,5 @@
-"""Config tree: every option composes; typos and wrong types fail at start-up."""
+"""Config tree (conf/ + pipeline/config.py): every option composes, every value is written once, typos, wrong
+types and values outside their constraints fail at start-up with one message format."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,16 +10,21 @@ from hydra.errors import ConfigCompositionException
 
 from conftest import CONF_DIR, compose_cfg
 
-GROUPS = ["dataset", "backbone", "strategy", "augment", "loss", "optim", "trainer", "export"]
+from pipeline.config import GROUPS as SCHEMAS
+from pipeline.config import check_values
+from pipeline.errors import ConfigError
+
+GROUPS = ["dataset", "backbone", "strategy", "augment", "loss", "optim", "trainer", "export", "features"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_group_option_composes(group):
-    options = sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+    options = sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml") if not p.stem.startswith("_"))
     assert options, f"conf/{group} has no options"
     for option in options:
         cfg = compose_cfg([f"{group}={option}", "dataset.root=/some/where"])
         assert cfg[group] is not None
+        check_values(cfg)  # the shipped values satisfy their own constraints
 
 
 def test_unknown_key_fails_with_hydra_message():
@@ -56,3 +62,56 @@ def test_default_is_offline_digits_with_embedded_lite0():
     cfg = compose_cfg()
     assert cfg.dataset.source == "digits" and cfg.backbone.name == "tf_efficientnet_lite0"
     assert cfg.backbone.weights in ("auto", "embedded")
+
+
+def test_schema_holds_no_values_and_conf_sets_every_key():
+    """Defaults live once, in conf/: the schema declares types and constraints only, and the default config
+    leaves no key unset (a `???` left over would fail here, not mid-run)."""
+    from dataclasses import MISSING, fields
+
+    from omegaconf import OmegaConf
+
+    for group, schema in SCHEMAS.items():
+        for f in fields(schema):
+            assert f.default in ("???", MISSING) or f.name == "auto", f"{group}.{f.name} has a default in config.py"
+    cfg = compose_cfg()
+    assert not OmegaConf.missing_keys(cfg), OmegaConf.missing_keys(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dataset.cache=ram", "dataset.cache='ram' is not valid; choose one of: none, memory, disk"),
+    ("dataset.sampler=weighted", "dataset.sampler='weighted' is not valid; choose one of: shuffle, balanced"),
+    ("dataset.source=s3", "dataset.source='s3' is not valid; choose one of: folder, digits"),
+    ("dataset.dedup=all", "dataset.dedup='all' is not valid; choose one of: none, drop_from_eval"),
+    ("strategy.mode=sideways", "strategy.mode='sideways' is not valid; choose one of: auto, linear_probe, partial"),
+    ("strategy.bn=magic", "strategy.bn='magic' is not valid; choose one of: frozen, affine, train"),
+    ("strategy.freeze_depth=-2", "strategy.freeze_depth=-2 is not valid: use an integer >= 0"),
+    ("strategy.auto.sample_total=1", "strategy.auto.sample_total=1 must be >= 2"),
+    ("augment.preset=haevy", "augment.preset='haevy' is not valid; choose one of: none, light, medium, heavy"),
+    ("augment.scale_min=0", "augment.scale_min=0.0 must be in [0.001, 1] (e.g. augment.scale_min=0.5)"),
+    ("augment.rotate=270", "augment.rotate=270.0 must be in [0.0, 180.0]"),
+    ("loss.name=bce", "loss.name='bce' is not valid; choose one of: ce, focal"),
+    ("loss.class_weights=inverse", "loss.class_weights='inverse' is not valid; choose one of: none, balanced"),
+    ("loss.beta=1.0", "loss.beta=1.0 must be in [0, 1)"),
+    ("loss.prior_bias=yes", "loss.prior_bias='yes' is not valid; choose one of: auto, true, false"),
+    ("loss.label_smoothing=1", "loss.label_smoothing=1.0 must be in [0, 1)"),
+    ("optim.name=lion", "optim.name='lion' is not valid; choose one of: adamw, sgd"),
+    ("optim.scheduler=step", "optim.scheduler='step' is not valid; choose one of: cosine, constant"),
+    ("optim.layer_decay=1.5", "optim.layer_decay=1.5 must be in (0, 1]"),
+    ("trainer.device=tpu", "trainer.device='tpu' is not valid; choose one of: auto, cpu, cuda"),
+    ("trainer.amp=fp8", "trainer.amp='fp8' is not valid; choose one of: auto, off, bf16, fp16"),
+    ("trainer.monitor=val_acc", "trainer.monitor='val_acc' is not valid; choose one of: balanced_accuracy"),
+    ("trainer.early_stop_patience=-1", "trainer.early_stop_patience=-1 must be >= 0"),
+    ("features.head=svm", "features.head='svm' is not valid; choose one of: linear, logistic"),
+    ("export.opset=3", "export.opset=3 must be >= 7 (e.g. export.opset=17)"),
+])
+def test_every_choice_and_bound_is_checked_by_the_one_validator(override, message):
+    with pytest.raises(ConfigError) as err:
+        check_values(compose_cfg([override]))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_valid_values_pass_including_yaml_booleans():
+    check_values(compose_cfg(["loss.prior_bias=true", "loss.class_weights={a: 2, b: 0.5}", "strategy.freeze_depth=all",
+                              "features.num_workers=2", "dataset.input_size=96"]))
+

@@ -1,0 +1,143 @@
+"""Decoded-image cache (`dataset.cache=memory|disk|none`): decode each file once, keep it resized.
+
+Images are stored as uint8 RGB with the short side shrunk to what the transform needs
+(floor(input_size / crop_pct), timm's eval resize; never enlarged), so later epochs skip the
+JPEG decode and most of the resize. The eval transform of a cached image is identical to the
+uncached one (same PIL resize, after which its own resize is a no-op).
+
+- memory: filled up front in the main process (threads) into one contiguous numpy buffer;
+  DataLoader workers forked from it read it copy-free.
+- disk: `.npy` files under `<cache_dir>/<short_side>_<interpolation>/`, keyed by file path, size,
+  mtime and target size; written atomically on first use by whichever worker decodes the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+
+from pipeline.runtime.files import write_atomic
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, resize_short_side, resized_shape
+
+_logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def decode_for_cache(path: str, short_side: int, interpolation: str, max_pixels: int) -> np.ndarray:
+    """Decode `path` and shrink its short side to `short_side` (smaller images are kept as they are)."""
+    img = load_rgb(path, max_pixels=max_pixels)
+    if min(img.shape[:2]) > short_side:
+        img = resize_short_side(img, short_side, interpolation)
+    return np.ascontiguousarray(img)
+
+
+def cache_key(path: str, short_side: int, interpolation: str) -> str:
+    """Hash of absolute path, file size, mtime and the target size: any change to the file invalidates it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ImageDecodeError(f"{path}: cannot stat file: {e.strerror or e}") from None
+    raw = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{short_side}|{interpolation}|v{FORMAT_VERSION}"
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+class DiskCache:
+    """Callable path -> uint8 RGB array, backed by `.npy` files (safe to share between worker processes)."""
+
+    def __init__(self, cache_dir: str | Path, short_side: int, interpolation: str = "bicubic",
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.dir = Path(cache_dir) / f"{short_side}_{interpolation}"
+        self.short_side, self.interpolation, self.max_pixels = short_side, interpolation, max_pixels
+
+    def file_for(self, path: str) -> Path:
+        key = cache_key(path, self.short_side, self.interpolation)
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def __call__(self, path: str) -> np.ndarray:
+        file = self.file_for(path)
+        try:
+            return np.load(file, allow_pickle=False)
+        except FileNotFoundError:
+            pass
+        except (ValueError, OSError, EOFError):  # a torn or foreign file: rebuild it
+            _logger.warning("Rebuilding unreadable cache file %s", file)
+        img = decode_for_cache(path, self.short_side, self.interpolation, self.max_pixels)
+        write_atomic(file, lambda p: _save_npy(p, img))  # temp name per process and thread: workers share the dir
+        return img
+
+
+def _save_npy(path: Path, img: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temp path
+        np.save(f, img, allow_pickle=False)
+
+
+class MemoryCache:
+    """Callable path -> uint8 RGB array; every image decoded up front into one contiguous buffer."""
+
+    def __init__(self, paths: list[str], short_side: int, interpolation: str = "bicubic",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2):
+        self.short_side, self.interpolation, self.max_pixels = short_side, interpolation, max_pixels
+        self.errors: dict[str, str] = {}
+        start = time.perf_counter()
+        paths = list(dict.fromkeys(paths))
+        sizes = [self._planned_pixels(p) for p in paths]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.buffer = np.empty(int(offsets[-1]) * 3, np.uint8)
+        self.index: dict[str, tuple[int, int, int]] = {}  # path -> (offset, height, width)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(lambda i: self._fill(paths[i], int(offsets[i]), sizes[i]), range(len(paths))))
+        _logger.info("Cached %d images in memory (%.0f MB, short side %d) in %.1f s", len(self.index),
+                     self.buffer.nbytes / 2**20, short_side, time.perf_counter() - start)
+
+    def _planned_pixels(self, path: str) -> int:
+        """Pixel count after the cache resize, from the header (EXIF rotation does not change it)."""
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (OSError, ValueError, SyntaxError):
+            return 0  # not decodable: _fill records the reason
+        if min(h, w) <= self.short_side:
+            return h * w
+        new_h, new_w = resized_shape(h, w, self.short_side)
+        return new_h * new_w
+
+    def _fill(self, path: str, offset: int, pixels: int) -> None:
+        try:
+            img = decode_for_cache(path, self.short_side, self.interpolation, self.max_pixels)
+        except ImageDecodeError as e:
+            self.errors[path] = str(e)
+            return
+        h, w = img.shape[:2]
+        if h * w != pixels:  # header disagreed with the pixels (rare): keep the image out of the buffer
+            self.errors[path] = f"{path}: decoded size {w}x{h} differs from its header; not cached"
+            return
+        self.buffer[3 * offset:3 * (offset + pixels)] = img.reshape(-1)
+        self.index[path] = (offset, h, w)
+
+    def __call__(self, path: str) -> np.ndarray:
+        slot = self.index.get(path)
+        if slot is None:
+            if path in self.errors and "not cached" not in self.errors[path]:
+                raise ImageDecodeError(self.errors[path])
+            return decode_for_cache(path, self.short_side, self.interpolation, self.max_pixels)
+        offset, h, w = slot
+        return self.buffer[3 * offset:3 * (offset + h * w)].reshape(h, w, 3).copy()  # transforms may write
+
+
+def build_cache(mode: str, *, paths: list[str], short_side: int, interpolation: str = "bicubic",
+                max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | Path = "data/cache",
+                workers: int = 2) -> Optional[Callable[[str], np.ndarray]]:
+    """The decoded-image cache for `dataset.cache` (None for `none`)."""
+    if mode == "none":
+        return None
+    if mode == "disk":
+        return DiskCache(cache_dir, short_side, interpolation, max_pixels)
+    return MemoryCache(paths, short_side, interpolation, max_pixels, workers=workers)

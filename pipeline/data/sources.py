@@ -1,0 +1,87 @@
+"""Where dataset roots come from: the embedded digits set, downloads for online users, clear errors."""
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import ConfigError, MissingFileError
+from pipeline.runtime.files import staged_dir
+
+_logger = logging.getLogger(__name__)
+
+
+def write_digits_imagefolder(root: str | Path, image_size: int = 64) -> Path:
+    """Write sklearn's 8x8 digits (1797 images, ships with scikit-learn) as PNGs in `root/train/<digit>/`.
+
+    Idempotent: a complete tree (marker file present) is left alone.
+    """
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    marker = root / f".complete_{image_size}"
+    if marker.is_file():
+        return root
+    digits = load_digits()
+    with staged_dir(root) as tmp:
+        for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+            pixels = (img * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+            big = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BICUBIC)
+            out = tmp / "train" / str(label)
+            out.mkdir(parents=True, exist_ok=True)
+            big.save(out / f"{i:04d}.png")  # inside the staged dir: the whole tree appears at once
+        (tmp / marker.name).touch()
+    _logger.info("Wrote %d digits images to %s", len(digits.images), root)
+    return root
+
+
+def download_and_extract(url: str, root: Path, hint: str = "") -> Path:
+    """Fetch an archive (zip/tar) and unpack it so that `root/train` exists (online users)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp, staged_dir(root) as staged:
+        archive = Path(tmp) / Path(url).name
+        _logger.info("Downloading %s", url)
+        try:
+            urllib.request.urlretrieve(url, archive)
+        except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, a malformed URL
+            raise MissingFileError(f"Could not download dataset.url={url} ({getattr(e, 'reason', None) or e}); "
+                                   f"offline? {hint or 'fetch it by hand and set dataset.root'}") from None
+        unpack = Path(tmp) / "unpacked"
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(unpack)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(unpack, filter="data")
+        top = [p for p in unpack.iterdir() if p.is_dir()]
+        tree = top[0] if len(top) == 1 else unpack
+        if (tree / "train").is_dir():
+            for item in tree.iterdir():
+                os.replace(item, staged / item.name)
+        else:  # flat archive of class folders -> make it the train split
+            os.replace(tree, staged / "train")
+    return root
+
+
+def prepare_root(*, name: str, root: str, source: str = "folder", image_size: int = 64,
+                 url: str | None = None, download: bool = False, download_hint: str = "",
+                 train_split: str = "train") -> Path:
+    """Return a dataset root holding `train/`, generating or downloading it when configured."""
+    if root in (None, "", "???"):
+        raise ConfigError(f"dataset '{name}' needs a root: add dataset.root=/path/to/images")
+    path = Path(root).expanduser()
+    if source == "digits":
+        return write_digits_imagefolder(path, image_size)
+    if (path / train_split).is_dir():
+        return path
+    if download and url:
+        return download_and_extract(url, path, download_hint)
+    hint = download_hint or "point dataset.root at a folder with train/<class>/<image>"
+    raise MissingFileError(f"Dataset '{name}' not found at {path.resolve()} (no {train_split}/ folder): {hint}")

@@ -1,0 +1,142 @@
+"""Heads trained on cached features: a torch linear head (epochs, early stopping) or sklearn's logistic
+regression (C by stratified CV). Where features are standardised for training (cached_fit decides), the
+scaler is folded into the final Linear so the installed head works on raw backbone features and the full
+model predicts the same.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline.transfer import optim
+from pipeline.data import sampler
+from pipeline.errors import ConfigError
+from pipeline.training.metrics import MonitorTracker, classification_metrics
+from pipeline.model.multidepth import MultiDepthClassifier, uses_plain_head
+
+_logger = logging.getLogger(__name__)
+
+CV_SCORING = {"balanced_accuracy": "balanced_accuracy", "accuracy": "accuracy", "macro_f1": "f1_macro",
+              "loss": "neg_log_loss"}
+
+
+def standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (std floored so constant features stay finite)."""
+    return x.mean(0), np.maximum(x.std(0), 1e-6)
+
+
+def fold_standardization(weight: np.ndarray, bias: np.ndarray, mu: np.ndarray,
+                         sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W((x - mu) / sigma) + b  ==  (W / sigma) x + (b - (W / sigma) mu)."""
+    w = weight / sigma[None, :]
+    return w, bias - w @ mu
+
+
+def evaluate_head(linear: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, loss_fn, num_classes: int) -> tuple:
+    with torch.inference_mode():
+        logits = linear(x)
+        loss = float(loss_fn(logits, y))
+    return {"loss": loss, **classification_metrics(y.numpy(), logits.argmax(1).numpy(), num_classes)}, logits.numpy()
+
+
+def train_linear_head(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *, num_classes: int,
+                      epochs: int, batch_size: int, lr: float, weight_decay: float, loss_fn, eval_loss_fn,
+                      monitor: str = "balanced_accuracy", patience: int = 0, seed: int = 0,
+                      sampler_mode: str = "shuffle", init_bias: list[float] | None = None) -> dict:
+    """AdamW + cosine on a zero-initialised Linear; keeps the best epoch by val `monitor`.
+
+    Returns {weight, bias, history, best_epoch, best_val: (val logits, val labels)}."""
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(x.shape[1], num_classes)
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    if init_bias is not None:
+        linear.bias.data.copy_(torch.as_tensor(init_bias, dtype=torch.float32))
+    tx, ty = torch.from_numpy(x).float(), torch.from_numpy(y).long()
+    vx, vy = torch.from_numpy(val_x).float(), torch.from_numpy(val_y).long()
+    order = sampler.build_sampler(y.tolist(), sampler_mode, seed=seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tx, ty), batch_size=batch_size,
+                                         shuffle=order is None, sampler=order,
+                                         generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(linear.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = optim.build_scheduler(opt, name="cosine", total_steps=len(loader) * epochs)
+    tracker, history, best = MonitorTracker(monitor, patience), [], None
+    for epoch in range(1, epochs + 1):
+        start, total, seen = time.perf_counter(), 0.0, 0
+        for bx, by in loader:
+            batch_loss = loss_fn(linear(bx), by)
+            opt.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            opt.step()
+            schedule.step()
+            total, seen = total + batch_loss.item() * len(by), seen + len(by)
+        seconds = time.perf_counter() - start
+        val, logits = evaluate_head(linear, vx, vy, eval_loss_fn, num_classes)
+        history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "train_images": seen,
+                        "train_seconds": seconds, "train_img_per_s": seen / max(seconds, 1e-9),
+                        **{f"val_{k}": v for k, v in val.items()}})
+        improved = tracker.update(val[monitor], epoch)
+        if improved:
+            best = (copy.deepcopy(linear.state_dict()), (logits, val_y))
+        _logger.info("head epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f%s", epoch,
+                     epochs, history[-1]["train_loss"], val["loss"], val["accuracy"], val["balanced_accuracy"],
+                     "  *best*" if improved else "")
+        if tracker.should_stop:
+            _logger.info("Early stop at epoch %d: val %s best %.4f at epoch %d", epoch, monitor, tracker.best,
+                         tracker.best_epoch)
+            break
+    state, best_val = best
+    return {"weight": state["weight"].numpy(), "bias": state["bias"].numpy(), "history": history,
+            "best_epoch": tracker.best_epoch, "best_val": best_val}
+
+
+def fit_logistic_head(x: np.ndarray, y: np.ndarray, *, num_classes: int, class_weights: np.ndarray | None = None,
+                      monitor: str = "balanced_accuracy", seed: int = 0) -> dict:
+    """sklearn LogisticRegression with C chosen by stratified CV on (standardised) train features.
+
+    Returns {weight, bias} as a `num_classes`-row softmax head, and the chosen C."""
+    folds = int(min(3, np.bincount(y, minlength=num_classes)[np.bincount(y, minlength=num_classes) > 0].min()))
+    if folds < 2:
+        smallest = {c: int(n) for c, n in enumerate(np.bincount(y, minlength=num_classes)) if n < 2}
+        raise ConfigError(f"features.head=logistic needs at least 2 train images in every class for its "
+                          f"cross-validation (class index: count {smallest}); use features.head=linear or add images")
+    weight_map = None if class_weights is None else {c: float(w) for c, w in enumerate(class_weights)}
+    clf = LogisticRegressionCV(Cs=np.logspace(-3, 1, 5).tolist(), cv=StratifiedKFold(folds, shuffle=True,
+                               random_state=seed), scoring=CV_SCORING[monitor], max_iter=1000,
+                               class_weight=weight_map, random_state=seed)
+    with warnings.catch_warnings():  # sklearn 1.8 announces attribute/default changes we do not depend on
+        warnings.simplefilter("ignore", FutureWarning)
+        clf.fit(x, y)
+    coef, intercept = clf.coef_, clf.intercept_
+    weight, bias = np.zeros((num_classes, x.shape[1])), np.zeros(num_classes)
+    if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
+        lo, hi = clf.classes_
+        weight[lo], weight[hi] = -coef[0] / 2, coef[0] / 2
+        bias[lo], bias[hi] = -intercept[0] / 2, intercept[0] / 2
+    else:
+        weight[clf.classes_], bias[clf.classes_] = coef, intercept
+    c = float(np.atleast_1d(clf.C_)[0])
+    _logger.info("Logistic head: C=%g chosen by %d-fold CV (%s)", c, folds, CV_SCORING[monitor])
+    return {"weight": weight, "bias": bias, "C": c}
+
+
+def install_head(model: torch.nn.Module, levels: list, weight: np.ndarray, bias: np.ndarray) -> torch.nn.Module:
+    """The full model with the trained head: the backbone's own classifier, or a MultiDepthClassifier."""
+    if uses_plain_head(levels):
+        target = model.get_classifier()
+    else:
+        model = MultiDepthClassifier(model, levels, weight.shape[0])
+        target = model.fc
+    if not isinstance(target, torch.nn.Linear) or tuple(target.weight.shape) != weight.shape:
+        raise ValueError(f"cannot install a {weight.shape} head into {type(target).__name__}")
+    with torch.no_grad():
+        target.weight.copy_(torch.as_tensor(weight, dtype=target.weight.dtype))
+        target.bias.copy_(torch.as_tensor(bias, dtype=target.bias.dtype))
+    return model

@@ -1,0 +1,150 @@
+"""Checkpoints that rebuild the model on their own, and the one reader of weights and model JSON files.
+
+`best` = `best.safetensors` + `best.json` (arch, classes, preprocessing, ...); an export dir holds the same
+pair as `model.safetensors` + `model.json`. `last` = `last.pt`, the full training state for resuming
+(training/resume.py). Every file goes through runtime/files.py: complete or not at all.
+
+Reading is shared by training (best after fit, resume), export and `pipeline.load`: `read_weights` (any
+state-dict file, wrappers unwrapped by `unwrap_state_dict`), `read_meta` (the JSON, validated) and
+`build_model` (strict load with a clear mismatch message). This module imports only torch, timm and
+safetensors, so `pipeline.load` stays light.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import MissingFileError, ModelFileError
+from pipeline.model.multidepth import create_classifier
+from pipeline.runtime import distributed
+from pipeline.runtime.files import write_atomic, write_json
+
+LAST = "last.pt"
+REQUIRED_KEYS = ("arch", "num_classes", "class_names", "preprocessing")
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")  # timm / Lightning / torchvision checkpoint wrappers
+
+
+def save_checkpoint(run_dir: str | Path, name: str, model: torch.nn.Module, meta: dict) -> Path:
+    """Write `<name>.safetensors` and `<name>.json` (arch, num_classes, class names, preprocessing, ...)."""
+    run_dir = Path(run_dir)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_atomic(run_dir / f"{name}.safetensors", lambda p: save_file(weights, str(p)))
+    write_json(run_dir / f"{name}.json", meta)
+    return run_dir / f"{name}.safetensors"
+
+
+def unwrap_state_dict(obj, source: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict, out of the usual wrappers (`WRAPPER_KEYS`, DDP's `module.` prefix)."""
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelFileError(f"{source} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_weights(path: str | Path, *, what: str = "Weights file") -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or any other file as a state dict read with `weights_only=True`
+    (pickled objects are refused). `what` names the setting in the error (e.g. backbone.weights)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all the same user problem
+            raise ModelFileError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                                 f"{str(e)[:120]}); it is truncated or damaged: copy it again or re-export") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated, foreign or pickled-object file
+        raise ModelFileError(f"Cannot read weights file {path}: not a plain state dict of tensors (read with "
+                             f"weights_only=True, pickled objects are refused): {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else ''}") from None
+    return unwrap_state_dict(obj, path)
+
+
+def read_meta(path: str | Path) -> dict:
+    """Parse and validate a model.json / best.json (arch, num_classes, class names, preprocessing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path} not found: expected an export dir (make export RUN=<run dir>) or a run dir")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path} is not valid JSON ({e}); re-export the model, or re-run training") from None
+    missing = [k for k in REQUIRED_KEYS if k not in meta] if isinstance(meta, dict) else list(REQUIRED_KEYS)
+    missing += [f"preprocessing.{k}" for k in PREPROCESSING_KEYS
+                if not missing and k not in (meta["preprocessing"] or {})]
+    if missing:
+        raise ModelFileError(f"{path} lacks {', '.join(missing)}; re-export the model with `make export`")
+    names, n = meta["class_names"], meta["num_classes"]
+    if not isinstance(n, int) or n < 1 or not isinstance(names, list) or len(names) != n:
+        raise ModelFileError(f"{path}: num_classes={n!r} but {len(names) if isinstance(names, list) else '?'} "
+                             "class_names; the two must agree")
+    return meta
+
+
+def build_model(meta: dict, state_dict: dict[str, torch.Tensor], source: str | Path) -> torch.nn.Module:
+    """The timm model `meta` describes with `state_dict` loaded strictly (eval mode); one-line error on mismatch."""
+    import timm
+
+    arch, n = meta["arch"], meta["num_classes"]
+    if not timm.is_model(arch):
+        raise ModelFileError(f"arch '{arch}' in the model JSON is not a model of the installed timm {timm.__version__}")
+    model = create_classifier(arch, n, meta.get("feature_levels"))  # feature_levels: multi-depth linear probe
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {list(state_dict[k].shape)} in the file vs {list(v.shape)} expected" for k, v in own.items()
+              if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    if shapes:
+        problems.append(f"shape mismatch: {shapes[0]}" + (f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""))
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if problems:
+        raise ModelFileError(f"Weights {source} do not match their JSON (arch={arch}, num_classes={n}): "
+                             + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def load_checkpoint(run_dir: str | Path, name: str = "best") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model of `<name>.json` + `<name>.safetensors` in `run_dir` (eval mode). Under torchrun rank 0
+    reads the files and broadcasts meta and weights (no shared filesystem needed)."""
+    run_dir = Path(run_dir)
+
+    def read() -> tuple[dict, dict]:
+        meta_path, weights_path = run_dir / f"{name}.json", run_dir / f"{name}.safetensors"
+        for p in (meta_path, weights_path):
+            if not p.is_file():
+                raise MissingFileError(f"Checkpoint file missing: {p} (is {run_dir} a finished run dir?)")
+        return read_meta(meta_path), read_weights(weights_path)
+
+    meta, weights = distributed.from_main(read)
+    return build_model(meta, weights, run_dir / f"{name}.safetensors"), meta
+
+
+def save_state(run_dir: str | Path, state: dict, name: str = LAST) -> Path:
+    """Atomically `torch.save` a training state (tensors, numbers, strings, lists, dicts) as `run_dir/name`."""
+    return write_atomic(Path(run_dir) / name, lambda p: torch.save(state, p))
+
+
+def load_state(path: str | Path) -> dict:
+    """Load a `save_state` file with `weights_only=True` (no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"No training state at {path}: only runs started with this version write {LAST}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise ModelFileError(f"{path} is not a readable training state ({type(e).__name__}: {str(e)[:160]}); "
+                             "delete it to start the run afresh") from None

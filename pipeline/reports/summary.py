@@ -1,0 +1,107 @@
+"""The run's human-readable `summary.md` and machine-readable `metrics.json`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.data.folder import DatasetSplits
+from pipeline.runtime.files import write_json, write_text
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def dataset_section(data: DatasetSplits, name: str, root: str) -> list[str]:
+    splits = {"train": data.train, "val": data.val, **({"test": data.test} if data.test else {})}
+    lines = [f"## Dataset: {name}", "", f"- root: `{root}`", f"- classes ({len(data.classes)}): "
+             + ", ".join(data.classes), f"- val split: {data.val_source}", "",
+             "| class | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    counts = {s: split.counts() for s, split in splits.items()}
+    for c in data.classes:
+        lines.append(f"| {c} | " + " | ".join(str(counts[s][c]) for s in splits) + " |")
+    lines.append("| **total** | " + " | ".join(str(len(s)) for s in splits.values()) + " |")
+    lines += ["", f"### Skipped files: {len(data.skipped)}", ""]
+    lines += [f"- `{s['path']}`: {s['reason']}" for s in data.skipped] or ["none"]
+    return lines + [""]
+
+
+def model_section(model_info: dict) -> list[str]:
+    keys = ("backbone", "weights", "mode", "freeze_depth", "n_groups", "bn", "trainable_params", "total_params",
+            "preprocessing")
+    return ["## Model", ""] + [f"- {k}: {model_info[k]}" for k in keys if k in model_info] + [""]
+
+
+def results_section(metrics: dict) -> list[str]:
+    lines = ["## Results", "", f"- best epoch: {metrics['best_epoch']} (by val {metrics['monitor']})",
+             f"- train time: {metrics['train_seconds']:.1f} s", ""]
+    names = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
+    lines += ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for split in ("val", "test"):
+        if metrics.get(split):
+            lines.append(f"| {split} | " + " | ".join(_fmt(metrics[split].get(n, "")) for n in names) + " |")
+    lines += ["", "### Epochs", "", "| epoch | train loss | val loss | val acc | val bal. acc | img/s |",
+              "|---|---|---|---|---|---|"]
+    for h in metrics["history"]:
+        lines.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {h['val_accuracy']:.4f} "
+                     f"| {h['val_balanced_accuracy']:.4f} | {h['train_img_per_s']:.1f} |")
+    return lines + [""]
+
+
+def imbalance_section(plan: dict) -> list[str]:
+    """Class weights, sampler and prior bias as decided by pipeline/loss.py (also in class_weights.json)."""
+    prior = plan["prior_bias"]
+    lines = ["## Class imbalance", "", f"- imbalance ratio (largest / smallest train class): "
+             f"{plan['imbalance_ratio']:.2f}", f"- class weights: {plan['class_weights']}"
+             + (f" (beta {plan['beta']})" if plan.get("beta") is not None else ""),
+             f"- sampler: {plan['sampler']}",
+             f"- prior bias: {'on' if prior['enabled'] else 'off'} (loss.prior_bias={prior['setting']})", "",
+             "| class | train count | loss weight | prior |", "|---|---|---|---|"]
+    for c, n in plan["train_counts"].items():
+        lines.append(f"| {c} | {n} | {plan['weights'][c]:.4f} | {prior['prior'][c]:.4f} |")
+    return lines + [""]
+
+
+def per_class_section(metrics: dict) -> list[str]:
+    """Precision / recall / F1 / support per class for val (best checkpoint) and test."""
+    lines = ["## Per-class metrics", ""]
+    for split in ("val", "test"):
+        per_class = (metrics.get(split) or {}).get("per_class")
+        if not per_class:
+            continue
+        lines += [f"### {split}", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+                  for c, m in per_class.items()]
+        lines += ["", f"Confusion matrix: `confusion_{split}.png` / `.csv`; report: "
+                  f"`classification_report_{split}.txt`.", ""]
+    return lines if len(lines) > 2 else []
+
+
+def strategy_sections(info: dict) -> list[list[str]]:
+    """The auto decision paragraph (if any) and the per-layer-group parameter table."""
+    from pipeline.transfer.auto import decision_paragraph
+
+    sections = [decision_paragraph(info["decision"])] if info.get("decision") else []
+    if info.get("features"):
+        from pipeline.features.fit import features_section
+        sections.append(features_section(info["features"]))
+    rows = ["## Parameters per layer group", "", "| group | first parameter | params | trainable at start |",
+            "|---|---|---|---|"]
+    rows += [f"| {g['group']} | `{g['first_param']}` | {g['params']:,} | {g['trainable']:,} |" for g in info["groups"]]
+    return sections + [rows + [""]]
+
+
+def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_name: str, root: str,
+                    model_info: dict, extra_sections: list[list[str]] = (), audit: dict | None = None) -> None:
+    write_json(run_dir / "metrics.json", metrics)
+    lines = [f"# Run summary: {dataset_name} / {model_info.get('backbone')}", ""]
+    lines += dataset_section(data, dataset_name, root)
+    if audit:  # pipeline/audit.py; the full report is audit.json
+        from pipeline.data.audit import audit_markdown
+        lines += audit_markdown(audit) + ["Full audit: `audit.json`.", ""]
+    lines += model_section(model_info)
+    for section in extra_sections:
+        lines += section
+    if metrics.get("imbalance"):
+        lines += imbalance_section(metrics["imbalance"])
+    lines += results_section(metrics) + per_class_section(metrics)
+    write_text(run_dir / "summary.md", "\n".join(lines))

@@ -1,0 +1,157 @@
+"""Load an exported model for inference: safetensors + JSON only, no Hydra, no pickle, no training code.
+
+`load(path)` accepts an export dir (`model.json` + `model.safetensors`, written by `pipeline.export`), a
+run dir (`best.json` + `best.safetensors`) or the path of such a `.json` file, and returns a `LoadedModel`:
+the timm model (or an ONNX Runtime session) plus the exact eval preprocessing used at training time
+(`pipeline.data.augment.build_eval_transform`). Files listed with a sha256 in the JSON are verified first, so
+a truncated or modified file fails with a one-line `ModelFileError` instead of a deep stack trace.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.data.augment import build_eval_transform
+from pipeline.errors import ConfigError, MissingFileError, ModelFileError
+from pipeline.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from pipeline.model.checkpoint import build_model, read_meta, read_weights
+
+_logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx")
+ImageInput = str | Path | np.ndarray  # a path, or an HxWx3 uint8 RGB array
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path, meta: dict) -> None:
+    """Check size and sha256 against the JSON's `files` entry (if the JSON lists the file)."""
+    if not path.is_file():
+        raise MissingFileError(f"{path} not found: the export dir is incomplete; copy it again or re-export")
+    expected = (meta.get("files") or {}).get(path.name)
+    if not expected:
+        return
+    size = path.stat().st_size
+    if "bytes" in expected and size != expected["bytes"]:
+        raise ModelFileError(f"{path} has {size} bytes but model.json records {expected['bytes']} (truncated or "
+                             "replaced); copy the export dir again or re-export")
+    if "sha256" in expected and file_sha256(path) != expected["sha256"]:
+        raise ModelFileError(f"{path} does not match the sha256 in model.json (file modified or damaged); "
+                             "copy the export dir again or re-export")
+
+
+def build_preprocess(preprocessing: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> Callable[[ImageInput], torch.Tensor]:
+    """image path or HxWx3 uint8 RGB array -> normalized 3xHxW float tensor (the training-time eval transform)."""
+    transform = build_eval_transform(preprocessing)
+
+    def preprocess(image: ImageInput) -> torch.Tensor:
+        if isinstance(image, (str, Path)):
+            image = load_rgb(str(image), max_pixels=max_pixels)  # raises images.ImageDecodeError
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ConfigError(f"preprocess expects an HxWx3 uint8 RGB array, got {image.dtype} {image.shape}")
+        return transform(image=image)["image"]
+
+    return preprocess
+
+
+class OnnxModel:
+    """ONNX Runtime session with a torch-like call: float tensor (N,3,H,W) -> logits tensor (N,K)."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ModelFileError(f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:160]})") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.detach().cpu().numpy().astype(np.float32, copy=False)
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+
+
+@dataclass
+class LoadedModel:
+    """A ready classifier: `model` (torch module in eval mode, or OnnxModel), its preprocessing, class names."""
+    model: Callable[[torch.Tensor], torch.Tensor]
+    preprocess: Callable[[ImageInput], torch.Tensor]
+    class_names: list[str]
+    meta: dict
+    backend: str = "torch"
+    device: str = "cpu"
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K) on CPU for a preprocessed batch (N, 3, H, W)."""
+        return self.model(batch.to(self.device) if self.backend == "torch" else batch).float().cpu()
+
+    def predict(self, images: Sequence[ImageInput], topk: int = 1) -> list[list[tuple[str, float]]]:
+        """Top-k (class name, softmax probability) per image, best first."""
+        if not images:
+            return []
+        probs = torch.softmax(self.logits(torch.stack([self.preprocess(im) for im in images])), dim=1)
+        values, indices = probs.topk(min(max(1, topk), len(self.class_names)), dim=1)
+        return [[(self.class_names[i], float(v)) for v, i in zip(vs, ix)]
+                for vs, ix in zip(values.tolist(), indices.tolist())]
+
+
+def locate(path: str | Path) -> tuple[Path, Path]:
+    """(json, weights) for an export dir, a run dir, or a .json path (weights: same stem, .safetensors)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".json":
+        return path, path.with_suffix(".safetensors")
+    if not path.is_dir():
+        raise MissingFileError(f"{path} not found: pass an export dir (make export RUN=<run dir>) or a run dir")
+    for stem in ("model", "best"):
+        if (path / f"{stem}.json").is_file():
+            return path / f"{stem}.json", path / f"{stem}.safetensors"
+    raise MissingFileError(f"{path} has no model.json (export dir) or best.json (run dir); "
+                           "export a finished run with `make export RUN=<run dir>`")
+
+
+def load(path: str | Path, *, backend: str = "torch", weights: str | Path | None = None,
+         device: str = "cpu", threads: int = 0) -> LoadedModel:
+    """Load an exported model (see module docstring). `backend`: torch (safetensors) or onnx (model.onnx).
+
+    `weights` overrides the weights file (.safetensors, or a .pth state dict read with weights_only=True);
+    `threads` sets ONNX Runtime's intra-op threads (0 = its default).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend='{backend}' is not valid; choose one of: {', '.join(BACKENDS)}")
+    json_path, weights_path = locate(path)
+    meta = read_meta(json_path)
+    preprocess = build_preprocess(meta["preprocessing"])
+    if backend == "onnx":
+        onnx_path = json_path.parent / (meta.get("onnx") or {}).get("file", "model.onnx")
+        if not onnx_path.is_file():
+            raise MissingFileError(f"{onnx_path} not found: export with ONNX (make export RUN=<run> "
+                                   "ARGS='--formats safetensors onnx') or use backend=torch")
+        verify_file(onnx_path, meta)
+        model = OnnxModel(onnx_path, threads)
+        check = model.session.get_outputs()[0].shape[-1]
+        if isinstance(check, int) and check != meta["num_classes"]:
+            raise ModelFileError(f"{onnx_path} outputs {check} classes but model.json says "
+                                 f"num_classes={meta['num_classes']}")
+        return LoadedModel(model, preprocess, list(meta["class_names"]), meta, "onnx", "cpu")
+    weights_path = Path(weights) if weights is not None else weights_path
+    if weights is None:
+        verify_file(weights_path, meta)
+    model = build_model(meta, read_weights(weights_path), str(weights_path))
+    return LoadedModel(model.to(device), preprocess, list(meta["class_names"]), meta, "torch", device)
+

@@ -1,0 +1,220 @@
+"""An export dir's `model.json` document and its human-readable `MODEL_CARD.md` (used by pipeline/export.py)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import shutil
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pipeline.ship.loading import file_sha256
+
+_logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+FIGURES = ("confusion_test.png", "confusion_val.png", "curves.png")  # copied from the run dir when present
+PACKAGES = ("pipeline", "torch", "timm", "albumentations", "opencv-python-headless", "safetensors", "onnx",
+            "onnxruntime", "numpy", "pillow")
+METRIC_COLUMNS = (("num_samples", "images"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc."),
+                  ("macro_f1", "macro F1"), ("loss", "loss"))
+
+
+def read_json(path: Path) -> dict:
+    """A run's JSON side file, or {} when it is absent or unreadable (the card then says less)."""
+    try:
+        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        _logger.warning("Ignoring unreadable %s: %s", path, e)
+        return {}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def training_facts(meta: dict, run_dir: Path, run_metrics: dict) -> dict:
+    """Mode, freeze depth, params and the auto-strategy decision (decision.json) of the run, where recorded."""
+    config = meta.get("config") or {}
+    facts = {k: run_metrics[k] for k in ("mode", "freeze_depth", "n_groups", "trainable_params", "total_params")
+             if k in run_metrics}
+    facts.setdefault("mode", (config.get("strategy") or {}).get("mode"))
+    facts.update(bn=(config.get("strategy") or {}).get("bn"), weights=(config.get("backbone") or {}).get("weights"),
+                 best_epoch=meta.get("epoch"), epochs_run=len(run_metrics.get("history") or []) or None,
+                 monitor=run_metrics.get("monitor") or (config.get("trainer") or {}).get("monitor"),
+                 decision=read_json(run_dir / "decision.json") or None)
+    return facts
+
+
+def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, results: dict, facts: dict,
+               run_metrics: dict, files: dict[str, Path]) -> dict:
+    """Everything needed to rebuild, check and describe the model (no Python objects: plain JSON)."""
+    metrics = {"val": meta.get("val_metrics") or run_metrics.get("val")}
+    if checkpoint_name == "best" and run_metrics.get("test"):  # train.py evaluates test with the best checkpoint
+        metrics["test"] = run_metrics["test"]
+    config = meta.get("config") or {}
+    dataset = config.get("dataset") or {}
+    return {
+        "format_version": FORMAT_VERSION,
+        **{k: meta[k] for k in ("arch", "num_classes", "class_names", "preprocessing")},
+        **({"feature_levels": meta["feature_levels"]} if meta.get("feature_levels") else {}),
+        "epoch": meta.get("epoch"), "metrics": metrics,
+        "training": training_facts(meta, run_dir, run_metrics),
+        "dataset": {"name": dataset.get("name"), "root": dataset.get("root"), **facts},
+        "source": {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint_name},
+        "export": {k: settings[k] for k in ("formats", "opset", "tolerance", "parity_images")},
+        "parity": results["parity"],
+        "onnx": results.get("onnx"), "torchscript": results.get("torchscript"),
+        "files": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files.values()},
+        "versions": package_versions(),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+    }
+
+
+def copy_figures(run_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the run's confusion matrix / curve images (written by training when available)."""
+    copied = []
+    for name in FIGURES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return "" if value is None else str(value)
+
+
+def model_section(doc: dict) -> list[str]:
+    t, p = doc["training"], doc["preprocessing"]
+    size = p["input_size"][-1]
+    lines = ["## Model", "", f"- architecture: timm `{doc['arch']}`, {doc['num_classes']} classes"
+             + (f", {t['total_params']:,} parameters" if t.get("total_params") else ""),
+             f"- initial weights: backbone.weights={t.get('weights')}",
+             f"- training mode: `{t.get('mode')}`" + (f", {t['freeze_depth']} of {t['n_groups']} layer groups frozen"
+                                                      if t.get("n_groups") else "")
+             + (f", BN {t['bn']}" if t.get("bn") else "")
+             + (f", {t['trainable_params']:,} trainable parameters" if t.get("trainable_params") else ""),
+             f"- checkpoint: epoch {t.get('best_epoch')}" + (f" of {t['epochs_run']}" if t.get("epochs_run") else "")
+             + (f", best val {t['monitor']}" if t.get("monitor") else "")]
+    d = t.get("decision")
+    if d:
+        lines.append(f"- decision (strategy.mode=auto): `{d.get('mode')}`, freeze depth {d.get('freeze_depth')}"
+                     + (f"; rule: {d['rule']}" if d.get("rule") else "")
+                     + (f"; data size {d['size']}" if d.get("size") else ""))
+    lines.append(f"- input: RGB, short side resized to floor({size} / crop_pct {p['crop_pct']}) with "
+                 f"{p['interpolation']} interpolation, center crop {size}x{size}, normalized with mean {p['mean']}, "
+                 f"std {p['std']}" + (" (grayscale replicated to 3 channels)" if p.get("grayscale_input") else ""))
+    return lines + [""]
+
+
+def data_section(doc: dict) -> list[str]:
+    d = doc["dataset"]
+    lines = ["## Data", "", f"- dataset: {d.get('name')} (root `{d.get('root')}`)"]
+    counts = d.get("counts")
+    if not counts:
+        return lines + ["- class counts: the dataset was not available at export time (see the run's summary.md)", ""]
+    lines += [f"- val split: {d.get('val_source')}", f"- unreadable files skipped: {d.get('skipped_files', 0)}", "",
+              "| class | " + " | ".join(counts) + " |", "|---" * (len(counts) + 1) + "|"]
+    lines += [f"| {c} | " + " | ".join(str(counts[s].get(c, 0)) for s in counts) + " |" for c in doc["class_names"]]
+    lines.append("| **total** | " + " | ".join(str(sum(counts[s].values())) for s in counts) + " |")
+    return lines + [""]
+
+
+def metrics_section(doc: dict, figures: list[str]) -> list[str]:
+    m = doc["metrics"]
+    lines = ["## Metrics", "", "| split | " + " | ".join(c for _, c in METRIC_COLUMNS) + " |",
+             "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
+    lines += [f"| {split} | " + " | ".join(_fmt(vals.get(k)) for k, _ in METRIC_COLUMNS) + " |"
+              for split, vals in m.items() if vals]
+    split = "test" if (m.get("test") or {}).get("per_class") else "val"
+    per_class = (m.get(split) or {}).get("per_class")
+    if per_class:
+        lines += ["", f"Per class ({split}):", "", "| class | precision | recall | F1 | images |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c} | {_fmt(v.get('precision'))} | {_fmt(v.get('recall'))} | {_fmt(v.get('f1'))} "
+                  f"| {v.get('support', '')} |" for c, v in per_class.items()]
+    for name in figures:
+        if name.startswith("confusion"):
+            split_name = name.removeprefix("confusion_").removesuffix(".png")
+            lines += ["", f"Confusion matrix ({split_name}):", "", f"![confusion matrix]({name})"]
+    return lines + [""]
+
+
+def export_section(doc: dict) -> list[str]:
+    e, d = doc["export"], doc["dataset"]
+    lines = ["## Export check", "", f"Logits of each format compared with the PyTorch checkpoint on "
+             f"{doc['parity']['safetensors']['batch_sizes'][0]} real images ({d.get('parity_source')}), preprocessed "
+             f"as above; tolerance {e['tolerance']:g} (max abs logit diff).", "",
+             "| format | file | MB | max abs logit diff | top-1 agreement | batch sizes |", "|---|---|---|---|---|---|"]
+    names = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torchscript": "model.ts"}
+    for fmt, r in doc["parity"].items():
+        f = doc["files"].get(names[fmt], {})
+        lines.append(f"| {fmt} | `{names[fmt]}` | {f.get('bytes', 0) / 1e6:.1f} | {r['max_abs_diff']:.3g} "
+                     f"| {r['top1_agreement']:.3f} | {', '.join(map(str, r['batch_sizes']))} |")
+    if (doc.get("torchscript") or {}).get("skipped"):
+        lines += ["", f"TorchScript not exported: {doc['torchscript']['skipped']}"]
+    elif doc.get("torchscript"):
+        lines += ["", f"TorchScript via `torch.jit.{doc['torchscript']['method']}`."]
+    return lines + [""]
+
+
+def limitations(doc: dict) -> list[str]:
+    """Limitations that follow from this model's own numbers."""
+    lines = ["- Closed set: every image gets one of the classes above, including images of something else "
+             "entirely; there is no 'unknown' answer.",
+             "- The probabilities are softmax outputs, not calibrated confidences.",
+             "- Measured only on images from the same source as the training data; other cameras, lighting, "
+             "backgrounds or resolutions may score lower."]
+    val, test = doc["metrics"].get("val") or {}, doc["metrics"].get("test") or {}
+    if test:
+        lines.append("- The val split also picked the best epoch, so val numbers are optimistic; the test split is the "
+                     "unbiased estimate.")
+    else:
+        lines.append("- There is no test split: the val split also picked the best epoch, so the numbers above are "
+                     "optimistic.")
+    ref = test or val
+    n, acc = ref.get("num_samples"), ref.get("accuracy")
+    if n and acc is not None:
+        half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
+        lines.append(f"- {n} {'test' if test else 'val'} images: accuracy {acc:.3f} is uncertain by about "
+                     f"+/-{half:.3f} (95% normal interval).")
+    train_counts = (doc["dataset"].get("counts") or {}).get("train")
+    if train_counts and min(train_counts.values()) > 0 and max(train_counts.values()) / min(train_counts.values()) > 3:
+        lines.append(f"- Imbalanced training data ({min(train_counts.values())} to {max(train_counts.values())} images "
+                     "per class): rare classes are the least reliable; see the per-class table.")
+    size = doc["preprocessing"]["input_size"][-1]
+    lines.append(f"- Images are resized to {size}x{size} pixels: details smaller than that scale are lost.")
+    return lines
+
+
+def render(doc: dict, figures: list[str]) -> str:
+    """MODEL_CARD.md: model, data, metrics (+ confusion matrix), export check, intended use, limitations."""
+    d = doc["dataset"]
+    name = d.get("name") if d.get("name") != "folder" else f"{Path(str(d.get('root'))).name} (folder)"
+    lines = [f"# Model card: {doc['arch']} fine-tuned on {name}", "",
+             f"Exported {doc['exported_at']} from run `{doc['source']['run_dir']}` (checkpoint "
+             f"`{doc['source']['checkpoint']}`). Machine-readable: `model.json`.", ""]
+    lines += model_section(doc) + data_section(doc) + metrics_section(doc, figures) + export_section(doc)
+    lines += ["## Intended use", "", f"Sorting images like those of the `{d.get('name')}` training set into one of "
+              f"{doc['num_classes']} classes: {', '.join(doc['class_names'])}.", "", "```python",
+              "import pipeline", "m = pipeline.load('<this dir>')             # or backend='onnx'",
+              "print(m.predict(['image.jpg'], topk=3))    # [[(class, probability), ...]]", "```", "",
+              "Command line: `make predict RUN=<this dir> IMAGES=<file or folder> [BACKEND=onnx] [TOPK=3]`.", "",
+              "## Limitations", ""]
+    lines += limitations(doc)
+    lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += [f"| `{name}` | {f['bytes']} | `{f['sha256'][:16]}...` |" for name, f in doc["files"].items()]
+    lines += ["", "Package versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Fine-tuning fit: the epoch loop with best-checkpoint selection, early stopping, gradual thaws, resume and
+a clean stop on SIGINT/SIGTERM. (The cached linear probe has its own fit: features/fit.py.)"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.model import checkpoint, freezing
+from pipeline.runtime import distributed
+from pipeline.runtime.devices import build_accel, prepare_model
+from pipeline.training import loop, loss, resume
+from pipeline.training.guard import StepGuard
+from pipeline.training.metrics import MonitorTracker
+from pipeline.transfer import gradual, optim
+
+_logger = logging.getLogger(__name__)
+
+
+def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None:
+    """`strategy.mode=gradual`: thaw layer groups from the top at this epoch's scheduled depth."""
+    s, o = cfg.strategy, cfg.optim
+    if s.mode != "gradual":
+        return
+    n_groups = len(freezing.layer_groups(model))
+    floor = freezing.resolve_freeze_depth("partial", s.freeze_depth, n_groups)
+    depth = gradual.gradual_depth(epoch, n_groups=n_groups, floor=floor, warmup_epochs=s.warmup_epochs,
+                                  every=s.unfreeze_every, groups_per_step=s.unfreeze_groups)
+    trainable_groups = [any(p.requires_grad for n, p in model.named_parameters() if n in set(g))
+                        for g in freezing.layer_groups(model)]
+    current = trainable_groups.index(True) if any(trainable_groups) else n_groups
+    if depth < current:
+        gradual.thaw_to_depth(model, optimizer, depth, bn=s.bn, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
+                              layer_decay=o.layer_decay, weight_decay=o.weight_decay)
+        scheduler.refresh()
+
+
+def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device,
+        class_weights: torch.Tensor | None = None, resume_state: dict | None = None,
+        stop: resume.GracefulStop | None = None, accel=None) -> dict:
+    """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
+
+    Writes `last.pt` after every epoch (mid-epoch once `stop()` is set by SIGINT/SIGTERM, then raises
+    TrainingInterrupted) and continues from `resume_state` (training/resume.py); NaN/inf: training/guard.py.
+    Returns history, best epoch, the eval loss and the best epoch's val (logits, labels)."""
+    t, o = cfg.trainer, cfg.optim
+    accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
+    prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
+    groups = optim.build_param_groups(model, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
+                                      layer_decay=o.layer_decay, weight_decay=o.weight_decay)
+    optimizer = optim.build_optimizer(groups, name=o.name, lr=o.lr, momentum=o.momentum, fused=o.fused)
+    steps = len(loaders["train"]) if not t.max_train_batches else min(len(loaders["train"]), t.max_train_batches)
+    scheduler = optim.build_scheduler(optimizer, name=o.scheduler, total_steps=steps * t.epochs,
+                                      warmup_steps=int(o.warmup_epochs * steps))
+    loss_fn, eval_loss = loss.build_losses(cfg.loss, class_weights, device)
+    tracker, history, best_val = MonitorTracker(t.monitor, t.early_stop_patience), [], None
+    guard = StepGuard(t.max_nonfinite_steps, t.grad_clip)
+    last = resume.LastCheckpoint(run_dir, cfg, model=model, optimizer=optimizer, scheduler=scheduler, tracker=tracker,
+                                 guard=guard, loader=loaders["train"], scaler=accel.scaler)
+    first, partial, stop = 1, None, stop or resume.GracefulStop()  # not entered: never set
+    stop_all, ddp = distributed.agreed_stop(stop), None  # DDP: ranks stop at the same step; wrapper (re)built below
+    if resume_state is not None:  # replay gradual thaws in order, so the optimizer groups match the saved ones
+        for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
+            maybe_thaw(model, optimizer, scheduler, cfg, epoch)
+        first, partial, history, best_val = last.restore(resume_state)
+    for epoch in range(first, t.epochs + 1):
+        maybe_thaw(model, optimizer, scheduler, cfg, epoch)
+        ddp = distributed.wrap_ddp(model, device, current=ddp)  # new wrapper when a thaw changed the trainables
+        last.mark_epoch_start()
+        stats = loop.train_one_epoch(ddp, loaders["train"], loss_fn, optimizer, scheduler, device,
+                                       epoch=epoch, max_batches=t.max_train_batches, progress=t.progress,
+                                       guard=guard, stop=stop_all, resume_from=partial, accel=accel)
+        stats, partial = distributed.reduce_train_stats(stats), None
+        if stats.get("interrupted"):
+            last.save(epoch - 1, history, best_val, partial=stats["partial"])
+            raise stop.interrupted(run_dir, epoch, f"at step {stats['partial']['steps']}")
+        val, *val_out = loop.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"], t.progress,
+                                        "val", accel=accel)
+        history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}})
+        guard.check_weights(model, optimizer, epoch)  # never save non-finite weights as `best` or `last`
+        improved = tracker.update(val[t.monitor], epoch)
+        if improved:
+            best_val = tuple(val_out)
+            if distributed.is_main():  # the unwrapped model: loads without DDP
+                checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": epoch, "val_metrics": val})
+        last.save(epoch, history, best_val)
+        _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  %.1f img/s%s",
+                     epoch, t.epochs, stats["train_loss"], val["loss"], val["accuracy"], val["balanced_accuracy"],
+                     stats["train_img_per_s"], "  *best*" if improved else "")
+        if stop_all():
+            raise stop.interrupted(run_dir, epoch, "at the end")
+        if tracker.should_stop and epoch < t.epochs:
+            _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
+                         t.monitor, tracker.bad_epochs, tracker.best, tracker.best_epoch)
+            break
+    return {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val}

@@ -1,0 +1,299 @@
+"""Resuming: the `last.pt` training state, finding the run to continue, and graceful SIGINT/SIGTERM.
+
+`last.pt` (written atomically after every epoch, and mid-epoch on SIGINT/SIGTERM) holds the model,
+optimizer, LR schedule, monitor tracker, NaN-guard counters, history, the best epoch's val outputs,
+the python/numpy/torch RNGs, the train loader's generator, the balanced sampler's generator, the
+train transform's RNGs and the run's resolved config. A resumed CPU run repeats the uninterrupted
+one exactly: same weights and metrics (pipeline/seeding.py lists the random streams).
+
+`trainer.resume`:
+- `<run dir>` (or its `last.pt`): continue that run in that dir with its saved config; of this
+  command's settings only RUNTIME_KEYS apply (others are ignored with a warning).
+- `auto`: with `output_dir` set, continue that dir if it holds an unfinished `last.pt`; otherwise the
+  newest run dir next to this run's (Hydra: `outputs/runs/`) that has `last.pt`, no `metrics.json`
+  (killed or interrupted; finished and failed runs are left alone) and the same `dataset.name` and
+  `dataset.root`. Nothing found: a fresh run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.runtime import distributed
+
+from pipeline.runtime import seeding
+from pipeline.model.checkpoint import LAST, load_state, save_state
+from pipeline.errors import ConfigError, MissingFileError
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = 1
+# Settings a resumed run takes from the new command line; everything else comes from the saved config.
+RUNTIME_KEYS = ("trainer.resume", "trainer.progress", "trainer.num_workers", "trainer.threads", "trainer.device",
+                "trainer.grad_clip", "trainer.max_nonfinite_steps", "trainer.keep_last", "dataset.audit_workers",
+                "output_dir")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM: `last.pt` was saved; the message says how to resume. `code` = 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+def resume_command(run_dir: Path) -> str:
+    """The exact command: this interpreter (relative when under the current dir, e.g. .venv/bin/python)."""
+    exe = Path(sys.executable)
+    try:
+        exe = exe.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return f"{exe} -m pipeline.train trainer.resume={Path(run_dir).resolve()}"
+
+
+class GracefulStop:
+    """Context manager: the first SIGINT/SIGTERM sets a flag (the loop finishes its step and saves `last`);
+    a second one stops at once (KeyboardInterrupt). Callable: True once a stop was requested."""
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without saving")
+        self.signum = signum
+        _logger.warning("%s received: finishing the current step, then saving %s (send it again to stop at once)",
+                        signal.Signals(signum).name, LAST)
+
+    def __enter__(self) -> "GracefulStop":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a launcher's worker thread): keep the defaults
+                _logger.debug("cannot install a %s handler outside the main thread", sig)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def interrupted(self, run_dir: Path, epoch: int, where: str) -> TrainingInterrupted:
+        name = signal.Signals(self.signum).name
+        return TrainingInterrupted(f"Interrupted by {name} {where} of epoch {epoch}; saved {Path(run_dir) / LAST}. "
+                                   f"Resume with: {resume_command(run_dir)}", self.signum)
+
+
+def _runs_root(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir).parent
+    return Path("outputs/runs")
+
+
+def _same_dataset(run_dir: Path, cfg: DictConfig) -> bool:
+    try:
+        saved = OmegaConf.load(run_dir / "config.yaml").dataset
+    except Exception:  # noqa: BLE001 - no or unreadable config: not a candidate
+        return False
+    resolve = lambda r: str(Path(str(r)).expanduser().resolve())
+    return saved.name == cfg.dataset.name and resolve(saved.root) == resolve(cfg.dataset.root)
+
+
+def find_run_to_resume(cfg: DictConfig) -> Path | None:
+    """The run dir `trainer.resume` names (see the module doc), or None for a fresh run."""
+    value = str(cfg.trainer.resume)
+    if value != "auto":
+        path = Path(value).expanduser()
+        run_dir = path.parent if path.name == LAST else path
+        if not (run_dir / LAST).is_file():
+            raise MissingFileError(f"trainer.resume={value}: no {LAST} in {run_dir} (give a run dir of a killed or "
+                                   "interrupted run, or trainer.resume=auto)")
+        return run_dir
+    if cfg.output_dir:
+        run_dir = Path(cfg.output_dir)
+        return run_dir if (run_dir / LAST).is_file() and not (run_dir / "metrics.json").exists() else None
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError("trainer.resume=auto is for single runs; in a sweep set trainer.resume=<job dir> per job")
+    root = _runs_root(cfg)
+    candidates = [p.parent for p in root.glob(f"*/{LAST}") if not (p.parent / "metrics.json").exists()
+                  and _same_dataset(p.parent, cfg)]
+    return max(candidates, key=lambda d: (d / LAST).stat().st_mtime) if candidates else None
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in tree.items()
+            for k in (_flat_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
+
+
+def _ignored_settings(cfg: DictConfig, saved: DictConfig) -> list[str]:
+    """Settings of this command that differ from the saved config and are not RUNTIME_KEYS."""
+    from hydra.core.hydra_config import HydraConfig
+    if HydraConfig.initialized():
+        keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    else:
+        keys = _flat_keys(OmegaConf.to_container(saved))
+    return [k for k in keys if k not in RUNTIME_KEYS and not k.startswith("hydra")
+            and OmegaConf.select(cfg, k, default=None) != OmegaConf.select(saved, k, default=None)]
+
+
+def adopt_saved_config(cfg: DictConfig, saved: dict, run_dir: Path) -> None:
+    """In place: the saved config of the run, with this command's RUNTIME_KEYS and `output_dir=run_dir`."""
+    runtime = {k: OmegaConf.select(cfg, k) for k in RUNTIME_KEYS}
+    saved_cfg = OmegaConf.create(saved)
+    ignored = _ignored_settings(cfg, saved_cfg)
+    if ignored:
+        _logger.warning("Resuming with the run's saved config; ignored setting(s) of this command: %s "
+                        "(only %s apply on resume)", ", ".join(ignored[:8]), ", ".join(RUNTIME_KEYS))
+    cfg.merge_with(saved_cfg)
+    for key, value in runtime.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    cfg.output_dir = str(run_dir)
+
+
+def _log_to_run_dir(run_dir: Path) -> None:
+    """Under Hydra, also append this command's log to the resumed run's own log file."""
+    from hydra.core.hydra_config import HydraConfig
+    if not HydraConfig.initialized() or Path(HydraConfig.get().runtime.output_dir).resolve() == run_dir.resolve():
+        return
+    handler = logging.FileHandler(run_dir / f"{HydraConfig.get().job.name}.log", mode="a")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    _logger.info("This command's own dir %s only holds its log; the run continues in %s",
+                 HydraConfig.get().runtime.output_dir, run_dir)
+
+
+def _status(metrics_path: Path) -> str | None:
+    try:
+        return json.loads(metrics_path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prepare_resume(cfg: DictConfig) -> dict | None:
+    """Resolve `trainer.resume`; when resuming, adopt the run's config and dir (in place) and return its state."""
+    if not cfg.trainer.resume:
+        return None
+    run_dir = find_run_to_resume(cfg)
+    if run_dir is None:
+        _logger.info("trainer.resume=auto: no unfinished run of dataset '%s' found; starting a fresh run",
+                     cfg.dataset.name)
+        return None
+    metrics = run_dir / "metrics.json"
+    if metrics.exists() and _status(metrics) == "ok":
+        raise ConfigError(f"trainer.resume={cfg.trainer.resume}: {run_dir} already finished (metrics.json status "
+                          "ok); nothing to resume")
+    state = load_state(run_dir / LAST)
+    if state.get("format") != FORMAT:
+        raise ConfigError(f"{run_dir / LAST} has format {state.get('format')}, this version reads {FORMAT}; "
+                          "start a fresh run")
+    adopt_saved_config(cfg, state["config"], run_dir)
+    metrics.unlink(missing_ok=True)  # a stale failure record; written again when this run ends
+    _log_to_run_dir(run_dir)
+    where = f"step {state['partial']['steps']} of epoch {state['epoch'] + 1}" if state["partial"] else \
+        f"the end of epoch {state['epoch']}"
+    _logger.info("Resuming %s from %s", run_dir, where)
+    return state
+
+
+def saved_decision(run_dir: Path) -> dict:
+    """The auto-strategy decision of the run being resumed (decided once, reused as is)."""
+    path = Path(run_dir) / "decision.json"
+    if not path.is_file():
+        raise MissingFileError(f"{path} is missing: cannot resume a strategy=auto run without its decision; "
+                               "start a fresh run")
+    return json.loads(path.read_text())
+
+
+def finish(run_dir: Path, keep_last: bool) -> None:
+    """A finished run needs no resume state (3x the model size): drop `last.pt` unless `trainer.keep_last`."""
+    if not keep_last:
+        (Path(run_dir) / LAST).unlink(missing_ok=True)
+
+
+def _to_tensors(best_val):
+    return None if best_val is None else [torch.from_numpy(np.ascontiguousarray(a)) for a in best_val]
+
+
+class LastCheckpoint:
+    """Saves and restores everything the epoch loop needs to continue exactly where it stopped."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, *, model, optimizer, scheduler, tracker, guard, loader,
+                 scaler=None):
+        self.run_dir, self.cfg, self.model, self.optimizer = Path(run_dir), cfg, model, optimizer
+        self.scheduler, self.tracker, self.guard, self.loader = scheduler, tracker, guard, loader
+        self.scaler = scaler  # fp16 GradScaler (CUDA), else None
+        self._epoch_start = None
+
+    def _data_rng(self) -> dict:
+        sampler = self.loader.sampler
+        transform = seeding.get_transform_rng_state(self.loader.dataset.transform)
+        return {"loader": self.loader.generator.get_state() if self.loader.generator is not None else None,
+                "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
+                "transform": transform if not distributed.is_distributed() else distributed.all_gather_object(
+                    transform)}  # DDP: one augmentation stream per rank
+
+    def mark_epoch_start(self) -> None:
+        """Remember the data streams' state at the start of an epoch (a mid-epoch save replays from it)."""
+        self._epoch_start = self._data_rng()
+
+    def save(self, epoch: int, history: list, best_val, partial: dict | None = None) -> None:
+        """`epoch` = epochs completed; `partial` = counters of the interrupted next epoch. Called on every
+        rank (DDP gathers the ranks' augmentation RNGs), written by rank 0 from the unwrapped model."""
+        data_rng = self._epoch_start if partial else self._data_rng()
+        if not distributed.is_main():
+            return
+        state = {"format": FORMAT, "epoch": epoch, "partial": partial, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "optimizer_groups": [g.get("name") for g in self.optimizer.param_groups],
+                 "scheduler": self.scheduler.state_dict(), "tracker": self.tracker.state_dict(),
+                 "guard": self.guard.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "history": history, "best_val": _to_tensors(best_val),
+                 "global_rng": seeding.get_global_rng_state(),
+                 "data_rng": data_rng,
+                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        save_state(self.run_dir, state)
+        self.guard.last_good = f"{self.run_dir / LAST} (epoch {epoch}{', mid-epoch' if partial else ''})"
+
+    def restore(self, state: dict) -> tuple[int, dict | None, list, tuple | None]:
+        """Load a `save` state (gradual thaws must be replayed first). Returns (first epoch to run, partial
+        counters for it, history, best val outputs)."""
+        groups = [g.get("name") for g in self.optimizer.param_groups]
+        if groups != state["optimizer_groups"]:
+            raise ConfigError(f"{self.run_dir / LAST}: optimizer groups {state['optimizer_groups']} do not match "
+                              f"this model's {groups}; was the config changed? start a fresh run")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.guard.load_state_dict(state["guard"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        data = state["data_rng"]
+        if data["loader"] is not None:
+            self.loader.generator.set_state(data["loader"])
+        if data["sampler"] is not None:
+            self.loader.sampler.load_state_dict(data["sampler"])
+        transform = data["transform"]
+        if isinstance(transform, list):  # saved by a DDP run: this rank's stream
+            if len(transform) != distributed.world_size():
+                raise ConfigError(f"{self.run_dir / LAST} was saved by {len(transform)} processes; resume it with "
+                                  f"the same number (torchrun --nproc_per_node / NPROC={len(transform)})")
+            transform = transform[distributed.rank()]
+        seeding.set_transform_rng_state(self.loader.dataset.transform, transform)
+        seeding.set_global_rng_state(state["global_rng"])
+        best_val = tuple(t.numpy() for t in state["best_val"]) if state["best_val"] is not None else None
+        self.guard.last_good = f"{self.run_dir / LAST} (epoch {state['epoch']})"
+        return state["epoch"] + 1, state["partial"], list(state["history"]), best_val

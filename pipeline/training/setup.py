@@ -1,0 +1,127 @@
+"""Run set-up for the train entry point: run dir, data and loaders, caches, imbalance plan and strategy."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.data import augment, folder, image_cache, sampler, sources
+from pipeline.model import freezing
+from pipeline.runtime import distributed
+from pipeline.runtime.files import ensure_writable_dir, write_json
+from pipeline.runtime.seeding import seed_worker
+from pipeline.training import loss, resume, validate
+from pipeline.transfer import auto
+
+_logger = logging.getLogger(__name__)
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.output_dir:
+        path = Path(cfg.output_dir)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+        path = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else \
+            Path("outputs/runs") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    return ensure_writable_dir(path)
+
+
+def build_data(cfg: DictConfig) -> tuple[folder.DatasetSplits, Path]:
+    d = cfg.dataset
+    root = sources.prepare_root(name=d.name, root=d.root, source=d.source, image_size=d.image_size, url=d.url,
+                                download=d.download, download_hint=d.download_hint, train_split=d.train_split)
+    folder.check_layout(root, train_split=d.train_split, val_split=d.val_split, val_fraction=d.val_fraction,
+                                  min_per_class=d.min_per_class)  # a listing: fails before every file is probed
+    splits = folder.load_imagefolder(root, train_split=d.train_split, val_split=d.val_split, test_split=d.test_split,
+                                   val_fraction=d.val_fraction, seed=cfg.seed, max_pixels=d.max_pixels,
+                                   min_per_class=d.min_per_class, workers=d.audit_workers)
+    for name in ("train", "val", "test"):
+        split = getattr(splits, name)
+        if split is not None:
+            _logger.info("%s: %d images %s", name, len(split), split.counts())
+    return splits, root
+
+
+def make_loader(split: folder.Split, transform, cfg: DictConfig, *, train: bool, generator=None, cache=None,
+                skip_log=None):
+    """DataLoader over `split`; `cache` = decoded-image cache, `skip_log` = file listing run-time skips."""
+    t = cfg.trainer
+    dataset = folder.ImageDataset(split, transform, cfg.dataset.max_pixels, cache=cache, skip_log=skip_log)
+    order = sampler.build_sampler(split.labels, cfg.dataset.sampler, seed=cfg.seed) if train else None
+    order = sampler.distributed_sampler(len(dataset), order, train=train, generator=generator,  # DDP: a shard
+                                        rank=distributed.rank(), world=distributed.world_size())
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=distributed.local_batch_size(t.batch_size) if train else t.eval_batch_size,
+        shuffle=train and order is None,
+        sampler=order, drop_last=False, num_workers=t.num_workers, collate_fn=folder.collate_skip_none,
+        generator=generator,  # train workers are not persistent: each epoch's are seeded from `generator` (resume)
+        worker_init_fn=seed_worker, persistent_workers=t.num_workers > 0 and not train,
+        pin_memory=torch.cuda.is_available())
+
+
+RUNTIME_SKIP_LOG = "skipped_at_runtime.jsonl"
+
+
+def build_image_cache(cfg: DictConfig, splits: folder.DatasetSplits, data_cfg: dict):
+    """`dataset.cache`: decoded images at the short side the eval resize needs (None when off)."""
+    d = cfg.dataset
+    paths = [p for split in (splits.train, splits.val, splits.test) if split is not None for p in split.paths]
+    return image_cache.build_cache(d.cache, paths=paths, short_side=augment.eval_resize_size(data_cfg),
+                                   interpolation=data_cfg["interpolation"], max_pixels=d.max_pixels,
+                                   cache_dir=d.cache_dir, workers=max(1, torch.get_num_threads()))
+
+
+def checkpoint_meta(cfg: DictConfig, classes: list[str], data_cfg: dict, epoch: int, val: dict) -> dict:
+    return {"arch": cfg.backbone.name, "num_classes": len(classes), "class_names": classes,
+            "preprocessing": data_cfg, "epoch": epoch, "val_metrics": val,
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def setup_imbalance(cfg: DictConfig, splits: folder.DatasetSplits, model: torch.nn.Module, run_dir: Path) -> dict:
+    """Class weights + prior-bias init (pipeline/loss.py); writes class_weights.json and returns the plan."""
+    c = cfg.loss
+    mode = OmegaConf.to_container(c.class_weights) if isinstance(c.class_weights, DictConfig) else c.class_weights
+    counts = splits.train.counts()
+    plan = loss.plan_imbalance([counts[k] for k in splits.classes], splits.classes, class_weights=mode,
+                               beta=c.beta, sampler=cfg.dataset.sampler, prior_bias=c.prior_bias)
+    if plan["prior_bias"]["enabled"]:
+        plan["prior_bias"]["bias"] = loss.init_prior_bias(model, list(plan["prior_bias"]["prior"].values()))
+    if distributed.is_main():
+        write_json(run_dir / "class_weights.json", plan)
+    return plan
+
+
+def setup_strategy(cfg: DictConfig, model: torch.nn.Module, train_split: folder.Split, eval_tf, device: torch.device,
+                   run_dir: Path, resumed: bool = False) -> dict:
+    """Resolve `strategy.mode=auto` (decision.json; a resumed run reuses its own) and freeze the model accordingly."""
+    s = cfg.strategy
+    mode, depth, decision = s.mode, s.freeze_depth, None
+    if mode == "auto":  # DDP: rank 0 decides, the others receive its decision
+        decision = distributed.from_main(lambda: resume.saved_decision(run_dir) if resumed else
+                                         auto.decide_strategy(
+            model, train_split, eval_tf, device, n_groups=len(freezing.layer_groups(model)), auto_cfg=s.auto,
+            seed=cfg.seed))
+        if distributed.is_main():
+            auto.write_decision(run_dir, decision)
+        mode, depth = decision["mode"], decision["freeze_depth"]
+    info = freezing.apply_strategy(model, mode=mode, freeze_depth=depth, bn=s.bn)
+    return {**info, "decision": decision}
+
+
+def prepare_run(cfg: DictConfig) -> tuple[dict | None, Path]:
+    """Resume state and run dir. Under torchrun rank 0 alone resolves them (it alone touches files) and the
+    other ranks receive them (and the resumed run's config); they also show no progress bars."""
+    distributed.init_from_env()
+    main = distributed.is_main()
+    resumed = resume.prepare_resume(cfg) if main else None  # trainer.resume: adopts the run's config and dir
+    validate.validate_config(cfg)  # before any heavy work
+    run_dir = distributed.main_run_dir(lambda: resolve_run_dir(cfg))
+    resumed = distributed.broadcast_object(resumed)
+    if not main:
+        if resumed is not None:
+            resume.adopt_saved_config(cfg, resumed["config"], run_dir)
+        cfg.trainer.progress = False
+    return resumed, run_dir

@@ -1,0 +1,198 @@
+"""Data stage: listing, skipping bad files, splitting, run-time skips, decoded-image cache."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.augment import build_eval_transform
+from pipeline.data.folder import ImageDataset, Split, collate_skip_none, load_imagefolder, read_skip_log, stratified_split
+from pipeline.data.image_cache import DiskCache, MemoryCache, build_cache
+from pipeline.data.images import ImageDecodeError, load_rgb
+from pipeline.data.sources import prepare_root, write_digits_imagefolder
+from pipeline.errors import MissingFileError
+
+from conftest import make_imagefolder, write_image
+
+
+def test_stratified_split_is_stratified_and_deterministic():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    split = Split([f"img{i}.png" for i in range(100)], labels, ["a", "b", "c"])
+    tr1, va1 = stratified_split(split, 0.2, seed=3)
+    tr2, va2 = stratified_split(split, 0.2, seed=3)
+    _, va3 = stratified_split(split, 0.2, seed=4)
+    assert va1.paths == va2.paths and tr1.paths == tr2.paths
+    assert va1.paths != va3.paths
+    assert va1.counts() == {"a": 10, "b": 6, "c": 4}
+    assert not set(tr1.paths) & set(va1.paths) and len(tr1) + len(va1) == 100
+
+
+def test_bad_files_are_skipped_and_reported(tmp_path):
+    root = make_imagefolder(tmp_path / "ds", {"blue": 6, "red": 6})
+    (root / "train/blue/notes.txt").write_text("not an image")
+    (root / "train/blue/empty.jpg").write_bytes(b"")
+    (root / "train/red/fake.jpg").write_bytes(b"<html>this is not a jpeg</html>")
+    good = root / "train/red/truncated.png"
+    write_image(good, (1, 2, 3), size=64)
+    good.write_bytes(good.read_bytes()[:200])
+    frames = [Image.new("P", (30, 30), i) for i in (1, 2)]
+    frames[0].save(root / "train/red/anim.gif", save_all=True, append_images=frames[1:])
+
+    data = load_imagefolder(root, val_fraction=0.25, seed=0)
+    reported = {p.split("/")[-1]: r for p, r in ((s["path"], s["reason"]) for s in data.skipped)}
+    assert set(reported) == {"notes.txt", "empty.jpg", "fake.jpg", "truncated.png"}
+    used = data.train.paths + data.val.paths
+    assert len(used) == 13 and any(p.endswith("anim.gif") for p in used)  # a valid GIF is a usable image
+    assert not any(p.endswith(("notes.txt", "empty.jpg", "fake.jpg", "truncated.png")) for p in used)
+
+
+def test_val_and_test_folders_are_used_when_present(tiny_folder):
+    make_imagefolder(tiny_folder, {"blue": 2, "green": 2, "red": 2}, "test", offset=900)
+    data = load_imagefolder(tiny_folder)
+    assert data.classes == ["blue", "green", "red"]
+    assert data.val_source == "val" and len(data.val) == 12 and len(data.test) == 6 and len(data.train) == 36
+
+
+def test_layout_errors_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected .*/train/<class>/<image>"):
+        load_imagefolder(tmp_path)
+    make_imagefolder(tmp_path / "one", {"red": 3})
+    with pytest.raises(ValueError, match="at least 2"):
+        load_imagefolder(tmp_path / "one")
+    root = make_imagefolder(tmp_path / "two", {"red": 3})
+    (root / "train/blue").mkdir()
+    (root / "train/blue/broken.jpg").write_bytes(b"xx")
+    with pytest.raises(ValueError, match="fewer than 1 readable train image.*'blue': 0"):
+        load_imagefolder(root)
+    with pytest.raises(FileNotFoundError, match="Dataset 'hymenoptera' not found.*DATASETS_DIR"):
+        prepare_root(name="hymenoptera", root=str(tmp_path / "nowhere"), download_hint="set DATASETS_DIR")
+
+
+def test_a_download_that_cannot_connect_is_a_one_line_error_and_leaves_nothing(tmp_path):
+    """Offline (here: a closed local port), `dataset.download=true` names the URL and the way out."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(MissingFileError, match=rf"Could not download dataset.url=http://127.0.0.1:{port}/x.zip .*"
+                                               "offline\\? set DATASETS_DIR"):
+        prepare_root(name="flowers", root=str(tmp_path / "flowers"), url=f"http://127.0.0.1:{port}/x.zip",
+                     download=True, download_hint="set DATASETS_DIR")
+    assert list(tmp_path.iterdir()) == []  # no half-made dataset root
+
+
+def test_odd_colour_modes_decode_to_rgb(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255  # fully transparent red -> white after compositing
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray((np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
+    assert (load_rgb(str(tmp_path / "rgba.png")) == 255).all()
+    g16 = load_rgb(str(tmp_path / "g16.png"))
+    assert g16.dtype == np.uint8 and g16.shape == (8, 8, 3) and g16.max() == 255
+    assert load_rgb(str(tmp_path / "cmyk.jpg")).shape == (8, 8, 3)
+    with pytest.raises(ImageDecodeError, match="max_pixels"):
+        load_rgb(str(tmp_path / "rgba.png"), max_pixels=10)
+
+
+def test_digits_written_once_as_imagefolder(tmp_path):
+    root = write_digits_imagefolder(tmp_path / "digits", image_size=32)
+    files = sorted((root / "train").rglob("*.png"))
+    assert len(files) == 1797 and sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]
+    assert Image.open(files[0]).size == (32, 32)
+    mtime = files[0].stat().st_mtime_ns
+    write_digits_imagefolder(tmp_path / "digits", image_size=32)
+    assert files[0].stat().st_mtime_ns == mtime
+
+
+# --- run-time skips, decoded-image cache -------------------------------------------------------------
+
+SMALL = {"input_size": [3, 48, 48], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+         "crop_pct": 0.875}  # eval resize: short side floor(48 / 0.875) = 54
+
+
+def _photos(tmp_path, n: int = 4) -> list[str]:
+    return [str(write_image(tmp_path / f"p{i}.jpg", (40 * i, 90, 200), size=120 + 10 * i, seed=i, fmt="JPEG"))
+            for i in range(n)]
+
+
+def test_unreadable_file_in_a_worker_is_skipped_and_logged(tmp_path):
+    paths = _photos(tmp_path, 6)
+    Path(paths[2]).write_bytes(b"corrupted after listing")
+    log = tmp_path / "skips.jsonl"
+    ds = ImageDataset(Split(paths, [0, 1] * 3, ["a", "b"]), build_eval_transform(SMALL), skip_log=log)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate_skip_none)
+    for _ in range(2):  # two epochs: the same file fails twice
+        seen = sum(len(y) for _, y in loader)
+        assert seen == 5
+    skips = read_skip_log(log)
+    assert len(skips) == 1 and skips[0]["path"] == paths[2] and skips[0]["times"] == 2
+    assert skips[0]["reason"].startswith("at run time: ") and "p2.jpg" in skips[0]["reason"]
+    assert collate_skip_none([None, None]) is None
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cached_eval_images_equal_uncached(tmp_path, mode):
+    paths = _photos(tmp_path)
+    cache = build_cache(mode, paths=paths, short_side=54, interpolation="bicubic", cache_dir=tmp_path / "cache")
+    tf = build_eval_transform(SMALL)
+    for p in paths:
+        cached = cache(p)
+        assert min(cached.shape[:2]) == 54  # stored at the size the transform needs, not the 120-150 px original
+        assert torch.equal(tf(image=cached)["image"], tf(image=load_rgb(p))["image"])
+
+
+def test_disk_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
+    import pipeline.data.image_cache as image_cache
+
+    path = _photos(tmp_path, 1)[0]
+    cache = DiskCache(tmp_path / "cache", 54)
+    first = cache(path)
+    files = list((tmp_path / "cache").rglob("*.npy"))
+    assert len(files) == 1 and np.array_equal(np.load(files[0]), first)
+    monkeypatch.setattr(image_cache, "decode_for_cache", lambda *a: pytest.fail("decoded again"))
+    assert np.array_equal(cache(path), first)  # served from disk
+    monkeypatch.undo()
+    write_image(Path(path), (0, 255, 0), size=100, seed=9, fmt="JPEG")  # new content, size and mtime
+    assert not np.array_equal(cache(path), first) and len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+
+
+def test_memory_cache_packs_resized_images_and_reports_bad_files(tmp_path):
+    paths = _photos(tmp_path, 3)
+    (tmp_path / "bad.jpg").write_bytes(b"xx")
+    small = str(write_image(tmp_path / "small.png", (1, 2, 3), size=30))  # smaller than the target: kept as is
+    cache = MemoryCache(paths + [str(tmp_path / "bad.jpg"), small], short_side=54)
+    assert cache.buffer.nbytes == 3 * 54 * 54 * 3 + 30 * 30 * 3
+    assert cache(small).shape == (30, 30, 3) and cache(paths[0]).shape == (54, 54, 3)
+    cache(paths[0])[:] = 0  # callers get a copy: the cache itself is unchanged
+    assert cache(paths[0]).any()
+    with pytest.raises(ImageDecodeError, match="bad.jpg"):
+        cache(str(tmp_path / "bad.jpg"))
+
+
+def test_training_with_disk_cache_survives_a_file_broken_after_listing(tiny_folder, cfg_factory, monkeypatch):
+    import pipeline.data.folder as data
+
+    original = data.load_imagefolder
+
+    def load_then_break(*args, **kwargs):
+        splits = original(*args, **kwargs)
+        Path(splits.train.paths[0]).write_bytes(b"broken mid-run")
+        return splits
+
+    monkeypatch.setattr(data, "load_imagefolder", load_then_break)
+    cfg = cfg_factory("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny", "backbone.input_size=32",
+                      "dataset.cache=disk", "trainer.num_workers=1", "trainer.max_train_batches=0",
+                      "strategy=finetune")
+    from pipeline.train import train
+    metrics = train(cfg)
+    assert metrics["skipped_at_runtime"] == 1
+    summary = (Path(cfg.output_dir) / "summary.md").read_text()
+    assert "at run time: " in summary
+    assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text())["skipped_files"] == 1
+    assert len(list(Path(cfg.dataset.cache_dir).rglob("*.npy"))) == 36 + 12 - 1  # every readable file cached

@@ -1,0 +1,134 @@
+"""Robust decoding: every odd file type becomes the right RGB array or a reported error; EXIF; probe."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from pipeline.data.images import (ImageDecodeError, decode_rgb, load_rgb, probe_image, resize_short_side,
+                             resized_shape)
+
+
+def _exif_jpeg(arr: np.ndarray, orientation: int, mode: str = "RGB") -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, "JPEG", exif=exif, quality=95)
+    return buf.getvalue()
+
+
+def _save(tmp_path, name: str, im: Image.Image, **kw) -> str:
+    path = tmp_path / name
+    im.save(path, **kw)
+    return str(path)
+
+
+def _odd_files(tmp_path) -> dict[str, tuple[str, tuple[int, int, int]]]:
+    """name -> (path, expected RGB of pixel (0, 0))."""
+    rgba = np.zeros((6, 6, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent -> white after compositing
+    half = rgba.copy()
+    half[..., 3] = 128  # red at 50% alpha over white -> (255, 127, 127)
+    pal = Image.new("P", (6, 6), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal_t = pal.copy()
+    pal_t.info["transparency"] = 1
+    g16 = Image.fromarray((np.arange(36).reshape(6, 6) * 1000).astype(np.uint16))
+    frames = [Image.new("P", (6, 6), i) for i in (2, 3)]
+    for f in frames:
+        f.putpalette([0] * 6 + [90, 90, 90, 250, 0, 0] + [0] * 756)
+    anim = str(tmp_path / "anim.gif")
+    frames[0].save(anim, save_all=True, append_images=frames[1:])
+    return {
+        "gray_png": (_save(tmp_path, "g.png", Image.new("L", (6, 6), 77)), (77, 77, 77)),
+        "gray_jpeg": (_save(tmp_path, "g.jpg", Image.new("L", (8, 8), 77), quality=100), (77, 77, 77)),
+        "rgba_transparent": (_save(tmp_path, "t.png", Image.fromarray(rgba, "RGBA")), (255, 255, 255)),
+        "rgba_half": (_save(tmp_path, "h.png", Image.fromarray(half, "RGBA")), (255, 127, 127)),
+        "la": (_save(tmp_path, "la.png", Image.new("LA", (6, 6), (0, 0))), (255, 255, 255)),
+        "palette": (_save(tmp_path, "p.png", pal), (10, 200, 30)),
+        "palette_transparent": (_save(tmp_path, "pt.png", pal_t, transparency=1), (255, 255, 255)),
+        "cmyk_jpeg": (_save(tmp_path, "c.jpg", Image.new("CMYK", (8, 8), (0, 255, 0, 0)), quality=100), (255, 0, 255)),
+        "gray16_png": (_save(tmp_path, "g16.png", g16), (0, 0, 0)),
+        "bilevel": (_save(tmp_path, "b.png", Image.new("1", (6, 6), 1)), (255, 255, 255)),
+        "tiff": (_save(tmp_path, "x.tif", Image.new("RGB", (6, 6), (1, 2, 3))), (1, 2, 3)),
+        "webp_lossless": (_save(tmp_path, "x.webp", Image.new("RGB", (6, 6), (9, 80, 200)), lossless=True),
+                          (9, 80, 200)),
+        "bmp": (_save(tmp_path, "x.bmp", Image.new("RGB", (6, 6), (4, 5, 6))), (4, 5, 6)),
+        "gif_first_frame": (anim, (90, 90, 90)),
+    }
+
+
+def test_each_odd_file_type_comes_out_as_rgb(tmp_path):
+    for name, (path, expected) in _odd_files(tmp_path).items():
+        rgb = load_rgb(path)
+        assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3, name
+        assert np.abs(rgb[0, 0].astype(int) - expected).max() <= 2, (name, rgb[0, 0], expected)
+    g16 = load_rgb(str(tmp_path / "g16.png"))
+    assert g16.max() == 255 and g16[0, 1, 0] == round(1000 * 255 / 35000)  # 16-bit stretched to its max
+
+
+def test_unusable_files_raise_a_reason_naming_the_file(tmp_path):
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, "JPEG")
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(png, "PNG")
+    bad = {"empty.jpg": b"", "html.jpg": b"<html><body>404</body></html>", "trunc.jpg": good.getvalue()[:300],
+           "trunc.png": png.getvalue()[:60], "text.png": b"just text"}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ImageDecodeError, match=name.replace(".", r"\.")):
+            load_rgb(str(tmp_path / name))
+    with pytest.raises(ImageDecodeError, match="cannot read file"):
+        load_rgb(str(tmp_path / "missing.jpg"))
+    (tmp_path / "big.png").write_bytes(png.getvalue())
+    with pytest.raises(ImageDecodeError, match="exceeds dataset.max_pixels=4000"):
+        load_rgb(str(tmp_path / "big.png"), max_pixels=4000)
+
+
+@pytest.mark.parametrize("orientation,mode", [(6, "RGB"), (8, "RGB"), (3, "RGB"), (6, "L")])
+def test_exif_orientation_is_applied(orientation, mode):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = 250  # bright left half of a landscape image
+    data = _exif_jpeg(arr, orientation, mode)
+    rgb = decode_rgb(data)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert rgb.shape == expected.shape == ((40, 20, 3) if orientation in (6, 8) else (20, 40, 3))
+    assert np.array_equal(rgb, expected)
+    bright = rgb.mean(axis=2) > 128
+    if orientation == 6:  # rotated 90 degrees clockwise: the left half becomes the top half
+        assert bright[:20].all() and not bright[20:].any()
+
+
+def test_fast_decoder_gives_the_same_pixels_as_pil():
+    from sklearn.datasets import load_sample_image
+
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_image("flower.jpg")).save(buf, "JPEG", quality=90)
+    assert np.array_equal(decode_rgb(buf.getvalue()), np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+
+
+def test_probe_records_hash_header_and_odd_facts(tmp_path):
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "png_named.jpg", format="PNG")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes((tmp_path / "a.png").read_bytes())
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).convert("RGB").save(tmp_path / "grey.png")
+    mismatched = probe_image(str(tmp_path / "png_named.jpg"))
+    assert mismatched["format"] == "PNG" and mismatched["ext_ok"] is False and mismatched["colors"] == 1
+    a, b = probe_image(str(tmp_path / "a.png")), probe_image(str(tmp_path / "b.png"))
+    assert a["sha1"] == b["sha1"] and (a["width"], a["height"]) == (48, 32) and a["ext_ok"] is True
+    assert a["gray_content"] is False and a["colors"] > 1000
+    assert probe_image(str(tmp_path / "grey.png"))["gray_content"] is True
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    bad = probe_image(str(tmp_path / "bad.jpg"))
+    assert "bad.jpg" in bad["error"] and bad["sha1"]
+
+
+def test_resize_short_side_follows_torchvision_rule():
+    img = np.zeros((427, 640, 3), np.uint8)
+    assert resized_shape(427, 640, 256) == (256, 383)  # int(256 * 640 / 427) = 383, not round() = 384
+    assert resize_short_side(img, 256).shape == (256, 383, 3)
+    assert resize_short_side(img.transpose(1, 0, 2), 256).shape == (383, 256, 3)
+    assert resize_short_side(img, 427) is img  # already the right size: untouched

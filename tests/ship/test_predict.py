@@ -1,0 +1,54 @@
+"""Predict CLI (pipeline/predict.py): top-k with class names, CSV, broken images, ONNX backend, user errors."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.ship import predict
+from test_export import CLASSES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def folder(exported, tmp_path) -> Path:
+    """Three real images (one in a subfolder), a broken .jpg and a text file."""
+    data, _, _ = exported
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    shutil.copy(data / "val/red/red_0.png", images / "red_0.png")
+    shutil.copy(data / "val/blue/blue_1.png", images / "blue_1.png")
+    shutil.copy(data / "val/green/green_2.png", images / "sub" / "green_2.png")
+    (images / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    (images / "notes.txt").write_text("not an image, not reported")
+    return images
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_onnx_backend_gives_the_same_predictions(exported, folder, tmp_path, capsys):
+    _, _, out = exported
+    torch_rows, _ = predict.run(str(out), [str(folder)], topk=3, csv_path=str(tmp_path / "t.csv"))
+    onnx_rows, _ = predict.run(str(out), [str(folder)], backend="onnx", topk=3, csv_path=str(tmp_path / "o.csv"))
+    assert [r["path"] for r in torch_rows] == [r["path"] for r in onnx_rows]
+    for t, o in zip(torch_rows, onnx_rows):
+        assert ("error" in t) == ("error" in o)
+        if "top" in t:
+            assert [c for c, _ in t["top"]] == [c for c, _ in o["top"]]
+            assert [p for _, p in t["top"]] == pytest.approx([p for _, p in o["top"]], abs=1e-5)
+            assert sorted(c for c, _ in t["top"]) == CLASSES  # topk=3 of 3 classes
+
+
+def test_single_file_and_topk_clamped_to_class_count(exported, tmp_path):
+    data, _, out = exported
+    image = str(data / "val/red/red_1.png")
+    rows, csv_path = predict.run(str(out), [image], topk=10, csv_path=str(tmp_path / "one.csv"))
+    assert len(rows) == 1 and len(rows[0]["top"]) == len(CLASSES)
+    assert list(read_csv(csv_path)[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3",
+                                           "error"]
