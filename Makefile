@@ -28,7 +28,7 @@ HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABL
 .PHONY: help install train test lint clean-outputs sweep hpo rank bench report export predict
 
 help: ## List the targets
-	@echo "Usage: make <target> [group=option ...] [ARGS=\"hydra overrides\"]"
+	@echo "Usage: make <target> [group=option ...] [key=value ...] [VAR=value: the command's own key, e.g. RUN=r is run=r]"
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml

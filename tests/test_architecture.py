@@ -2,9 +2,11 @@
 `make lint` (and so `make test` and CI). Checked on a temporary copy of the package with one bad import added."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,24 @@ def test_a_forbidden_import_fails_lint(copy, module, line, broken):
     for name in broken:
         assert any(name in ln and ln.rstrip().endswith("BROKEN") for ln in proc.stdout.splitlines()), \
             (name, proc.stdout[-3000:])
+
+
+def test_importing_every_module_has_no_side_effects():
+    """Side effects (allocator tuning, thread counts, PIL's limit, logging set-up) belong to the entry points."""
+    code = """
+import importlib, json, logging, os, pkgutil
+import PIL.Image, torch
+before = (PIL.Image.MAX_IMAGE_PIXELS, torch.get_num_threads(), len(logging.getLogger().handlers))
+import pipeline
+for m in pkgutil.walk_packages(pipeline.__path__, "pipeline."):
+    importlib.import_module(m.name)
+from pipeline.runtime import process
+after = (PIL.Image.MAX_IMAGE_PIXELS, torch.get_num_threads(), len(logging.getLogger().handlers))
+print(json.dumps({"same": before == after, "malloc_env": sorted(k for k in os.environ if k.startswith("MALLOC_")),
+                  "allocator_tuned": process._state["applied"]}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"same": True, "malloc_env": [],
+                                                                 "allocator_tuned": None}

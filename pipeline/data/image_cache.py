@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image
 
 from pipeline.runtime.files import write_atomic
-from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, resize_short_side, resized_shape
+from pipeline.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, open_image, resize_short_side,
+                                  resized_shape)
 
 _logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class MemoryCache:
     def _planned_pixels(self, path: str) -> int:
         """Pixel count after the cache resize, from the header (EXIF rotation does not change it)."""
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 w, h = im.size
         except (OSError, ValueError, SyntaxError):
             return 0  # not decodable: _fill records the reason

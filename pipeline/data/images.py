@@ -20,8 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 _logger = logging.getLogger(__name__)
 
-Image.MAX_IMAGE_PIXELS = None  # we apply our own, configurable guard below
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (dataset.max_pixels in conf/dataset/base.yaml)
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (dataset.max_pixels in conf/dataset/_base.yaml)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FAST_FORMATS = {"JPEG", "PNG", "BMP", "WEBP"}  # OpenCV decodes these to the same pixels as PIL
 FAST_MODES = {"RGB", "L"}
@@ -54,8 +53,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, P, CMYK, YCbCr, LAB, 1
 
 
+def open_image(source) -> Image.Image:
+    """`Image.open` under our own size guard (`dataset.max_pixels`), not PIL's fixed one, which would refuse
+    images the config allows. PIL's limit is lifted here, on first use, so importing the package changes nothing."""
+    Image.MAX_IMAGE_PIXELS = None
+    return Image.open(source)
+
+
 def _open_checked(data: bytes, path: str, max_pixels: int) -> Image.Image:
-    im = Image.open(io.BytesIO(data))
+    im = open_image(io.BytesIO(data))
     w, h = im.size
     if w * h > max_pixels:
         im.close()
@@ -127,7 +133,7 @@ def probe_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image(io.BytesIO(data)) as im:
                 record.update(format=im.format, mode=im.mode, width=im.size[0], height=im.size[1])
         small = decode_rgb(data, path, max_pixels, draft_size)
     except ImageDecodeError as e:
