@@ -125,11 +125,10 @@ def part_pipeline_extract(a) -> dict:
     import torch
 
     from pipeline.data import augment
-
-    from pipeline.model import backbone
-    from pipeline.features.fit import extraction_workers
     from pipeline.data.folder import Split
     from pipeline.features.cache import load_or_extract
+    from pipeline.features.fit import extraction_workers
+    from pipeline.model import backbone
     from pipeline.train import build_data
 
     cfg = _compose(_overrides(a))
@@ -150,9 +149,7 @@ def part_loader(a) -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_data import loader_epoch
 
-    from pipeline.data import augment
-
-    from pipeline.data import image_cache
+    from pipeline.data import augment, image_cache
     from pipeline.train import build_data
 
     cfg = _compose(_overrides(a))

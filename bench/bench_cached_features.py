@@ -27,12 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import pipeline  # noqa: E402,F401  (allocator tuning before torch)
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+import pipeline  # noqa: E402,F401  (allocator tuning before torch)
 from pipeline.config import register_configs  # noqa: E402
 from pipeline.train import train  # noqa: E402
-
 
 TARGET_RATIO, TARGET_DIFF_PT = 10.0, 0.5
 

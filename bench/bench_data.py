@@ -27,9 +27,11 @@ import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 import pipeline  # noqa: E402,F401  (allocator tuning before heavy allocations)
-from pipeline.data import augment
-from pipeline.data import folder
-from pipeline.data import image_cache  # noqa: E402
+from pipeline.data import (
+    augment,
+    folder,
+    image_cache,  # noqa: E402
+)
 from pipeline.data.images import DEFAULT_MAX_PIXELS, decode_rgb  # noqa: E402
 
 

@@ -24,7 +24,7 @@ STAGES = [  # first match wins, checked against the whole stack
     ("decode + resize (workers)", ("load_rgb", "decode_rgb", "imdecode", "_decode", "resize")),
     ("transform (workers)", ("albumentations", "Compose.__call__")),
     ("collate / IPC", ("collate", "_worker_loop", "reduce_storage", "rebuild_storage", "_next_data")),
-    ("extraction loop, other", ("extract (pipeline/feature_cache.py",)),
+    ("extraction loop, other", ("extract (features/cache.py",)),
 ]
 
 

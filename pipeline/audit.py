@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pipeline.config import compose_config
 from pipeline.data.audit import audit_markdown, input_side, run_audit
 from pipeline.errors import exit_on_user_error
-from pipeline.config import compose_config
 from pipeline.runtime.cli import split_args
 from pipeline.runtime.files import write_text
 from pipeline.runtime.process import tune_allocator

@@ -13,8 +13,8 @@ This module imports no Hydra (only `register_configs` does), so every layer may 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pipeline.errors import ConfigError, check_choice

@@ -8,11 +8,11 @@ import sys
 
 import timm
 
+from pipeline.config import compose_config
 from pipeline.data import augment, folder, sources
 from pipeline.errors import exit_on_user_error
 from pipeline.model import backbone
 from pipeline.reports.preview import write_preview
-from pipeline.config import compose_config
 from pipeline.runtime.cli import positive_int, split_args
 from pipeline.runtime.process import tune_allocator
 from pipeline.training.validate import validate_values

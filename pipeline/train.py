@@ -27,8 +27,17 @@ from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import loop, resume
 from pipeline.training.fit import fit
-from pipeline.training.setup import (RUNTIME_SKIP_LOG, build_data, build_image_cache, checkpoint_meta, make_loader,
-                                     prepare_run, resolve_run_dir, setup_imbalance, setup_strategy)
+from pipeline.training.setup import (
+    RUNTIME_SKIP_LOG,
+    build_data,
+    build_image_cache,
+    checkpoint_meta,
+    make_loader,
+    prepare_run,
+    resolve_run_dir,
+    setup_imbalance,
+    setup_strategy,
+)
 
 _logger = logging.getLogger(__name__)
 _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf.errors import ConfigKeyError, ValidationError
 from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, compose_cfg
-
 from pipeline.config import GROUPS as SCHEMAS
 from pipeline.config import check_values
 from pipeline.errors import ConfigError

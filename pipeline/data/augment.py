@@ -20,8 +20,8 @@ import numpy as np
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
-from pipeline.errors import ConfigError
 from pipeline.data.images import PIL_RESAMPLE, resize_short_side
+from pipeline.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 

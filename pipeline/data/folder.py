@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from pipeline.errors import ConfigError, MissingFileError
 from pipeline.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, load_rgb, probe_image
+from pipeline.errors import ConfigError, MissingFileError
 
 _logger = logging.getLogger(__name__)
 

@@ -22,9 +22,15 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from pipeline.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    load_rgb,
+    open_image,
+    resize_short_side,
+    resized_shape,
+)
 from pipeline.runtime.files import write_atomic
-from pipeline.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, open_image, resize_short_side,
-                                  resized_shape)
 
 _logger = logging.getLogger(__name__)
 

@@ -22,13 +22,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.runtime import distributed
-
 from pipeline.data import sampler
 from pipeline.data.folder import ImageDataset, Split, collate_skip_none
 from pipeline.errors import PipelineError
 from pipeline.model.inference import run_batches
 from pipeline.model.multidepth import pooled_features
+from pipeline.runtime import distributed
 from pipeline.runtime.devices import Accel
 from pipeline.runtime.files import write_atomic, write_json
 from pipeline.runtime.seeding import seed_transform, seed_worker

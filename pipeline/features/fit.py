@@ -1,5 +1,5 @@
-"""The cached linear-probe run: features once per split (pipeline/feature_cache.py), a head trained on them
-(pipeline/heads.py), LogME per feature level, and a full-model `best` checkpoint that predicts the same.
+"""The cached linear-probe run: features once per split (features/cache.py), a head trained on them
+(features/heads.py), LogME per feature level, and a full-model `best` checkpoint that predicts the same.
 
 Used by train.py whenever the resolved mode is `linear_probe` and `features.cached=true`.
 """
@@ -13,17 +13,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.model import checkpoint
-
-from pipeline.runtime import distributed
-
 from pipeline.features import heads
-from pipeline.training import loss
 from pipeline.features.cache import load_or_extract, weights_hash
-from pipeline.transfer.logme import logme_score
-from pipeline.model.multidepth import (HEAD, check_levels_need_cache, level_dims, resolve_levels,
-                                       uses_plain_head)
+from pipeline.model import checkpoint
+from pipeline.model.multidepth import HEAD, check_levels_need_cache, level_dims, resolve_levels, uses_plain_head
+from pipeline.runtime import distributed
 from pipeline.runtime.files import write_json
+from pipeline.training import loss
+from pipeline.transfer.logme import logme_score
 
 _logger = logging.getLogger(__name__)
 

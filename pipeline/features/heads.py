@@ -15,11 +15,11 @@ import torch
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 
-from pipeline.transfer import optim
 from pipeline.data import sampler
 from pipeline.errors import ConfigError
-from pipeline.training.metrics import MonitorTracker, classification_metrics
 from pipeline.model.multidepth import MultiDepthClassifier, uses_plain_head
+from pipeline.training.metrics import MonitorTracker, classification_metrics
+from pipeline.transfer import optim
 
 _logger = logging.getLogger(__name__)
 

@@ -16,17 +16,16 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.data import augment
-
-from pipeline.model import backbone
-from pipeline.runtime.devices import select_device
-from pipeline.features.fit import extraction_workers, level_columns
 from pipeline.errors import PipelineError
 from pipeline.features.cache import load_or_extract, weights_hash
-from pipeline.transfer.logme import logme_score
+from pipeline.features.fit import extraction_workers, level_columns
+from pipeline.model import backbone
 from pipeline.model.multidepth import HEAD
+from pipeline.runtime.devices import select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads
 from pipeline.training.setup import build_data, resolve_run_dir
+from pipeline.transfer.logme import logme_score
 
 _logger = logging.getLogger(__name__)
 

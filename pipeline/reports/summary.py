@@ -48,7 +48,7 @@ def results_section(metrics: dict) -> list[str]:
 
 
 def imbalance_section(plan: dict) -> list[str]:
-    """Class weights, sampler and prior bias as decided by pipeline/loss.py (also in class_weights.json)."""
+    """Class weights, sampler and prior bias as decided by training/loss.py (also in class_weights.json)."""
     prior = plan["prior_bias"]
     lines = ["## Class imbalance", "", f"- imbalance ratio (largest / smallest train class): "
              f"{plan['imbalance_ratio']:.2f}", f"- class weights: {plan['class_weights']}"
@@ -95,7 +95,7 @@ def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_n
     write_json(run_dir / "metrics.json", metrics)
     lines = [f"# Run summary: {dataset_name} / {model_info.get('backbone')}", ""]
     lines += dataset_section(data, dataset_name, root)
-    if audit:  # pipeline/audit.py; the full report is audit.json
+    if audit:  # data/audit.py; the full report is audit.json
         from pipeline.data.audit import audit_markdown
         lines += audit_markdown(audit) + ["Full audit: `audit.json`.", ""]
     lines += model_section(model_info)

@@ -6,7 +6,7 @@ Writes `report.csv` (one row per run, every column), `report.md` (the readable t
 between runs, status, freeze depth, trainable params, time, best epoch, val/test metrics; failed runs with their
 error) and `report.png` (the monitored metric vs freeze depth with trainable params on a second axis, and the
 time per run) into the sweep dir. Any multirun works: a run is a dir with `.hydra/overrides.yaml` or
-`metrics.json`. Runs a Hydra callback at the end of every multirun (pipeline/sweep_callback.py).
+`metrics.json`. Runs a Hydra callback at the end of every multirun (reports/sweep_callback.py).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+
 from pipeline.runtime.files import write_figure
 
 _logger = logging.getLogger(__name__)

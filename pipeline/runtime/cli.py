@@ -1,9 +1,9 @@
 """The one command-line convention of every entry point: `key=value` arguments, on `make` and `python -m` alike.
 
 An entry point declares its own keys with their defaults (e.g. export: `run`, `out`); every other argument is a
-Hydra override of the project config (`group=option`, `a.b=value`, `+a.b=value`, `~a`), composed from conf/.
-The project config is composed by pipeline/config.py `compose`. `make <target> X=v` passes Make's own variables as the same keys (`RUN=r` -> `run=r`). Anything that is not
-`key=value` is a one-line error naming the convention.
+Hydra override of the project config (`group=option`, `a.b=value`, `+a.b=value`, `~a`), composed from conf/
+by `pipeline.config.compose_config`. `make <target> X=v` passes Make's own variables as the same keys
+(`RUN=r` -> `run=r`). Anything that is not `key=value` is a one-line error naming the convention.
 """
 from __future__ import annotations
 

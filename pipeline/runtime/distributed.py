@@ -6,7 +6,7 @@ is the plain single-process one. Roles:
 - rank 0 alone writes files (run dir, checkpoints, caches, logs) and shows progress bars; the others
   compute and receive rank 0's decisions (run dir, resume state, auto decision) by broadcast.
 - `trainer.batch_size` is the global batch: each rank loads batch_size / world_size of it, from a shard
-  of the one order every rank draws with the same seed (pipeline/sampler.py ShardSampler), so the global
+  of the one order every rank draws with the same seed (data/sampler.py ShardSampler), so the global
   batches are exactly those of a single-process run.
 - val/test predictions are gathered from contiguous, non-padded shards: metrics are exact.
 """

@@ -17,20 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from pipeline.model import checkpoint
-
-from pipeline.ship import loading
-
-from pipeline.ship import model_card
-from omegaconf import OmegaConf
-
-from pipeline.config import ExportConfig, check_group
-from pipeline.config import CONF_DIR
-from pipeline.runtime.files import staged_dir, write_json, write_text
-from pipeline.errors import ConfigError, MissingFileError, PipelineError
+from pipeline.config import CONF_DIR, ExportConfig, check_group
 from pipeline.data.images import DEFAULT_MAX_PIXELS
+from pipeline.errors import ConfigError, MissingFileError, PipelineError
+from pipeline.model import checkpoint
+from pipeline.runtime.files import staged_dir, write_json, write_text
+from pipeline.ship import loading, model_card
 from pipeline.ship.predict import collect_images
 
 _logger = logging.getLogger(__name__)
@@ -49,7 +44,8 @@ def resolve_settings(run_config: dict, overrides: dict) -> dict:
     settings = {**base, **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(settings) - {f.name for f in fields(ExportConfig)})
     if unknown:
-        raise ConfigError(f"export has no setting(s) {unknown}; it takes export.{', export.'.join(f.name for f in fields(ExportConfig))}")
+        known = ", ".join(f"export.{f.name}" for f in fields(ExportConfig))
+        raise ConfigError(f"export has no setting(s) {unknown}; it takes {known}")
     check_group("export", ExportConfig, settings)
     formats = list(dict.fromkeys(["safetensors", *settings["formats"]]))  # the loader always needs safetensors
     return {**settings, "formats": formats, "tolerance": float(settings["tolerance"])}
@@ -177,7 +173,8 @@ def check_formats(model: torch.nn.Module, tmp: Path, paths: list[str], ref_x: to
     failed = {f: r["max_abs_diff"] for f, r in results["parity"].items() if not r["max_abs_diff"] <= tol}
     if failed:
         raise ExportError(f"Parity check failed: max abs logit diff {failed} above tolerance {tol:g} "
-                          f"on {len(paths)} images; raise export.tolerance only if the gap is expected, or drop the format")
+                          f"on {len(paths)} images; raise export.tolerance only if the gap is expected, or drop the "
+                          "format")
     return results
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from pipeline.data.augment import build_eval_transform
-from pipeline.errors import ConfigError, MissingFileError, ModelFileError
 from pipeline.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from pipeline.errors import ConfigError, MissingFileError, ModelFileError
 from pipeline.model.checkpoint import build_model, read_meta, read_weights
 
 _logger = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import MissingFileError, PipelineError
 from pipeline.data.images import IMAGE_EXTENSIONS, ImageDecodeError
-from pipeline.ship.loading import LoadedModel, load
+from pipeline.errors import MissingFileError, PipelineError
 from pipeline.runtime.files import write_csv
+from pipeline.ship.loading import LoadedModel, load
 
 _logger = logging.getLogger(__name__)
 

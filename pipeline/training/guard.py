@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from pipeline.runtime import distributed
 from pipeline.errors import PipelineError
+from pipeline.runtime import distributed
 
 _logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _lr_fix(optimizer: torch.optim.Optimizer, grad_clip: float) -> str:
 
 
 class StepGuard:
-    """Checks around each training step (pipeline/engine.py): `inputs_ok` before the forward pass (a batch
+    """Checks around each training step (training/loop.py): `inputs_ok` before the forward pass (a batch
     with NaN/inf pixels is skipped before it can touch BatchNorm statistics), `grads_ok` between
     `loss.backward()` and `optimizer.step()` (clips, or skips a step with a non-finite loss or gradient)."""
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import time
+
 import numpy as np
 import torch
-from pipeline.runtime import distributed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.model.inference import run_batches
+from pipeline.runtime import distributed
 from pipeline.runtime.devices import Accel
 
 

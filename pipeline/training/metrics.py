@@ -5,8 +5,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
-                             f1_score)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix, f1_score
 
 from pipeline.config import MONITORS
 

@@ -4,7 +4,7 @@
 optimizer, LR schedule, monitor tracker, NaN-guard counters, history, the best epoch's val outputs,
 the python/numpy/torch RNGs, the train loader's generator, the balanced sampler's generator, the
 train transform's RNGs and the run's resolved config. A resumed CPU run repeats the uninterrupted
-one exactly: same weights and metrics (pipeline/seeding.py lists the random streams).
+one exactly: same weights and metrics (runtime/seeding.py lists the random streams).
 
 `trainer.resume`:
 - `<run dir>` (or its `last.pt`): continue that run in that dir with its saved config; of this
@@ -26,11 +26,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.runtime import distributed
-
-from pipeline.runtime import seeding
-from pipeline.model.checkpoint import LAST, load_state, save_state
 from pipeline.errors import ConfigError, MissingFileError
+from pipeline.model.checkpoint import LAST, load_state, save_state
+from pipeline.runtime import distributed, seeding
 
 _logger = logging.getLogger(__name__)
 

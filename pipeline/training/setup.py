@@ -81,7 +81,7 @@ def checkpoint_meta(cfg: DictConfig, classes: list[str], data_cfg: dict, epoch: 
 
 
 def setup_imbalance(cfg: DictConfig, splits: folder.DatasetSplits, model: torch.nn.Module, run_dir: Path) -> dict:
-    """Class weights + prior-bias init (pipeline/loss.py); writes class_weights.json and returns the plan."""
+    """Class weights + prior-bias init (training/loss.py); writes class_weights.json and returns the plan."""
     c = cfg.loss
     mode = OmegaConf.to_container(c.class_weights) if isinstance(c.class_weights, DictConfig) else c.class_weights
     counts = splits.train.counts()

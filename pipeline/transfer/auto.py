@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from pipeline.data.folder import Split
-from pipeline.transfer.separability import cv_separability, measure_separability, sample_per_class
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.runtime.files import write_json
+from pipeline.transfer.separability import cv_separability, measure_separability, sample_per_class
 
 _logger = logging.getLogger(__name__)
 

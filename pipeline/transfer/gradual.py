@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from pipeline.transfer.optim import build_param_groups
 from pipeline.model.freezing import freeze_to_depth, param_counts
+from pipeline.transfer.optim import build_param_groups
 
 _logger = logging.getLogger(__name__)
 

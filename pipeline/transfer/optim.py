@@ -10,7 +10,6 @@ from pipeline.errors import ConfigError
 from pipeline.model.freezing import head_param_names, layer_groups
 
 
-
 def build_param_groups(model: torch.nn.Module, *, lr: float, backbone_lr_mult: float = 0.1,
                        layer_decay: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
     """One group for the head at `lr`, one per backbone layer group at lr * mult * decay^(distance from top).

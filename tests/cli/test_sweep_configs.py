@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
+from pipeline.model.freezing import resolve_freeze_depth
 from pipeline.reports.sweep import collect_runs
 from pipeline.runtime.process import set_threads
-from pipeline.model.freezing import resolve_freeze_depth
 
 ROOT = Path(__file__).resolve().parents[2]
 

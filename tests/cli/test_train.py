@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline.data.augment import build_eval_transform
-from pipeline.model.checkpoint import load_checkpoint
 from pipeline.data.folder import ImageDataset, Split, collate_skip_none
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.train import train
 
 ROOT = Path(__file__).resolve().parents[2]

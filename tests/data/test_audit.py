@@ -7,10 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from conftest import make_imagefolder
 from pipeline.data.audit import audit_dataset, audit_markdown, run_audit
 from pipeline.data.folder import load_imagefolder
-
-from conftest import make_imagefolder
 
 
 def _planted(tmp_path: Path) -> Path:

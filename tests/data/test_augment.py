@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from pipeline.data.augment import build_eval_transform, build_train_transform, train_transform_from_cfg
-from pipeline.errors import ConfigError
-from pipeline.data.images import load_rgb
-
 from conftest import CONF_DIR, compose_cfg
+from pipeline.data.augment import build_eval_transform, build_train_transform, train_transform_from_cfg
+from pipeline.data.images import load_rgb
+from pipeline.errors import ConfigError
 
 LITE0 = {"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
          "crop_pct": 0.875, "crop_mode": "center"}

@@ -9,14 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_imagefolder, write_image
 from pipeline.data.augment import build_eval_transform
-from pipeline.data.folder import ImageDataset, Split, collate_skip_none, load_imagefolder, read_skip_log, stratified_split
+from pipeline.data.folder import (
+    ImageDataset,
+    Split,
+    collate_skip_none,
+    load_imagefolder,
+    read_skip_log,
+    stratified_split,
+)
 from pipeline.data.image_cache import DiskCache, MemoryCache, build_cache
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.sources import prepare_root, write_digits_imagefolder
 from pipeline.errors import MissingFileError
-
-from conftest import make_imagefolder, write_image
 
 
 def test_stratified_split_is_stratified_and_deterministic():

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.data.images import (ImageDecodeError, decode_rgb, load_rgb, probe_image, resize_short_side,
-                             resized_shape)
+from pipeline.data.images import ImageDecodeError, decode_rgb, load_rgb, probe_image, resize_short_side, resized_shape
 
 
 def _exif_jpeg(arr: np.ndarray, orientation: int, mode: str = "RGB") -> bytes:

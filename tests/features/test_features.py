@@ -12,15 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_image
-from pipeline.ship import export
-from pipeline.ship import loading
 from pipeline.data.augment import build_eval_transform
 from pipeline.data.folder import Split, list_split
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.features.cache import load_or_extract, weights_hash
-from pipeline.transfer.logme import logme_score
 from pipeline.features.heads import fit_logistic_head, fold_standardization, standardizer
+from pipeline.ship import export, loading
 from pipeline.train import train
+from pipeline.transfer.logme import logme_score
 
 PREP = {"input_size": (3, 64, 64), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
         "crop_pct": 0.875}

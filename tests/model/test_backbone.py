@@ -6,8 +6,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline.model.backbone import build_backbone, check_arch, data_config, read_state_dict
 from pipeline.errors import PipelineError
+from pipeline.model.backbone import build_backbone, check_arch, data_config, read_state_dict
 
 
 def test_local_safetensors_and_pth_weights_load_except_head(tmp_path):

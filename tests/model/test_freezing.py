@@ -5,12 +5,9 @@ import pytest
 import timm
 import torch
 
-from pipeline.transfer import gradual
-
-from pipeline.transfer import optim
-
-from pipeline.model import freezing
 from pipeline.errors import ConfigError
+from pipeline.model import freezing
+from pipeline.transfer import gradual, optim
 
 ARCHS = ["test_efficientnet", "test_resnet"]
 

@@ -61,6 +61,7 @@ def rewrap_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     import torch
+
     from pipeline.runtime import distributed
     distributed.init_from_env()
     torch.manual_seed(0)

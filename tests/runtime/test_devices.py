@@ -5,9 +5,9 @@ import pytest
 import timm
 import torch
 
-from pipeline.training import loop
-from pipeline.runtime.devices import Accel, build_accel, prepare_model, resolve_amp, select_device
 from pipeline.errors import ConfigError
+from pipeline.runtime.devices import Accel, build_accel, prepare_model, resolve_amp, select_device
+from pipeline.training import loop
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _ddp_worker import rewrap_worker
+
 from conftest import write_tiny_folder
-from pipeline.runtime import distributed
-from pipeline.errors import ConfigError
 from pipeline.data.sampler import BalancedClassSampler, EvalShardSampler, ShardSampler, distributed_sampler
+from pipeline.errors import ConfigError
+from pipeline.runtime import distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"

@@ -13,14 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES
 import pipeline
-from pipeline.ship import export
-from pipeline.ship import loading
+from conftest import CLASSES
 from pipeline.data.augment import build_eval_transform
-from pipeline.model.checkpoint import load_checkpoint
 from pipeline.data.folder import ImageDataset, Split
 from pipeline.errors import MissingFileError
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.ship import export, loading
 from pipeline.ship.loading import ModelFileError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_export import CLASSES
 
 from pipeline.ship import predict
-from test_export import CLASSES
 
 ROOT = Path(__file__).resolve().parents[2]
 

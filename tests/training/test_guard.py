@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from pipeline.model import checkpoint
-
 from pipeline.training import resume
 from pipeline.training.guard import NonFiniteError, StepGuard, nonfinite_params
 

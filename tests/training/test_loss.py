@@ -7,10 +7,17 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 
-from pipeline.model.backbone import build_backbone
 from pipeline.errors import ConfigError
-from pipeline.training.loss import (build_loss, compute_class_weights, effective_prior, init_prior_bias, label_entropy,
-                           plan_imbalance, resolve_prior_bias)
+from pipeline.model.backbone import build_backbone
+from pipeline.training.loss import (
+    build_loss,
+    compute_class_weights,
+    effective_prior,
+    init_prior_bias,
+    label_entropy,
+    plan_imbalance,
+    resolve_prior_bias,
+)
 
 COUNTS = [10, 30, 60]
 NAMES = ["a", "b", "c"]

@@ -10,9 +10,9 @@ from PIL import Image
 
 from conftest import make_imagefolder
 from pipeline.errors import ConfigError
-from pipeline.training.metrics import MonitorTracker, classification_metrics, per_class_metrics, report_text
 from pipeline.reports.plots import plot_curves, read_confusion_csv, write_split_reports
 from pipeline.train import train
+from pipeline.training.metrics import MonitorTracker, classification_metrics, per_class_metrics, report_text
 
 # 8 majority "b", 2 minority "a"; the model says "b" for all but one minority image
 LABELS = np.array([0, 0] + [1] * 8)

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_cfg, write_tiny_folder
-from pipeline.model import checkpoint
-from pipeline.training import resume
 from pipeline.errors import ConfigError, MissingFileError
-from pipeline.training.guard import StepGuard
+from pipeline.model import checkpoint
 from pipeline.train import train
+from pipeline.training import resume
+from pipeline.training.guard import StepGuard
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ["trainer=smoke", "dataset=folder", "backbone=tiny", "strategy=gradual", "strategy.warmup_epochs=1",

@@ -10,8 +10,8 @@ import timm
 from safetensors.torch import save_file
 
 from conftest import compose_cfg, make_imagefolder
-from pipeline.errors import ConfigError, MissingFileError, OutputError
 from pipeline.data.folder import check_layout as check_dataset_layout
+from pipeline.errors import ConfigError, MissingFileError, OutputError
 from pipeline.runtime.files import ensure_writable_dir
 from pipeline.training.validate import validate_config
 
