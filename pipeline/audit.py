@@ -1,7 +1,10 @@
 """Entry point: `python -m pipeline.audit dataset=X [out=DIR] [key=value ...]` (or `make audit dataset=X [OUT=DIR]`).
 
-Audits a dataset without training (data/audit.py): counts, sizes, colour modes, odd files, duplicates and
-train/eval leakage. Writes `audit.json` and `audit.md` to `out` (default outputs/audit/<dataset>).
+Audits a dataset without training (docs/audit.md): counts, sizes, colour modes, odd files, exact and near
+duplicates, train/eval leakage, storage shortcuts (data/audit.py) and label-error candidates from the
+configured pretrained backbone's features (features/label_issues.py). Writes `audit.json`, `audit.md` and,
+when there is something to show, `near_duplicates.png` and `label_issues.png` to `out` (default
+outputs/audit/<dataset>).
 """
 from __future__ import annotations
 
@@ -9,15 +12,29 @@ import sys
 from pathlib import Path
 
 from pipeline.config import compose_config
-from pipeline.data.audit import audit_markdown, input_side, run_audit
-from pipeline.errors import exit_on_user_error
+from pipeline.data.audit import input_side, run_audit
+from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.features import label_issues
+from pipeline.reports.audit_report import audit_section, write_audit_sheets
 from pipeline.runtime.cli import split_args
-from pipeline.runtime.files import write_text
-from pipeline.runtime.process import tune_allocator
+from pipeline.runtime.devices import select_device
+from pipeline.runtime.files import write_json, write_text
+from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.training.setup import build_data
 from pipeline.training.validate import validate_values
 
 OWN_KEYS = {"out": None}  # this command's own keys; every other key=value overrides conf/
+
+
+def find_label_issues(cfg, data) -> dict:
+    """The label-error report with the configured backbone; a backbone that cannot be built (e.g. hub weights
+    offline) skips this check only."""
+    try:
+        model, eval_tf, weights_desc = label_issues.audit_model(cfg, len(data.classes))
+    except PipelineError as e:
+        return {"skipped": f"backbone {cfg.backbone.name} not available: {e}", "flagged": 0, "candidates": []}
+    device = select_device(cfg.trainer.device)
+    return label_issues.find_candidates(model, data, cfg, device, eval_tf, weights_desc=weights_desc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,14 +43,18 @@ def main(argv: list[str] | None = None) -> None:
         own, overrides = split_args(sys.argv[1:] if argv is None else argv, OWN_KEYS, prog="audit")
         cfg = compose_config(overrides)
         validate_values(cfg)
+        set_threads(cfg.trainer.threads)
         data, root = build_data(cfg)
         out = Path(own["out"] or Path("outputs/audit") / cfg.dataset.name)
-        _, report = run_audit(data, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup,
-                              min_side=input_side(cfg), out_dir=out)
-        text = "\n".join(audit_markdown(report))
+        data, report = run_audit(data, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup, checks=cfg.audit,
+                                 seed=cfg.seed, min_side=input_side(cfg), out_dir=out)
+        report["label_issues"] = find_label_issues(cfg, data)
+        write_json(out / "audit.json", report)
+        sheets = write_audit_sheets(out, report, cfg.dataset.max_pixels)
+        text = "\n".join(audit_section(report))
         write_text(out / "audit.md", text + "\n")
         print(text)
-        print(f"\nWrote {out / 'audit.json'} and {out / 'audit.md'}")
+        print(f"\nWrote {', '.join(str(p) for p in [out / 'audit.json', out / 'audit.md', *sheets])}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # The valid values of the choice keys, one tuple each; the modules that act on them import them from here.
 SOURCES = ("folder", "digits")
-DEDUP_MODES = ("none", "drop_from_eval")
+DEDUP_MODES = ("none", "drop_from_eval", "drop_near_from_eval")
 CACHE_MODES = ("none", "memory", "disk")
 SAMPLERS = ("shuffle", "balanced")
 MODES = ("auto", "linear_probe", "partial", "finetune", "gradual")
@@ -68,6 +68,8 @@ class DatasetConfig:
     val_split: str = value()
     test_split: str = value()
     val_fraction: float = number(0, 1, low_open=True, high_open=True, example=0.2)
+    test_fraction: float = number(0, 1, high_open=True, example=0.1)
+    manifest: Optional[str] = value()  # a CSV path,label[,split]: checked by reading it (data/manifest.py)
     url: Optional[str] = value()
     download: bool = value()
     download_hint: str = value()
@@ -174,6 +176,9 @@ class TrainerConfig:
     channels_last: bool = value()
     compile: bool = value()
     keep_last: bool = value()
+    tensorboard: bool = value()
+    mlflow: bool = value()  # needs the mlflow package (checked at start-up: training/tracking.py check_mlflow)
+    top_losses: int = number(0, example=16)
 
 
 @dataclass
@@ -196,6 +201,15 @@ class ExportConfig:
 
 
 @dataclass
+class AuditConfig:
+    shortcut_threshold: float = number(0, 1, example=0.4)
+    near_duplicate_distance: int = number(0, 256, example=20)
+    folds: int = number(2, example=5)
+    label_issues: bool = value()
+    label_issues_top: int = number(1, example=20)
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = MISSING
     backbone: BackboneConfig = MISSING
@@ -206,6 +220,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     export: ExportConfig = MISSING
     features: FeaturesConfig = MISSING
+    audit: AuditConfig = MISSING
     seed: int = value()
     output_dir: Optional[str] = value()
     data_dir: str = value()
@@ -247,9 +262,7 @@ def _check_class_weights(key: str, x: Any) -> None:
         if bad:
             raise ConfigError(f"{key} values must be numbers >= 0, got {dict(bad)}")
         return
-    if x not in WEIGHT_MODES:
-        raise ConfigError(f"{key}={x!r} is not valid; choose one of: {', '.join(WEIGHT_MODES)} "
-                          "or a mapping {class_name: weight}")
+    check_choice(key, x, WEIGHT_MODES, also="a mapping {class_name: weight}")
 
 
 def _check_auto_or_count(key: str, x: Any) -> None:
@@ -287,7 +300,7 @@ def check_group(prefix: str, schema: type, values: Any) -> None:
 
 GROUPS = {"dataset": DatasetConfig, "backbone": BackboneConfig, "strategy": StrategyConfig,
           "augment": AugmentConfig, "loss": LossConfig, "optim": OptimConfig, "trainer": TrainerConfig,
-          "features": FeaturesConfig, "export": ExportConfig}
+          "features": FeaturesConfig, "export": ExportConfig, "audit": AuditConfig}
 
 
 def check_values(cfg: Any) -> None:

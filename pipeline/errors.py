@@ -26,11 +26,13 @@ class ModelFileError(ConfigError):
     """A model or weights file that is damaged, truncated, modified, or does not match its JSON."""
 
 
-def check_choice(key: str, value: Any, choices: Iterable) -> None:
-    """The one check (and message) for a setting that must be one of a fixed set of values."""
+def check_choice(key: str, value: Any, choices: Iterable, also: str = "") -> None:
+    """The one check (and message) for a setting that must be one of a fixed set of values (`also`: the other
+    form it may take, named in the message)."""
     options = [str(c) for c in choices]
     if isinstance(value, bool) or str(value) not in options:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(options)}")
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(options)}"
+                          + (f" or {also}" if also else ""))
 
 
 @contextmanager

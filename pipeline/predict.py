@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipeline.errors import ConfigError, check_choice, exit_on_user_error
+from pipeline.errors import ConfigError, exit_on_user_error
 from pipeline.runtime.cli import positive_int, require, split_args
-from pipeline.ship.loading import BACKENDS
 from pipeline.ship.predict import run
 
 OWN_KEYS = {"run": None, "images": None, "backend": "torch", "topk": 3, "csv": None, "batch_size": 32}
@@ -28,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
         export_dir = require(own, "run", prog="predict", example="run=outputs/runs/<run>/export")
         if not any(images):
             raise ConfigError("predict needs images=...: e.g. images=photos/ (a file or folder; may repeat)")
-        check_choice("backend", own["backend"], BACKENDS)
         run(export_dir, images, backend=own["backend"], topk=positive_int(own, "topk", prog="predict"),
             csv_path=own["csv"], batch_size=positive_int(own, "batch_size", prog="predict"))
     return 0

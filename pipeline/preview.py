@@ -9,12 +9,13 @@ import sys
 import timm
 
 from pipeline.config import compose_config
-from pipeline.data import augment, folder, sources
+from pipeline.data import augment
 from pipeline.errors import exit_on_user_error
 from pipeline.model import backbone
 from pipeline.reports.preview import write_preview
 from pipeline.runtime.cli import positive_int, split_args
 from pipeline.runtime.process import tune_allocator
+from pipeline.training.setup import list_data
 from pipeline.training.validate import validate_values
 
 OWN_KEYS = {"n": 16, "out": None}  # this command's own keys; every other key=value overrides conf/
@@ -29,10 +30,8 @@ def main(argv: list[str] | None = None) -> None:
         validate_values(cfg)
         backbone.check_arch(cfg.backbone.name)  # preprocessing only: no weights needed
         d, b = cfg.dataset, cfg.backbone
-        root = sources.prepare_root(name=d.name, root=d.root, source=d.source, image_size=d.image_size, url=d.url,
-                                    download=d.download, download_hint=d.download_hint, train_split=d.train_split)
-        classes = folder.find_classes(root / d.train_split)
-        paths, labels, _ = folder.list_split(root / d.train_split, classes)
+        listing, _ = list_data(cfg)  # train/ tree, class folders or dataset.manifest
+        classes, (paths, labels) = listing.classes, listing.splits["train"]
         data_cfg = backbone.data_config(timm.create_model(b.name, pretrained=False), b.input_size or d.input_size)
         data_cfg["grayscale_input"] = bool(cfg.augment.grayscale_input)
         transform = augment.train_transform_from_cfg(data_cfg, cfg.augment)

@@ -18,8 +18,10 @@ from pipeline.config import check_overrides, register_configs
 from pipeline.data import audit, augment, folder
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.features import fit as cached_fit
+from pipeline.features import label_issues
 from pipeline.model import backbone, checkpoint
-from pipeline.reports import plots, summary
+from pipeline.reports import gallery, plots, summary
+from pipeline.reports.audit_report import write_audit_sheets
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import build_accel, select_device
 from pipeline.runtime.files import write_json, write_text
@@ -37,6 +39,7 @@ from pipeline.training.setup import (
     resolve_run_dir,
     setup_imbalance,
     setup_strategy,
+    write_split,
 )
 
 _logger = logging.getLogger(__name__)
@@ -57,8 +60,10 @@ def train(cfg: DictConfig) -> dict:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     splits, root = distributed.from_main(lambda: build_data(cfg))  # DDP: rank 0 lists/probes, the others receive
     splits, audit_report = distributed.from_main(lambda: audit.run_audit(
-        splits, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup, min_side=audit.input_side(cfg),
-        out_dir=run_dir))
+        splits, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup, checks=cfg.audit, seed=cfg.seed,
+        min_side=audit.input_side(cfg), out_dir=run_dir))
+    if main:
+        write_split(run_dir, splits)  # split.csv: given back as dataset.manifest, this run's split exactly
     b = cfg.backbone
     with distributed.main_first():  # rank 0 fills the weights cache, the others then read it
         model, weights_desc = backbone.build_backbone(name=b.name, num_classes=len(splits.classes),
@@ -77,20 +82,26 @@ def train(cfg: DictConfig) -> dict:
     with distributed.main_first():
         load = {"cache": build_image_cache(cfg, splits, data_cfg), "skip_log": run_dir / RUNTIME_SKIP_LOG if main
                 else None}
+    if cfg.audit.label_issues:  # the pretrained features judge the labels, before training changes them
+        audit_report["label_issues"] = label_issues.find_candidates(
+            model, splits, cfg, device, eval_tf, weights_desc=weights_desc, image_cache=load["cache"])
+    if main:
+        write_json(run_dir / "audit.json", audit_report)  # now with the label issues, if looked for
+        write_audit_sheets(run_dir, audit_report, cfg.dataset.max_pixels)  # beside audit.json
     strategy_info = setup_strategy(cfg, model, splits.train, eval_tf, device, run_dir, resumed=resumed is not None)
     meta = checkpoint_meta(cfg, splits.classes, data_cfg, 0, {})
     weights = None if imbalance["class_weights"] == "none" else torch.tensor(list(imbalance["weights"].values()),
                                                                               dtype=torch.float32)
-    if cached_fit.use_cached_path(cfg.features, strategy_info["mode"]):  # backbone once, head on cached features
-        # no last.pt here: a re-run after a crash reuses the cached features and retrains the head in seconds
-        result = cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf, train_tf=train_tf,
-                                       image_cache=load["cache"], class_weights=weights,
-                                       init_bias=imbalance["prior_bias"].get("bias"))
-        strategy_info["features"] = result["features"]
-    else:
-        loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
-                   "val": make_loader(splits.val, eval_tf, cfg, train=False, **load)}
-        with resume.GracefulStop() as stop:  # SIGINT/SIGTERM: finish the step, save last.pt, say how to resume
+    with resume.GracefulStop() as stop:  # SIGINT/SIGTERM: save last.pt (if not saved already), say how to resume
+        if cached_fit.use_cached_path(cfg.features, strategy_info["mode"]):  # backbone once, head on cached features
+            # its last.pt holds the config; a resume reuses the cached features and re-fits the head in seconds
+            result = cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf,
+                                           train_tf=train_tf, image_cache=load["cache"], class_weights=weights,
+                                           init_bias=imbalance["prior_bias"].get("bias"), stop=stop)
+            strategy_info["features"] = result["features"]
+        else:
+            loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
+                       "val": make_loader(splits.val, eval_tf, cfg, train=False, **load)}
             result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights, resume_state=resumed,
                          stop=stop, accel=accel)
     best_model, _ = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
@@ -111,6 +122,8 @@ def train(cfg: DictConfig) -> dict:
                    threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance)
     if main:
         plots.write_eval_reports(run_dir, metrics, evals, splits.classes, result["history"])
+        gallery.write_galleries(run_dir, evals, splits, splits.classes, n=cfg.trainer.top_losses,
+                                skipped=runtime_skips, rows=result.get("rows"))  # top_losses_<split>.png/.csv
     metrics.update(status="ok", **{k: strategy_info[k] for k in _STRATEGY_KEYS if k in strategy_info})
     metrics["resumed_from_epoch"] = resumed["epoch"] if resumed else None
     model_info = {"backbone": b.name, "weights": weights_desc, "preprocessing": data_cfg, **strategy_info}

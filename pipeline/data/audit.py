@@ -1,9 +1,11 @@
-"""Dataset audit: counts, sizes, colour modes, odd files, exact duplicates and train/eval leakage.
+"""Dataset audit: counts, sizes, colour modes, odd files, exact and near duplicates, train/eval leakage and
+storage shortcuts (docs/audit.md).
 
-Works on the probe records `data.load_imagefolder` already made (one read per file: sha1 of
-the bytes, header format/mode/size, draft decode), so auditing costs no second pass.
-`python -m pipeline.audit dataset=X` (pipeline/audit.py) writes `audit.json` + `audit.md`; training runs the
-same audit and puts it in the run dir.
+Works on the probe records `data.load_imagefolder` already made (one read per file: sha1 of the bytes,
+header format/mode/size/storage facts, draft decode and its perceptual hash), so auditing costs no second
+pass. Near-duplicates are data/near_duplicates.py's, shortcuts data/shortcuts.py's; the label-error check
+needs a backbone and lives in features/label_issues.py. `python -m pipeline.audit dataset=X`
+(pipeline/audit.py) writes `audit.json` + `audit.md`; training runs the same audit and puts it in the run dir.
 """
 from __future__ import annotations
 
@@ -14,12 +16,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
+from pipeline.data import near_duplicates, shortcuts
 from pipeline.data.folder import DatasetSplits, Split
 from pipeline.runtime.files import write_json
 
 _logger = logging.getLogger(__name__)
 
-SPLIT_ORDER = ("train", "val", "test")
 MAX_LISTED = 20  # examples per finding in audit.md (audit.json has all)
 FEW_COLORS = 64  # a photo or scan has hundreds of distinct colours in a 64 px sample; a placeholder has few
 
@@ -73,18 +75,13 @@ def find_duplicates(data: DatasetSplits) -> dict[str, list[dict]]:
     return found
 
 
-def stray_files(root: Optional[str | Path]) -> list[str]:
-    """Files beside the class folders (e.g. `train/.DS_Store`) and hidden files inside them: never used."""
-    if root is None or not Path(root).is_dir():
+def stray_files(root: Optional[str | Path], kind: str) -> list[str]:
+    """Files beside the class folders (e.g. `train/.DS_Store`, or `<root>/notes.txt` in a folder of class folders):
+    never used. Files inside class folders that are not trained on are in the skipped list instead."""
+    if root is None or not Path(root).is_dir() or kind == "manifest":
         return []
-    found = []
-    for split_dir in (d for d in Path(root).iterdir() if d.is_dir()):
-        for entry in split_dir.iterdir():
-            if entry.is_file():
-                found.append(str(entry))
-            elif entry.is_dir():
-                found += [str(p) for p in entry.iterdir() if p.is_file() and p.name.startswith(".")]
-    return sorted(found)
+    parents = [Path(root)] if kind == "class_folders" else [d for d in Path(root).iterdir() if d.is_dir()]
+    return sorted(str(entry) for parent in parents for entry in parent.iterdir() if entry.is_file())
 
 
 def _warnings(report: dict) -> list[str]:
@@ -94,6 +91,13 @@ def _warnings(report: dict) -> list[str]:
                 else "val/test metrics are optimistic; set dataset.dedup=drop_from_eval to remove them")
         out.append(f"DATA LEAKAGE: {s['eval_files_leaked']} val/test file(s) are byte-identical to files of an "
                    f"earlier split ({s['cross_split_groups']} group(s)); {hint}")
+    if s.get("eval_files_near_leaked"):
+        hint = ("removed from the eval splits" if report["dedup"]["mode"] == "drop_near_from_eval" else
+                "val/test metrics are optimistic; dataset.dedup=drop_near_from_eval removes them")
+        out.append(f"DATA LEAKAGE (near-duplicates): {s['eval_files_near_leaked']} val/test file(s) nearly identical "
+                   f"to files of an earlier split ({s['near_duplicate_pairs']} pair(s) within "
+                   f"{report['near_duplicates']['max_distance']} bits of perceptual hash: resized or re-encoded "
+                   f"copies?); look at near_duplicates.png; {hint}")
     if s["label_conflict_groups"]:
         out.append(f"LABEL CONFLICT: {s['label_conflict_groups']} image(s) stored under two or more classes "
                    "(see audit.json 'label_conflicts'); fix the labels or delete the copies")
@@ -109,12 +113,23 @@ def _warnings(report: dict) -> list[str]:
                    "colour augmentations from inventing colours the data never has")
     if s["unreadable"]:
         out.append(f"{s['unreadable']} file(s) are not usable images and are skipped (listed in the report)")
-    return out
+    return out + (shortcuts.shortcut_warning(report["shortcuts"]) if "shortcuts" in report else [])
+
+
+def trust_checks(data: DatasetSplits, checks, seed: int) -> dict:
+    """The near-duplicate and shortcut parts of the report; `checks`: the `audit` config group."""
+    names, used = list(_splits(data)), [(p, y) for s in _splits(data).values() for p, y in zip(s.paths, s.labels)]
+    pairs = near_duplicates.find_near_duplicates(data, checks.near_duplicate_distance)
+    found = shortcuts.find_shortcuts([data.files[p] for p, _ in used], [y for _, y in used], data.classes,
+                                     threshold=checks.shortcut_threshold, folds=checks.folds, seed=seed)
+    return {"near_duplicates": {"max_distance": checks.near_duplicate_distance, "splits": names, "pairs": pairs},
+            "shortcuts": found}
 
 
 def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | Path] = None,
-                  min_side: int = 0) -> dict:
-    """The audit report (a JSON-ready dict) of loaded splits; see module docstring."""
+                  min_side: int = 0, checks=None, seed: int = 0) -> dict:
+    """The audit report (a JSON-ready dict) of loaded splits; see module docstring. `checks` (the `audit`
+    config group) adds near-duplicates and shortcuts."""
     dups = find_duplicates(data)
     eval_paths = {p for n, s in _splits(data).items() if n != "train" for p in s.paths}
     leaked = _leaked_eval_files(data)
@@ -129,8 +144,8 @@ def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | P
               "val_source": data.val_source,
               "splits": {n: split_stats(s, data.files, min_side) for n, s in _splits(data).items()},
               "unreadable": data.skipped, "extension_mismatch": mismatch, "odd_modes": odd, "few_colors": few,
-              "stray_files": stray_files(root), "duplicates": dups,
-              "dedup": {"mode": "none", "dropped": []}}
+              "stray_files": stray_files(root, data.kind), "duplicates": dups,
+              "dedup": {"mode": "none", "dropped": []}, **(trust_checks(data, checks, seed) if checks else {})}
     report["summary"] = {
         "images": len(used), "unreadable": len(data.skipped), "extension_mismatch": len(mismatch),
         "odd_modes": len(odd), "few_colors": len(few), "stray_files": len(report["stray_files"]),
@@ -138,6 +153,12 @@ def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | P
         "within_split_extra_copies": sum(len(g["files"]) - 1 for g in dups["within_split"]),
         "cross_split_groups": len(dups["cross_split"]), "eval_files_leaked": len(leaked & eval_paths),
         "label_conflict_groups": len(dups["label_conflicts"])}
+    if checks:
+        pairs = report["near_duplicates"]["pairs"]
+        report["summary"].update(near_duplicate_pairs=len(pairs),
+                                 eval_files_near_leaked=len(near_duplicates.near_leaked_eval_files(pairs)),
+                                 shortcut_skill=report["shortcuts"]["classifier"].get("skill"),
+                                 shortcut_flagged=report["shortcuts"]["flagged"])
     report["warnings"] = _warnings(report)
     return report
 
@@ -154,9 +175,12 @@ def _leaked_eval_files(data: DatasetSplits) -> set[str]:
     return leaked
 
 
-def drop_eval_duplicates(data: DatasetSplits, report: dict) -> DatasetSplits:
-    """`dataset.dedup=drop_from_eval`: remove leaked files from val/test; records them in `report`."""
+def drop_eval_duplicates(data: DatasetSplits, report: dict, mode: str = "drop_from_eval") -> DatasetSplits:
+    """`dataset.dedup=drop_from_eval`: remove leaked files from val/test (`drop_near_from_eval`: near-duplicates
+    too); records them in `report`."""
     leaked = _leaked_eval_files(data)
+    if mode == "drop_near_from_eval":
+        leaked |= near_duplicates.near_leaked_eval_files(report["near_duplicates"]["pairs"])
 
     def keep(split: Optional[Split]) -> Optional[Split]:
         if split is None:
@@ -164,19 +188,22 @@ def drop_eval_duplicates(data: DatasetSplits, report: dict) -> DatasetSplits:
         idx = [i for i, p in enumerate(split.paths) if p not in leaked]
         return Split([split.paths[i] for i in idx], [split.labels[i] for i in idx], split.classes)
 
-    report["dedup"] = {"mode": "drop_from_eval", "dropped": sorted(leaked)}
+    report["dedup"] = {"mode": mode, "dropped": sorted(leaked)}
     report["warnings"] = _warnings(report)
     return dataclasses.replace(data, val=keep(data.val), test=keep(data.test))
 
 
-def run_audit(data: DatasetSplits, *, name: str, root, dedup: str = "none", min_side: int = 0,
+def run_audit(data: DatasetSplits, *, name: str, root, dedup: str, checks, seed: int, min_side: int = 0,
               out_dir: Optional[Path] = None) -> tuple[DatasetSplits, dict]:
-    """Audit, log the findings (leakage loudly), apply `dataset.dedup`, write `out_dir/audit.json`."""
-    report = audit_dataset(data, name=name, root=root, min_side=min_side)
-    if dedup == "drop_from_eval" and report["summary"]["eval_files_leaked"]:
-        data = drop_eval_duplicates(data, report)
+    """Audit, log the findings (leakage and shortcuts loudly), apply `dataset.dedup`, write `out_dir/audit.json`.
+    `checks`: the `audit` config group."""
+    report = audit_dataset(data, name=name, root=root, min_side=min_side, checks=checks, seed=seed)
+    s = report["summary"]
+    near = dedup == "drop_near_from_eval" and s["eval_files_near_leaked"]
+    if dedup != "none" and (s["eval_files_leaked"] or near):
+        data = drop_eval_duplicates(data, report, dedup)
     for line in report["warnings"]:
-        (_logger.error if line.startswith("DATA LEAKAGE") else _logger.warning)(line)
+        (_logger.error if line.startswith(("DATA LEAKAGE", "SHORTCUT")) else _logger.warning)(line)
     if out_dir is not None:
         write_json(Path(out_dir) / "audit.json", report)
     return data, report
@@ -221,6 +248,9 @@ def audit_markdown(report: dict) -> list[str]:
     lines += _example_lines("Across splits (leakage)", d["cross_split"])
     lines += _example_lines("Same file under different labels", d["label_conflicts"])
     lines += _example_lines("Within a split", d["within_split"])
+    if "near_duplicates" in report:
+        lines += near_duplicates.near_duplicate_markdown(report["near_duplicates"], MAX_LISTED)
+        lines += shortcuts.shortcut_markdown(report["shortcuts"], MAX_LISTED)
     return lines
 
 

@@ -1,4 +1,5 @@
-"""Data stage: list an ImageFolder tree, drop undecodable files, split, and serve samples."""
+"""Data stage: list a dataset (an ImageFolder tree, a folder of class folders, or a CSV manifest), drop the
+files that are not usable images, draw the splits the data does not give, and serve samples."""
 from __future__ import annotations
 
 import json
@@ -7,17 +8,25 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from pipeline.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, load_rgb, probe_image
-from pipeline.errors import ConfigError, MissingFileError
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, probe_image
+from pipeline.data.listing import (
+    SPLITS,
+    Listing,
+    find_classes,  # noqa: F401 (callers know it as folder.find_classes)
+    layout_text,
+    list_source,
+    list_split,  # noqa: F401 (callers know it as folder.list_split)
+    split_plan,
+)
+from pipeline.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -41,56 +50,59 @@ class DatasetSplits:
     train: Split
     val: Split
     test: Optional[Split] = None
-    val_source: str = "val"  # "val" folder, or "split of train"
+    val_source: str = "val"  # "val" folder, "manifest split column", or "stratified 20% of train"
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} for every dropped file
     files: dict[str, dict] = field(default_factory=dict)  # probe record (hash, format, mode, size) per listed file
+    layout: str = ""  # where the images and labels came from, in words
+    test_source: str = ""  # as val_source; "" without a test split
+    kind: str = "train_folder"  # listing.Listing.kind: train_folder | class_folders | manifest
+
+    def rows(self) -> Iterator[tuple[str, str, str]]:
+        """(path, class name, split) of every image used: the rows of the run's split.csv."""
+        for name in SPLITS:
+            split = getattr(self, name)
+            if split is not None:
+                yield from ((p, self.classes[y], name) for p, y in zip(split.paths, split.labels))
 
 
-def find_classes(split_dir: Path) -> list[str]:
-    """Sorted names of class folders (hidden folders ignored)."""
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _too_few(listing: Listing, held: dict[str, int], n: int, fractions: dict[str, float], names: dict) -> str:
+    """The message for splits that cannot be drawn without emptying a train class."""
+    first = "val" if "val" in held else "test"
+    lead, fix = {
+        "train_folder": (f"No {names[first]}/ folder in {listing.where}",
+                         f"add {listing.where}/{names[first]}/<class>/<image> or more train images"),
+        "class_folders": (f"Class folders in {listing.where}", "add images or lower the fractions"),
+        "manifest": (f"dataset.manifest {listing.where}", f"add rows with split={first}, or more train rows"),
+    }[listing.kind]
+    what = " and ".join(f"{k} {name}" for name, k in held.items())
+    keys = ", ".join(f"dataset.{name}_fraction={fractions[name]}" for name in held)
+    return (f"{lead} and only {n} train images for {len(listing.classes)} classes: holding out {what} images "
+            f"({keys}, at least one per class each) would leave classes without train images; {fix}")
 
 
-def list_split(split_dir: Path, classes: list[str]) -> tuple[list[str], list[int], list[dict]]:
-    """All files under `split_dir/<class>/`; non-image extensions are reported as skipped."""
-    paths, labels, skipped = [], [], []
-    for idx, name in enumerate(classes):
-        class_dir = split_dir / name
-        if not class_dir.is_dir():
-            continue
-        for p in sorted(class_dir.rglob("*")):
-            if not p.is_file() or p.name.startswith("."):
-                continue
-            if p.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append({"path": str(p), "reason": f"not an image extension ({p.suffix or 'none'})"})
-                continue
-            paths.append(str(p))
-            labels.append(idx)
-    return paths, labels, skipped
-
-
-def check_layout(root: Path, *, train_split: str, val_split: str, val_fraction: float,
-                         min_per_class: int) -> None:
-    """Before probing: every class has >= min_per_class image files, and a val split can be drawn from train."""
-    train_dir = Path(root) / train_split
-    classes = find_classes(train_dir)
+def check_layout(root: Path, *, train_split: str, val_split: str, val_fraction: float, min_per_class: int,
+                 test_split: str = "test", test_fraction: float = 0.0, manifest: Optional[str] = None) -> None:
+    """Before probing: every class has >= min_per_class image files, and the splits to draw leave some in train."""
+    listing = list_source(root, train_split=train_split, val_split=val_split, test_split=test_split,
+                          manifest=manifest)
+    classes = listing.classes
     if len(classes) < 2:
-        return  # folder.load_imagefolder reports it with the expected layout
-    paths, labels, _ = list_split(train_dir, classes)
+        return  # load_imagefolder reports it with the expected layout
+    paths, labels = listing.splits["train"]
     counts = Counter(labels)
     need = max(1, min_per_class)
     small = {c: counts.get(i, 0) for i, c in enumerate(classes) if counts.get(i, 0) < need}
     if small:
-        raise ConfigError(f"Classes with fewer than {need} train image file(s) in {train_dir}: {small}; add images, "
-                          f"remove those folders{' or lower dataset.min_per_class' if need > 1 else ''}")
-    if (Path(root) / val_split).is_dir():
-        return
-    n_val = max(int(round(val_fraction * len(paths))), len(classes))
-    if len(paths) - n_val < len(classes):
-        raise ConfigError(f"No {val_split}/ folder in {root} and only {len(paths)} train images for {len(classes)} "
-                          f"classes: a val split of {n_val} (dataset.val_fraction={val_fraction}, at least one per "
-                          f"class) would leave classes without train images; add {root}/{val_split}/<class>/<image> "
-                          "or more train images")
+        raise ConfigError(f"Classes with fewer than {need} train image file(s) in {listing.where}: {small}; add "
+                          f"images, remove those {'rows' if manifest else 'folders'}"
+                          f"{' or lower dataset.min_per_class' if need > 1 else ''}")
+    left, held = len(paths), {}
+    for name, share in split_plan(set(listing.splits), val_fraction, test_fraction):
+        held[name] = max(int(round(share * left)), len(classes))
+        left -= held[name]
+    if held and left < len(classes):
+        raise ConfigError(_too_few(listing, held, len(paths), {"val": val_fraction, "test": test_fraction},
+                                   {"val": val_split, "test": test_split}))
 
 
 def probe_files(paths: list[str], max_pixels: int, workers: int = 8) -> dict[str, dict]:
@@ -108,20 +120,19 @@ def check_decodable(paths: list[str], max_pixels: int, workers: int = 8) -> dict
     return {p: r["error"] for p, r in probe_files(paths, max_pixels, workers).items() if "error" in r}
 
 
-def load_split(split_dir: Path, classes: list[str], max_pixels: int,
-               workers: int) -> tuple[Split, list[dict], dict[str, dict]]:
-    """List one split, probe its files, and drop those that do not decode (returned as skipped)."""
-    paths, labels, skipped = list_split(split_dir, classes)
+def probe_split(paths: list[str], labels: list[int], classes: list[str], max_pixels: int,
+                workers: int) -> tuple[Split, list[dict], dict[str, dict]]:
+    """Probe one split's files and drop those that are not usable images (returned as skipped)."""
     records = probe_files(paths, max_pixels, workers)
-    skipped += [{"path": p, "reason": r["error"]} for p, r in records.items() if "error" in r]
+    skipped = [{"path": p, "reason": r["error"]} for p, r in records.items() if "error" in r]
     keep = [i for i, p in enumerate(paths) if "error" not in records[p]]
     return Split([paths[i] for i in keep], [labels[i] for i in keep], classes), skipped, records
 
 
-def stratified_split(split: Split, val_fraction: float, seed: int,
-                     groups: Optional[list] = None) -> tuple[Split, Split]:
-    """Seeded stratified train/val split. A class with a single image (group) stays in train: it can still be
-    learned, only val has no example of it (warned). Every other class has >= 2 images and is stratified.
+def stratified_split(split: Split, val_fraction: float, seed: int, groups: Optional[list] = None,
+                     name: str = "val") -> tuple[Split, Split]:
+    """Seeded stratified split of `split` into (rest, `name`). A class with a single image (group) stays in the rest:
+    it can still be learned, only `name` has no example of it (warned). Every other class is stratified.
 
     `groups` (e.g. content hashes): members of a group land on the same side, so identical files
     never leak from train into val. Without repeated groups the split equals the ungrouped one.
@@ -132,60 +143,55 @@ def stratified_split(split: Split, val_fraction: float, seed: int,
     counts = Counter(split.labels[i] for i in reps)
     singles = sorted(c for c, n in counts.items() if n < 2)
     if singles:
-        _logger.warning("Class(es) with a single train image kept in train, so val has no image of them: %s; add "
-                        "images or a val/ folder", [split.classes[c] for c in singles])
+        _logger.warning("Class(es) with a single train image kept in train, so %s has no image of them: %s; add "
+                        "images or a %s/ folder", name, [split.classes[c] for c in singles], name)
     pool = np.array([r for r in reps if split.labels[r] not in singles])
     labels = [split.labels[i] for i in pool]
     n_classes = len(set(labels))
-    n_val = max(int(round(val_fraction * len(reps))), n_classes)
-    if len(pool) - n_val < n_classes:  # validate's file count passed, but duplicate files count once here
-        raise ConfigError(f"Cannot split {n_val} val images off {len(reps)} distinct train images of {len(counts)} "
-                          "classes and keep every class in train: add a val/ folder or more train images")
-    _, va_reps = train_test_split(pool, test_size=n_val, random_state=seed, stratify=labels)
-    in_val = set(va_reps.tolist())
-    va = [i for i in range(len(split)) if rep_of[i] in in_val]
-    tr = [i for i in range(len(split)) if rep_of[i] not in in_val]
+    n_held = max(int(round(val_fraction * len(reps))), n_classes)
+    if len(pool) - n_held < n_classes:  # check_layout's file count passed, but duplicate files count once here
+        raise ConfigError(f"Cannot split {n_held} {name} images off {len(reps)} distinct train images of {len(counts)} "
+                          f"classes and keep every class in train: add a {name}/ folder or more train images")
+    _, held_reps = train_test_split(pool, test_size=n_held, random_state=seed, stratify=labels)
+    held = set(held_reps.tolist())
     pick = lambda ids: Split([split.paths[i] for i in ids], [split.labels[i] for i in ids], split.classes)
-    return pick(tr), pick(va)
+    return (pick([i for i in range(len(split)) if rep_of[i] not in held]),
+            pick([i for i in range(len(split)) if rep_of[i] in held]))
 
 
 def load_imagefolder(root: str | Path, *, train_split: str = "train", val_split: str = "val",
-                     test_split: str = "test", val_fraction: float = 0.2, seed: int = 42,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, min_per_class: int = 1, workers: int = 8) -> DatasetSplits:
-    """Read `root/train/<class>/*` (+ optional val/, test/), dropping files that do not decode."""
-    root = Path(root)
-    train_dir = root / train_split
-    if not train_dir.is_dir():
-        raise MissingFileError(f"No '{train_split}/' folder in dataset root {root}: expected "
-                                f"{root}/{train_split}/<class>/<image> (set dataset.root=...)")
-    classes = find_classes(train_dir)
+                     test_split: str = "test", val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 42,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, min_per_class: int = 1, workers: int = 8,
+                     manifest: Optional[str] = None) -> DatasetSplits:
+    """Read a dataset (`list_source`: train/ tree, class folders or manifest), drop files that are not usable
+    images, and draw the val (and, with test_fraction > 0, test) split the data does not give, stratified."""
+    listing = list_source(root, train_split=train_split, val_split=val_split, test_split=test_split,
+                          manifest=manifest)
+    classes = listing.classes
     if len(classes) < 2:
-        raise ConfigError(f"{train_dir} has {len(classes)} class folder(s); a classifier needs at least 2 "
-                         f"(layout: {train_dir}/<class>/<image>)")
-    train, skipped, files = load_split(train_dir, classes, max_pixels, workers)
-    too_small = {c: n for c, n in train.counts().items() if n < max(1, min_per_class)}
+        raise ConfigError(f"{listing.where} has {len(classes)} class(es); a classifier needs at least 2 "
+                          f"(layout: {layout_text(listing)})")
+    skipped, files, loaded = list(listing.skipped), {}, {}
+    for name, (paths, labels) in listing.splits.items():
+        loaded[name], more, records = probe_split(paths, labels, classes, max_pixels, workers)
+        skipped += more
+        files.update(records)
+    too_small = {c: n for c, n in loaded["train"].counts().items() if n < max(1, min_per_class)}
     if too_small:
-        raise ConfigError(f"Classes with fewer than {max(1, min_per_class)} readable train image(s) in {train_dir}: "
-                         f"{too_small}; add images or remove those folders")
-    splits = {}
-    for name in (val_split, test_split):
-        if (root / name).is_dir():
-            extra = sorted(set(find_classes(root / name)) - set(classes))
-            if extra:
-                _logger.warning("%s/%s has classes not in train (ignored): %s", root, name, extra)
-            splits[name], more, records = load_split(root / name, classes, max_pixels, workers)
-            skipped += more
-            files.update(records)
-    if val_split in splits:
-        data = DatasetSplits(classes, train, splits[val_split], splits.get(test_split), "val", skipped, files)
-    else:
-        hashes = [files[p].get("sha1") or p for p in train.paths]  # identical files stay on one side
-        tr, va = stratified_split(train, val_fraction, seed, groups=hashes)
-        data = DatasetSplits(classes, tr, va, splits.get(test_split), f"stratified {val_fraction:.0%} of train",
-                             skipped, files)
+        raise ConfigError(f"Classes with fewer than {max(1, min_per_class)} readable train image(s) in "
+                          f"{listing.where}: {too_small}; add images or remove those "
+                          f"{'rows' if manifest else 'folders'}")
+    given = {"train_folder": {"val": val_split, "test": test_split}}.get(listing.kind, {})
+    sources = {name: given.get(name, "manifest split column") for name in loaded if name != "train"}
+    pool = "train" if listing.kind == "train_folder" or len(listing.splits) > 1 else "all images"
+    for name, share in split_plan(set(loaded), val_fraction, test_fraction):
+        hashes = [files[p].get("sha1") or p for p in loaded["train"].paths]  # identical files stay on one side
+        loaded["train"], loaded[name] = stratified_split(loaded["train"], share, seed, groups=hashes, name=name)
+        sources[name] = f"stratified {val_fraction if name == 'val' else test_fraction:.0%} of {pool}"
     if skipped:
         _logger.warning("Skipped %d file(s) that are not readable images (listed in the run report)", len(skipped))
-    return data
+    return DatasetSplits(classes, loaded["train"], loaded["val"], loaded.get("test"), sources["val"], skipped, files,
+                         layout_text(listing), sources.get("test", ""), listing.kind)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -213,11 +219,11 @@ class ImageDataset(torch.utils.data.Dataset):
             image = self.load(i)
             return self.transform(image=image)["image"], self.split.labels[i]
         except ImageDecodeError as e:  # a transform bug is not caught: it would fail on every image
-            self._record_skip(self.split.paths[i], str(e))
+            self._record_skip(self.split.paths[i], e.reason)
             return None
 
     def _record_skip(self, path: str, reason: str) -> None:
-        _logger.warning("Skipping unreadable image at run time: %s", reason)
+        _logger.warning("Skipping unreadable image at run time: %s: %s", path, reason)
         if self.skip_log:
             line = json.dumps({"path": path, "reason": reason}) + "\n"
             with open(self.skip_log, "a", encoding="utf-8") as f:

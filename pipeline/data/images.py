@@ -4,7 +4,8 @@ Decoding: PIL reads the header (format, mode, size: bomb guard before any pixel 
 decoded). Plain 8-bit JPEG/PNG/BMP/WebP (mode RGB or L) then decode with OpenCV
 (libjpeg-turbo with SIMD; 1.5-2x PIL on the shared datasets, see bench/bench_data.py),
 which applies EXIF orientation itself. Everything else (palette, alpha, CMYK, 16-bit,
-TIFF, GIF, ...) and any file OpenCV refuses goes through PIL, so errors carry PIL's reason.
+TIFF, GIF, ...) and any file OpenCV refuses goes through PIL. A file that does not decode raises
+ImageDecodeError with a plain reason ("0-byte file", "truncated image file", ...: `plain_reason`).
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import hashlib
 import io
 import logging
 import os
+import re
 import warnings
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 _logger = logging.getLogger(__name__)
 
@@ -34,7 +36,37 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Imag
 
 
 class ImageDecodeError(Exception):
-    """A file that cannot be used as an image; the message names the file and the reason."""
+    """A file that cannot be used as an image; the message names the file and the reason, `reason` is the reason
+    alone, in plain words (what the run report lists beside the path)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def unusable(path: str, reason: str) -> ImageDecodeError:
+    return ImageDecodeError(f"{path}: {reason}", reason)
+
+
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
+               b"MM\x00*": "TIFF", b"RIFF": "WebP"}  # first bytes of the formats people store photos in
+_TEXT_BYTES = set(range(32, 256)) | {9, 10, 13}
+
+
+def plain_reason(data: bytes, error: BaseException) -> str:
+    """Why `data` did not decode, in plain words (a decoder's message never carries an object repr or address)."""
+    if not data:
+        return "0-byte file"
+    fmt = next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
+    message = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>|\s*\b0x[0-9a-fA-F]{6,}\b", "", str(error)).strip()
+    truncated = "truncat" in message.lower() or isinstance(error, EOFError)
+    if truncated or (fmt and isinstance(error, UnidentifiedImageError)):  # a known header, then too few bytes
+        return "truncated image file"
+    if not fmt and set(data[:512]) <= _TEXT_BYTES:
+        return "text/HTML, not an image"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image (unknown format)"
+    return f"damaged {fmt or 'image'} file ({message or type(error).__name__})"
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -65,8 +97,8 @@ def _open_checked(data: bytes, path: str, max_pixels: int) -> Image.Image:
     w, h = im.size
     if w * h > max_pixels:
         im.close()
-        raise ImageDecodeError(f"{path}: {w}x{h} exceeds dataset.max_pixels={max_pixels} "
-                               "(possible decompression bomb; raise the limit if intended)")
+        raise unusable(path, f"{w}x{h} exceeds dataset.max_pixels={max_pixels} "
+                             "(possible decompression bomb; raise the limit if intended)")
     return im
 
 
@@ -92,12 +124,10 @@ def decode_rgb(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX
                     rgb = _decode_pil(im, draft_size)
     except ImageDecodeError:
         raise
-    except _DECODE_ERRORS as e:
-        raise ImageDecodeError(f"{path}: {type(e).__name__}: {e}") from None
-    except cv2.error as e:
-        raise ImageDecodeError(f"{path}: OpenCV: {str(e).strip().splitlines()[-1]}") from None
+    except (*_DECODE_ERRORS, cv2.error) as e:
+        raise unusable(path, plain_reason(data, e)) from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
-        raise ImageDecodeError(f"{path}: decoded to unexpected shape {rgb.shape}")
+        raise unusable(path, f"decoded to unexpected shape {rgb.shape}")
     return rgb
 
 
@@ -106,7 +136,7 @@ def read_bytes(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise ImageDecodeError(f"{path}: cannot read file: {e.strerror or e}") from None
+        raise unusable(path, f"cannot read file: {e.strerror or e}") from None
 
 
 def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> np.ndarray:
@@ -121,32 +151,61 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
 def probe_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int = 64) -> dict:
     """Read one file once: content hash, header facts and a fast (draft) decode as integrity check.
 
-    Returns {"sha1", "bytes", "format", "mode", "width", "height", "ext_ok", "gray_content", "colors"}
-    (distinct colours in a 64 px sample: a placeholder or icon has few) or, for a
+    Returns {"sha1", "bytes", "format", "mode", "width", "height", "ext_ok", "gray_content", "colors", "phash",
+    "exif", "subsampling", "quality"} (colors: distinct colours in a 64 px sample, a placeholder or icon has few;
+    the last four: `perceptual_hash`, `storage_facts`) or, for a
     file that is not a usable image, {"sha1", "bytes", "error"}. Never raises for a bad image.
     """
     try:
         data = read_bytes(path)
     except ImageDecodeError as e:
-        return {"sha1": None, "bytes": 0, "error": str(e)}
+        return {"sha1": None, "bytes": 0, "error": e.reason}
     record: dict = {"sha1": hashlib.sha1(data).hexdigest(), "bytes": len(data)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with open_image(io.BytesIO(data)) as im:
                 record.update(format=im.format, mode=im.mode, width=im.size[0], height=im.size[1])
+                record.update(storage_facts(im))
         small = decode_rgb(data, path, max_pixels, draft_size)
     except ImageDecodeError as e:
-        return {**record, "error": str(e)}
+        return {**record, "error": e.reason}
     except _DECODE_ERRORS as e:
-        return {**record, "error": f"{path}: {type(e).__name__}: {e}"}
+        return {**record, "error": plain_reason(data, e)}
     ext = os.path.splitext(path)[1].lower()
     record["ext_ok"] = ext in EXTENSIONS_BY_FORMAT.get(record["format"], {ext})
     step = max(1, max(small.shape[:2]) // 64)  # facts from a <=64 px sample of the draft decode
     sample = small[::step, ::step].reshape(-1, 3).astype(np.int32)
     record["gray_content"] = bool((sample.max(axis=1) - sample.min(axis=1)).max() <= 8)  # JPEG chroma noise
     record["colors"] = int(len(np.unique(sample[:, 0] << 16 | sample[:, 1] << 8 | sample[:, 2])))
+    record["phash"] = perceptual_hash(small)
     return record
+
+
+IJG_LUMA_SUM = 3688  # sum of libjpeg's standard luminance table; libjpeg scales it linearly with quality
+SUBSAMPLING = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}  # PIL's get_sampling codes; -1: one channel (grey) or CMYK
+
+
+def storage_facts(im: Image.Image) -> dict:
+    """How a file is stored beyond format/mode/size (data/shortcuts.py): EXIF present, JPEG chroma subsampling
+    and a quality estimate from the luminance quantisation table on libjpeg's 1-100 scale (None if not JPEG)."""
+    facts = {"exif": bool(im.info.get("exif")), "subsampling": None, "quality": None}
+    if im.format == "JPEG" and getattr(im, "quantization", None):
+        scale = 100 * sum(im.quantization[0]) / IJG_LUMA_SUM
+        facts["quality"] = int(round(min(100.0, (200 - scale) / 2 if scale <= 100 else 5000 / scale)))
+        facts["subsampling"] = SUBSAMPLING.get(JpegImagePlugin.get_sampling(im), "none")
+    return facts
+
+
+PHASH_SIDE = 16  # 16x16 = 256-bit hash: 64 bits cannot tell chest X-rays apart (1890 pairs within 6 bits)
+
+
+def perceptual_hash(rgb: np.ndarray) -> str:
+    """256-bit DCT perceptual hash (imagehash.phash) as 64 hex digits: a resized or re-encoded copy differs in
+    a few bits (data/near_duplicates.py). Computed on the probe's draft decode, so it costs no extra read."""
+    import imagehash  # on first use: it imports scipy
+
+    return str(imagehash.phash(Image.fromarray(rgb), hash_size=PHASH_SIDE))
 
 
 def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:

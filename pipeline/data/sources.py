@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.data.listing import find_classes
+from pipeline.data.manifest import manifest_file
 from pipeline.errors import ConfigError, MissingFileError
 from pipeline.runtime.files import staged_dir
 
@@ -70,18 +72,24 @@ def download_and_extract(url: str, root: Path, hint: str = "") -> Path:
     return root
 
 
-def prepare_root(*, name: str, root: str, source: str = "folder", image_size: int = 64,
+def prepare_root(*, name: str, root: str | None, source: str = "folder", image_size: int = 64,
                  url: str | None = None, download: bool = False, download_hint: str = "",
-                 train_split: str = "train") -> Path:
-    """Return a dataset root holding `train/`, generating or downloading it when configured."""
+                 train_split: str = "train", manifest: str | None = None) -> Path:
+    """The dataset root: `root/train/<class>/` or `root/<class>/` (data/listing.py), generated or downloaded when
+    configured; with `manifest`, the CSV's folder (its relative paths start there)."""
+    if manifest:
+        return manifest_file(manifest).parent
     if root in (None, "", "???"):
-        raise ConfigError(f"dataset '{name}' needs a root: add dataset.root=/path/to/images")
+        raise ConfigError(f"dataset '{name}' needs a root: add dataset.root=/path/to/images "
+                          "(or dataset.manifest=/path/file.csv)")
     path = Path(root).expanduser()
     if source == "digits":
         return write_digits_imagefolder(path, image_size)
-    if (path / train_split).is_dir():
+    if (path / train_split).is_dir() or (path.is_dir() and find_classes(path)):
         return path
     if download and url:
         return download_and_extract(url, path, download_hint)
-    hint = download_hint or "point dataset.root at a folder with train/<class>/<image>"
-    raise MissingFileError(f"Dataset '{name}' not found at {path.resolve()} (no {train_split}/ folder): {hint}")
+    hint = download_hint or ("point dataset.root at a folder of class folders (<class>/<image> or "
+                             f"{train_split}/<class>/<image>), or set dataset.manifest=/path/file.csv")
+    raise MissingFileError(f"Dataset '{name}' not found at {path.resolve()} (no class folders, no {train_split}/ "
+                           f"folder): {hint}")

@@ -19,7 +19,7 @@ from pipeline.model import checkpoint
 from pipeline.model.multidepth import HEAD, check_levels_need_cache, level_dims, resolve_levels, uses_plain_head
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_json
-from pipeline.training import loss
+from pipeline.training import loss, resume, tracking
 from pipeline.transfer.logme import logme_score
 
 _logger = logging.getLogger(__name__)
@@ -77,8 +77,9 @@ def extract_all(model, splits, cfg: DictConfig, levels: list, *, eval_tf, train_
 
 
 def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weights, init_bias, *,
-               standardize: bool) -> dict:
-    """Train the configured head (on standardised features if `standardize`, the scaler folded back in).
+               standardize: bool, on_epoch=None) -> dict:
+    """Train the configured head (on standardised features if `standardize`, the scaler folded back in);
+    `on_epoch(history)` after each epoch (the logistic head has one).
 
     Returns weight/bias/history/...."""
     f, t, o = cfg.features, cfg.trainer, cfg.optim
@@ -90,7 +91,7 @@ def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weig
                                       batch_size=t.batch_size, lr=o.lr, weight_decay=o.weight_decay,
                                       loss_fn=loss_fn, eval_loss_fn=eval_loss, monitor=t.monitor,
                                       patience=t.early_stop_patience, seed=cfg.seed,
-                                      sampler_mode=cfg.dataset.sampler, init_bias=init_bias)
+                                      sampler_mode=cfg.dataset.sampler, init_bias=init_bias, on_epoch=on_epoch)
     else:
         start = time.perf_counter()
         weights = None if class_weights is None else class_weights.numpy()
@@ -107,6 +108,8 @@ def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weig
         out.update(best_epoch=1, best_val=(logits, val_y), history=[
             {"epoch": 1, "train_loss": train_m["loss"], "train_images": len(y), "train_seconds": seconds,
              "train_img_per_s": len(y) / max(seconds, 1e-9), **{f"val_{k}": v for k, v in val.items()}}])
+        if on_epoch is not None:
+            on_epoch(out["history"])
     out["weight"], out["bias"] = heads.fold_standardization(out["weight"], out["bias"], mu, sigma)
     out["eval_loss"] = eval_loss
     return out
@@ -114,12 +117,19 @@ def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weig
 
 def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device, *,
                eval_tf, train_tf, image_cache=None, class_weights: torch.Tensor | None = None,
-               init_bias: list[float] | None = None) -> dict:
-    """Linear probe on cached features; writes `best` (full model) and features.json. Same result shape as fit()."""
-    f = cfg.features
+               init_bias: list[float] | None = None, stop: resume.GracefulStop | None = None) -> dict:
+    """Linear probe on cached features; writes `best` (full model) and features.json. Same result shape as fit(),
+    plus `rows`: {"val": the split index of each val row}.
+
+    Resumable: `last.pt` (resume.save_cached_state) is written first, and a SIGINT/SIGTERM during extraction or
+    head training (`stop` entered by the caller) stops at once with the resume command; finished feature-cache
+    entries are kept, so a resume extracts only what is missing and re-fits the (seeded) head."""
+    f, stop = cfg.features, stop or resume.GracefulStop()  # not entered: never set
     levels, auto = resolve_levels(model, f.depths)
-    feats = extract_all(model, splits, cfg, levels, eval_tf=eval_tf, train_tf=train_tf, device=device,
-                        image_cache=image_cache)
+    resume.save_cached_state(run_dir, cfg)
+    with stop.at_once(run_dir, "during feature extraction (finished splits stay in the feature cache)"):
+        feats = extract_all(model, splits, cfg, levels, eval_tf=eval_tf, train_tf=train_tf, device=device,
+                            image_cache=image_cache)
     train_x, train_y = feats["train"]["features"].numpy(), feats["train"]["labels"].numpy()
     scores = score_levels(model, train_x, train_y, levels)
     chosen = [max(levels, key=lambda v: scores[str(v)]["logme"])] if auto else levels
@@ -135,8 +145,9 @@ def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, m
     # a ~6x larger effective step that overfits by epoch 3). Concatenated levels differ in scale and sklearn's
     # C grid assumes unit scale: those are standardised.
     standardize = f.head == "logistic" or not uses_plain_head(chosen)
-    head = train_head(cfg, x, y, val_x, val_y, meta["num_classes"], class_weights, init_bias,
-                      standardize=standardize)
+    with stop.at_once(run_dir, "during head training"), tracking.RunTracker(run_dir, cfg) as curves:
+        head = train_head(cfg, x, y, val_x, val_y, meta["num_classes"], class_weights, init_bias,
+                          standardize=standardize, on_epoch=curves.log)
     full = heads.install_head(model, chosen, head["weight"], head["bias"])
     best = head["history"][head["best_epoch"] - 1]
     ckpt_meta = {**meta, "epoch": head["best_epoch"], "val_metrics": {k[4:]: v for k, v in best.items()
@@ -154,8 +165,11 @@ def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, m
                 [(f"view{i + 1}", v) for i, v in enumerate(feats["views"])]}}
     if distributed.is_main():
         write_json(Path(run_dir) / "features.json", info)
+    if stop():  # signalled while saving the head: stop now, as asked
+        raise stop.interrupted(run_dir, "after head training")
     return {"history": head["history"], "best_epoch": head["best_epoch"], "eval_loss": head["eval_loss"],
-            "best_val": head["best_val"], "features": info, "model": full}
+            "best_val": head["best_val"], "features": info, "model": full,
+            "rows": {"val": feats["val"]["index"].numpy()}}
 
 
 def features_section(info: dict) -> list[str]:

@@ -9,6 +9,7 @@ import copy
 import logging
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,9 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline.data import sampler
 from pipeline.errors import ConfigError
 from pipeline.model.multidepth import MultiDepthClassifier, uses_plain_head
+from pipeline.training.loop import top5
 from pipeline.training.metrics import MonitorTracker, classification_metrics
+from pipeline.training.tracking import group_lrs
 from pipeline.transfer import optim
 
 _logger = logging.getLogger(__name__)
@@ -43,14 +46,18 @@ def evaluate_head(linear: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, los
     with torch.inference_mode():
         logits = linear(x)
         loss = float(loss_fn(logits, y))
-    return {"loss": loss, **classification_metrics(y.numpy(), logits.argmax(1).numpy(), num_classes)}, logits.numpy()
+    logits, labels = logits.numpy(), y.numpy()
+    return {"loss": loss, **classification_metrics(labels, logits.argmax(1), num_classes),
+            **top5(logits, labels, num_classes)}, logits
 
 
 def train_linear_head(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *, num_classes: int,
                       epochs: int, batch_size: int, lr: float, weight_decay: float, loss_fn, eval_loss_fn,
                       monitor: str = "balanced_accuracy", patience: int = 0, seed: int = 0,
-                      sampler_mode: str = "shuffle", init_bias: list[float] | None = None) -> dict:
-    """AdamW + cosine on a zero-initialised Linear; keeps the best epoch by val `monitor`.
+                      sampler_mode: str = "shuffle", init_bias: list[float] | None = None,
+                      on_epoch: Callable[[list], None] | None = None) -> dict:
+    """AdamW + cosine on a zero-initialised Linear; keeps the best epoch by val `monitor`; `on_epoch(history)`
+    after each epoch (training/tracking.py).
 
     Returns {weight, bias, history, best_epoch, best_val: (val logits, val labels)}."""
     torch.manual_seed(seed)
@@ -65,7 +72,7 @@ def train_linear_head(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tx, ty), batch_size=batch_size,
                                          shuffle=order is None, sampler=order,
                                          generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.AdamW(linear.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW([{"name": "head", "params": list(linear.parameters())}], lr=lr, weight_decay=weight_decay)
     schedule = optim.build_scheduler(opt, name="cosine", total_steps=len(loader) * epochs)
     tracker, history, best = MonitorTracker(monitor, patience), [], None
     for epoch in range(1, epochs + 1):
@@ -81,13 +88,15 @@ def train_linear_head(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np
         val, logits = evaluate_head(linear, vx, vy, eval_loss_fn, num_classes)
         history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "train_images": seen,
                         "train_seconds": seconds, "train_img_per_s": seen / max(seconds, 1e-9),
-                        **{f"val_{k}": v for k, v in val.items()}})
+                        **{f"val_{k}": v for k, v in val.items()}, **group_lrs(opt)})  # LR at the epoch's end
+        if on_epoch is not None:
+            on_epoch(history)
         improved = tracker.update(val[monitor], epoch)
         if improved:
             best = (copy.deepcopy(linear.state_dict()), (logits, val_y))
-        _logger.info("head epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f%s", epoch,
-                     epochs, history[-1]["train_loss"], val["loss"], val["accuracy"], val["balanced_accuracy"],
-                     "  *best*" if improved else "")
+        _logger.info("head epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  lr %.2e%s",
+                     epoch, epochs, history[-1]["train_loss"], val["loss"], val["accuracy"], val["balanced_accuracy"],
+                     history[-1]["lr_head"], "  *best*" if improved else "")
         if tracker.should_stop:
             _logger.info("Early stop at epoch %d: val %s best %.4f at epoch %d", epoch, monitor, tracker.best,
                          tracker.best_epoch)

@@ -13,9 +13,11 @@ def _fmt(value) -> str:
 
 def dataset_section(data: DatasetSplits, name: str, root: str) -> list[str]:
     splits = {"train": data.train, "val": data.val, **({"test": data.test} if data.test else {})}
-    lines = [f"## Dataset: {name}", "", f"- root: `{root}`", f"- classes ({len(data.classes)}): "
-             + ", ".join(data.classes), f"- val split: {data.val_source}", "",
-             "| class | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    lines = [f"## Dataset: {name}", "", f"- root: `{root}`", *([f"- layout: {data.layout}"] if data.layout else []),
+             f"- classes ({len(data.classes)}): " + ", ".join(data.classes), f"- val split: {data.val_source}",
+             *([f"- test split: {data.test_source}"] if data.test_source else []),
+             "- every image's split: `split.csv` (path,label,split; `dataset.manifest=<it>` reproduces this split)",
+             "", "| class | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     counts = {s: split.counts() for s, split in splits.items()}
     for c in data.classes:
         lines.append(f"| {c} | " + " | ".join(str(counts[s][c]) for s in splits) + " |")
@@ -95,9 +97,9 @@ def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_n
     write_json(run_dir / "metrics.json", metrics)
     lines = [f"# Run summary: {dataset_name} / {model_info.get('backbone')}", ""]
     lines += dataset_section(data, dataset_name, root)
-    if audit:  # data/audit.py; the full report is audit.json
-        from pipeline.data.audit import audit_markdown
-        lines += audit_markdown(audit) + ["Full audit: `audit.json`.", ""]
+    if audit:  # data/audit.py (+ features/label_issues.py); the full report is audit.json
+        from pipeline.reports.audit_report import audit_section
+        lines += audit_section(audit) + ["Full audit: `audit.json`.", ""]
     lines += model_section(model_info)
     for section in extra_sections:
         lines += section

@@ -51,33 +51,41 @@ def resolve_settings(run_config: dict, overrides: dict) -> dict:
     return {**settings, "formats": formats, "tolerance": float(settings["tolerance"])}
 
 
-def dataset_splits(config: dict):
-    """The run's dataset splits, re-listed exactly as training did (same seed, val fraction, file checks)."""
+def dataset_splits(run_dir: Path, config: dict):
+    """The run's dataset splits exactly as training used them: its `split.csv`, or (runs that predate it) the
+    dataset re-listed with the run's own settings (same seed, fractions, file checks)."""
     from pipeline.data.folder import load_imagefolder
 
     d = config["dataset"]
+    hint = "run from the directory you trained in, or pass images=<folder of images>"
+    common = dict(train_split=d["train_split"], val_split=d["val_split"], test_split=d["test_split"],
+                  val_fraction=d["val_fraction"], seed=config["seed"], max_pixels=d["max_pixels"],
+                  min_per_class=d["min_per_class"], workers=d["audit_workers"])
+    if (run_dir / "split.csv").is_file():
+        try:
+            return load_imagefolder(run_dir, manifest=str(run_dir / "split.csv"), **common)
+        except MissingFileError as e:
+            raise MissingFileError(f"{e}; the run's images are not here: {hint}") from None
     root = Path(d["root"])
-    if not (root / d.get("train_split", "train")).is_dir():
+    if not (root / d["train_split"]).is_dir():
         raise MissingFileError(f"Dataset root {root} of this run is not here (relative paths are relative to the "
-                               "directory you trained in): run from there, or pass images=<folder of images>")
-    return load_imagefolder(root, train_split=d.get("train_split", "train"), val_split=d.get("val_split", "val"),
-                            test_split=d.get("test_split", "test"), val_fraction=d.get("val_fraction", 0.2),
-                            seed=config.get("seed", 42), max_pixels=d.get("max_pixels", DEFAULT_MAX_PIXELS),
-                            min_per_class=d.get("min_per_class", 1), workers=d.get("audit_workers", 8))
+                               f"directory you trained in): {hint}")
+    return load_imagefolder(root, **common)
 
 
-def parity_images(config: dict, images: str | None, n: int) -> tuple[list[str], dict]:
+def parity_images(run_dir: Path, config: dict, images: str | None, n: int) -> tuple[list[str], dict]:
     """Up to `n` real images for the parity check (val split, classes interleaved) and dataset facts."""
     if images:
         paths = collect_images([images])[0]
         if not paths:
             raise MissingFileError(f"No image files under images={images}")
         return paths[:n], {"parity_source": f"images={images}"}
-    splits = dataset_splits(config)
+    splits = dataset_splits(run_dir, config)
     by_class = [[p for p, y in zip(splits.val.paths, splits.val.labels) if y == c] for c in range(len(splits.classes))]
     interleaved = [p for row in zip_longest(*by_class) for p in row if p is not None]
     split_names = {"train": splits.train, "val": splits.val, **({"test": splits.test} if splits.test else {})}
-    facts = {"parity_source": f"val split of {config['dataset']['root']} ({splits.val_source})",
+    where = run_dir / "split.csv" if (run_dir / "split.csv").is_file() else config["dataset"]["root"]
+    facts = {"parity_source": f"val split of {where} ({splits.val_source})",
              "counts": {name: s.counts() for name, s in split_names.items()},
              "skipped_files": len(splits.skipped), "val_source": splits.val_source}
     return interleaved[:n], facts
@@ -197,7 +205,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
     config = meta.get("config") or {}
     settings = resolve_settings(config, overrides)
     max_pixels = (config.get("dataset") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
-    paths, facts = parity_images(config, images, int(settings["parity_images"]))
+    paths, facts = parity_images(run_dir, config, images, int(settings["parity_images"]))
     ref_x, paths = reference_batch(paths, meta["preprocessing"], max_pixels)
     out = check_out_dir(run_dir, out_dir)
     with staged_dir(out) as tmp:  # the export dir appears complete, or not at all

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.data.augment import build_eval_transform
 from pipeline.data.images import DEFAULT_MAX_PIXELS, load_rgb
-from pipeline.errors import ConfigError, MissingFileError, ModelFileError
+from pipeline.errors import ConfigError, MissingFileError, ModelFileError, check_choice
 from pipeline.model.checkpoint import build_model, read_meta, read_weights
 
 _logger = logging.getLogger(__name__)
@@ -132,8 +132,7 @@ def load(path: str | Path, *, backend: str = "torch", weights: str | Path | None
     `weights` overrides the weights file (.safetensors, or a .pth state dict read with weights_only=True);
     `threads` sets ONNX Runtime's intra-op threads (0 = its default).
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend='{backend}' is not valid; choose one of: {', '.join(BACKENDS)}")
+    check_choice("backend", backend, BACKENDS)
     json_path, weights_path = locate(path)
     meta = read_meta(json_path)
     preprocess = build_preprocess(meta["preprocessing"])

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from pipeline.model import checkpoint, freezing
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import build_accel, prepare_model
-from pipeline.training import loop, loss, resume
+from pipeline.training import loop, loss, resume, tracking
 from pipeline.training.guard import StepGuard
 from pipeline.training.metrics import MonitorTracker
 from pipeline.transfer import gradual, optim
@@ -44,6 +44,7 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
 
     Writes `last.pt` after every epoch (mid-epoch once `stop()` is set by SIGINT/SIGTERM, then raises
     TrainingInterrupted) and continues from `resume_state` (training/resume.py); NaN/inf: training/guard.py.
+    Each epoch's history row carries `lr_<group>`; training/tracking.py writes history.csv, TensorBoard, MLflow.
     Returns history, best epoch, the eval loss and the best epoch's val (logits, labels)."""
     t, o = cfg.trainer, cfg.optim
     accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
@@ -65,34 +66,38 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
         for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
         first, partial, history, best_val = last.restore(resume_state)
-    for epoch in range(first, t.epochs + 1):
-        maybe_thaw(model, optimizer, scheduler, cfg, epoch)
-        ddp = distributed.wrap_ddp(model, device, current=ddp)  # new wrapper when a thaw changed the trainables
-        last.mark_epoch_start()
-        stats = loop.train_one_epoch(ddp, loaders["train"], loss_fn, optimizer, scheduler, device,
-                                       epoch=epoch, max_batches=t.max_train_batches, progress=t.progress,
-                                       guard=guard, stop=stop_all, resume_from=partial, accel=accel)
-        stats, partial = distributed.reduce_train_stats(stats), None
-        if stats.get("interrupted"):
-            last.save(epoch - 1, history, best_val, partial=stats["partial"])
-            raise stop.interrupted(run_dir, epoch, f"at step {stats['partial']['steps']}")
-        val, *val_out = loop.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"], t.progress,
-                                        "val", accel=accel)
-        history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}})
-        guard.check_weights(model, optimizer, epoch)  # never save non-finite weights as `best` or `last`
-        improved = tracker.update(val[t.monitor], epoch)
-        if improved:
-            best_val = tuple(val_out)
-            if distributed.is_main():  # the unwrapped model: loads without DDP
-                checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": epoch, "val_metrics": val})
-        last.save(epoch, history, best_val)
-        _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  %.1f img/s%s",
-                     epoch, t.epochs, stats["train_loss"], val["loss"], val["accuracy"], val["balanced_accuracy"],
-                     stats["train_img_per_s"], "  *best*" if improved else "")
-        if stop_all():
-            raise stop.interrupted(run_dir, epoch, "at the end")
-        if tracker.should_stop and epoch < t.epochs:
-            _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
-                         t.monitor, tracker.bad_epochs, tracker.best, tracker.best_epoch)
-            break
+    with tracking.RunTracker(run_dir, cfg, first_epoch=first) as curves:  # history.csv, TensorBoard, MLflow
+        for epoch in range(first, t.epochs + 1):
+            maybe_thaw(model, optimizer, scheduler, cfg, epoch)
+            ddp = distributed.wrap_ddp(model, device, current=ddp)  # new wrapper when a thaw changed trainables
+            last.mark_epoch_start()
+            stats = loop.train_one_epoch(ddp, loaders["train"], loss_fn, optimizer, scheduler, device,
+                                           epoch=epoch, max_batches=t.max_train_batches, progress=t.progress,
+                                           guard=guard, stop=stop_all, resume_from=partial, accel=accel)
+            stats, partial = distributed.reduce_train_stats(stats), None
+            if stats.get("interrupted"):
+                last.save(epoch - 1, history, best_val, partial=stats["partial"])
+                raise stop.interrupted(run_dir, f"at step {stats['partial']['steps']} of epoch {epoch}")
+            val, *val_out = loop.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"], t.progress,
+                                            "val", accel=accel)
+            history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
+                            **tracking.group_lrs(optimizer)})  # each group's LR at the epoch's end
+            guard.check_weights(model, optimizer, epoch)  # never save non-finite weights as `best` or `last`
+            improved = tracker.update(val[t.monitor], epoch)
+            if improved:
+                best_val = tuple(val_out)
+                if distributed.is_main():  # the unwrapped model: loads without DDP
+                    checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": epoch, "val_metrics": val})
+            last.save(epoch, history, best_val)
+            curves.log(history)
+            _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  lr %.2e  "
+                         "%.1f img/s%s", epoch, t.epochs, stats["train_loss"], val["loss"], val["accuracy"],
+                         val["balanced_accuracy"], history[-1].get("lr_head", float("nan")), stats["train_img_per_s"],
+                         "  *best*" if improved else "")
+            if stop_all():
+                raise stop.interrupted(run_dir, f"at the end of epoch {epoch}")
+            if tracker.should_stop and epoch < t.epochs:
+                _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
+                             t.monitor, tracker.bad_epochs, tracker.best, tracker.best_epoch)
+                break
     return {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val}

@@ -103,6 +103,14 @@ def predict_logits(model: torch.nn.Module, loader, device: torch.device, progres
     return logits.numpy(), labels.numpy()
 
 
+def top5(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """{"top5_accuracy": share of labels among the 5 highest logits} with more than 5 classes, else {}."""
+    if num_classes <= 5 or not len(labels):
+        return {}
+    best5 = np.argpartition(-np.asarray(logits), 4, axis=1)[:, :5]
+    return {"top5_accuracy": float((best5 == np.asarray(labels)[:, None]).any(1).mean())}
+
+
 def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device, num_classes: int,
              progress: bool = False, desc: str = "eval", accel: Accel | None = None) -> tuple[dict, np.ndarray,
                                                                                               np.ndarray]:
@@ -114,4 +122,4 @@ def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device, num_
         return {"loss": float("nan"), "num_samples": 0}, logits, labels
     loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))
     metrics = classification_metrics(labels, logits.argmax(1), num_classes)
-    return {"loss": loss, **metrics}, logits, labels
+    return {"loss": loss, **metrics, **top5(logits, labels, num_classes)}, logits, labels

@@ -13,6 +13,10 @@ one exactly: same weights and metrics (runtime/seeding.py lists the random strea
   newest run dir next to this run's (Hydra: `outputs/runs/`) that has `last.pt`, no `metrics.json`
   (killed or interrupted; finished and failed runs are left alone) and the same `dataset.name` and
   `dataset.root`. Nothing found: a fresh run.
+
+The cached linear probe (features/fit.py) saves a small `last.pt` of kind `cached` (its config) when it
+starts: its progress is the feature cache, so a resume re-extracts only the missing entries and re-fits the
+seeded head, which gives the head of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,7 @@ from pipeline.runtime import distributed, seeding
 _logger = logging.getLogger(__name__)
 
 FORMAT = 1
+CACHED = "cached"  # `kind` of the cached linear probe's last.pt
 # Settings a resumed run takes from the new command line; everything else comes from the saved config.
 RUNTIME_KEYS = ("trainer.resume", "trainer.progress", "trainer.num_workers", "trainer.threads", "trainer.device",
                 "trainer.grad_clip", "trainer.max_nonfinite_steps", "trainer.keep_last", "dataset.audit_workers",
@@ -59,10 +66,11 @@ def resume_command(run_dir: Path) -> str:
 
 class GracefulStop:
     """Context manager: the first SIGINT/SIGTERM sets a flag (the loop finishes its step and saves `last`);
-    a second one stops at once (KeyboardInterrupt). Callable: True once a stop was requested."""
+    a second one stops at once (KeyboardInterrupt). Callable: True once a stop was requested.
+    Inside `at_once(...)` a signal raises TrainingInterrupted straight away (work whose state is already saved)."""
 
     def __init__(self):
-        self.signum, self._previous = None, {}
+        self.signum, self._previous, self._now = None, {}, None
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -71,8 +79,21 @@ class GracefulStop:
         if self.signum is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without saving")
         self.signum = signum
+        if self._now is not None:
+            raise self.interrupted(*self._now)
         _logger.warning("%s received: finishing the current step, then saving %s (send it again to stop at once)",
                         signal.Signals(signum).name, LAST)
+
+    @contextmanager
+    def at_once(self, run_dir: Path, where: str) -> Iterator[None]:
+        """Within the block a signal (or one received before it) raises `interrupted(run_dir, where)`."""
+        if self():
+            raise self.interrupted(run_dir, where)
+        self._now = (run_dir, where)
+        try:
+            yield
+        finally:
+            self._now = None
 
     def __enter__(self) -> "GracefulStop":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -86,9 +107,10 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def interrupted(self, run_dir: Path, epoch: int, where: str) -> TrainingInterrupted:
+    def interrupted(self, run_dir: Path, where: str) -> TrainingInterrupted:
+        """The one-line stop message (`where`: e.g. "at step 3 of epoch 2") with the resume command."""
         name = signal.Signals(self.signum).name
-        return TrainingInterrupted(f"Interrupted by {name} {where} of epoch {epoch}; saved {Path(run_dir) / LAST}. "
+        return TrainingInterrupted(f"Interrupted by {name} {where}; saved {Path(run_dir) / LAST}. "
                                    f"Resume with: {resume_command(run_dir)}", self.signum)
 
 
@@ -202,6 +224,8 @@ def prepare_resume(cfg: DictConfig) -> dict | None:
     _log_to_run_dir(run_dir)
     where = f"step {state['partial']['steps']} of epoch {state['epoch'] + 1}" if state["partial"] else \
         f"the end of epoch {state['epoch']}"
+    if state.get("kind") == CACHED:
+        where = "the feature cache (missing entries are extracted, then the head is fitted)"
     _logger.info("Resuming %s from %s", run_dir, where)
     return state
 
@@ -213,6 +237,13 @@ def saved_decision(run_dir: Path) -> dict:
         raise MissingFileError(f"{path} is missing: cannot resume a strategy=auto run without its decision; "
                                "start a fresh run")
     return json.loads(path.read_text())
+
+
+def save_cached_state(run_dir: Path, cfg: DictConfig) -> None:
+    """The cached linear probe's `last.pt`: its config, so `trainer.resume` finds and continues the run."""
+    if distributed.is_main():
+        save_state(run_dir, {"format": FORMAT, "kind": CACHED, "epoch": 0, "partial": None,
+                             "config": OmegaConf.to_container(cfg, resolve=True)})
 
 
 def finish(run_dir: Path, keep_last: bool) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.data import augment, folder, image_cache, sampler, sources
+from pipeline.data import augment, folder, image_cache, listing, manifest, sampler, sources
 from pipeline.model import freezing
 from pipeline.runtime import distributed
 from pipeline.runtime.files import ensure_writable_dir, write_json
@@ -29,20 +29,42 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return ensure_writable_dir(path)
 
 
-def build_data(cfg: DictConfig) -> tuple[folder.DatasetSplits, Path]:
+def dataset_root(cfg: DictConfig) -> Path:
+    """The dataset root (sources.prepare_root: generated, downloaded or checked); the CSV's folder for a manifest."""
     d = cfg.dataset
-    root = sources.prepare_root(name=d.name, root=d.root, source=d.source, image_size=d.image_size, url=d.url,
-                                download=d.download, download_hint=d.download_hint, train_split=d.train_split)
-    folder.check_layout(root, train_split=d.train_split, val_split=d.val_split, val_fraction=d.val_fraction,
-                                  min_per_class=d.min_per_class)  # a listing: fails before every file is probed
-    splits = folder.load_imagefolder(root, train_split=d.train_split, val_split=d.val_split, test_split=d.test_split,
-                                   val_fraction=d.val_fraction, seed=cfg.seed, max_pixels=d.max_pixels,
-                                   min_per_class=d.min_per_class, workers=d.audit_workers)
+    return sources.prepare_root(name=d.name, root=OmegaConf.select(d, "root", throw_on_missing=False),
+                                source=d.source, image_size=d.image_size, url=d.url, download=d.download,
+                                download_hint=d.download_hint, train_split=d.train_split, manifest=d.manifest)
+
+
+def list_data(cfg: DictConfig) -> tuple[listing.Listing, Path]:
+    """The dataset's files and labels by name, no file read (make preview)."""
+    d = cfg.dataset
+    root = dataset_root(cfg)
+    return listing.list_source(root, train_split=d.train_split, val_split=d.val_split, test_split=d.test_split,
+                               manifest=d.manifest), root
+
+
+def build_data(cfg: DictConfig) -> tuple[folder.DatasetSplits, Path]:
+    """List, check, probe and split the dataset (train/ tree, class folders or `dataset.manifest`)."""
+    d = cfg.dataset
+    root = dataset_root(cfg)
+    layout = dict(train_split=d.train_split, val_split=d.val_split, test_split=d.test_split,
+                  val_fraction=d.val_fraction, test_fraction=d.test_fraction, manifest=d.manifest)
+    folder.check_layout(root, min_per_class=d.min_per_class, **layout)  # a listing: fails before any file is read
+    splits = folder.load_imagefolder(root, seed=cfg.seed, max_pixels=d.max_pixels, min_per_class=d.min_per_class,
+                                     workers=d.audit_workers, **layout)
     for name in ("train", "val", "test"):
         split = getattr(splits, name)
         if split is not None:
             _logger.info("%s: %d images %s", name, len(split), split.counts())
     return splits, root
+
+
+def write_split(run_dir: Path, splits: folder.DatasetSplits) -> Path:
+    """`split.csv`: every image the run uses, with its label and split (data/manifest.py); given back as
+    `dataset.manifest`, it reproduces this split exactly."""
+    return manifest.write_split_csv(run_dir / manifest.SPLIT_CSV, splits.rows())
 
 
 def make_loader(split: folder.Split, transform, cfg: DictConfig, *, train: bool, generator=None, cache=None,

@@ -20,6 +20,7 @@ from pipeline.config import check_values
 from pipeline.data import augment
 from pipeline.errors import MissingFileError
 from pipeline.model import backbone, freezing, multidepth
+from pipeline.training import tracking
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def validate_config(cfg: DictConfig) -> None:
     if s.mode in ("partial", "gradual"):  # linear_probe, finetune and auto set their own depth
         freezing.resolve_freeze_depth("partial", s.freeze_depth, len(freezing.layer_groups(model)))
     multidepth.resolve_levels(model, cfg.features.depths)
+    tracking.check_mlflow(cfg.trainer)  # trainer.mlflow=true without the package: one line, now
     if s.mode != "auto":  # auto decides the mode later; its linear_probe is the cached path
         multidepth.check_levels_need_cache(cfg.features.depths, cached=s.mode == "linear_probe" and cfg.features.cached,
                                            mode=s.mode)

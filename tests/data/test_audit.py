@@ -1,4 +1,4 @@
-"""Dataset audit: planted duplicates, leakage, label conflicts, odd files; dedup; CLI and training output."""
+"""Dataset audit: planted duplicates, leakage, label conflicts, odd files; dedup; training output."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from conftest import make_imagefolder
+from conftest import compose_cfg, make_imagefolder
 from pipeline.data.audit import audit_dataset, audit_markdown, run_audit
 from pipeline.data.folder import load_imagefolder
 
@@ -55,13 +55,15 @@ def test_audit_finds_planted_duplicates_leakage_and_odd_files(tmp_path):
 def test_dedup_drop_from_eval_removes_leaked_files_only(tmp_path):
     root = _planted(tmp_path)
     data = load_imagefolder(root)
-    kept, report = run_audit(data, name="planted", root=root, dedup="drop_from_eval", out_dir=tmp_path)
+    checks = compose_cfg().audit
+    kept, _ = run_audit(data, name="planted", root=root, dedup="drop_from_eval", checks=checks, seed=0,
+                        out_dir=tmp_path)
     assert len(kept.val) == len(data.val) - 1 and len(kept.test) == len(data.test) - 1
     assert not any(p.endswith(("leaked.png", "leaked_too.png")) for p in kept.val.paths + kept.test.paths)
     assert kept.train.paths == data.train.paths
     saved = json.loads((tmp_path / "audit.json").read_text())
     assert saved["dedup"]["mode"] == "drop_from_eval" and len(saved["dedup"]["dropped"]) == 2
-    _, warn_only = run_audit(data, name="planted", root=root, dedup="none")
+    _, warn_only = run_audit(data, name="planted", root=root, dedup="none", checks=checks, seed=0)
     assert warn_only["dedup"]["dropped"] == [] and len(data.val) == 7
 
 
@@ -79,13 +81,19 @@ def test_training_writes_audit_and_drops_leaks(tmp_path, cfg_factory):
     root = make_imagefolder(tmp_path / "ds", {"blue": 6, "red": 6}, "train")
     make_imagefolder(root, {"blue": 2, "red": 2}, "val", offset=500)
     shutil.copy(root / "train/red/red_0.png", root / "val/red/leak.png")
+    Image.open(root / "train/blue/blue_1.png").save(root / "val/blue/near.jpg", quality=75)  # re-encoded copy
     cfg = cfg_factory("dataset=folder", f"dataset.root={root}", "backbone=tiny", "backbone.input_size=32",
-                      "dataset.dedup=drop_from_eval", "trainer.epochs=1", "strategy=finetune")
+                      "dataset.dedup=drop_near_from_eval", "trainer.epochs=1", "strategy=finetune",
+                      "audit.label_issues=true")
     from pipeline.train import train
     metrics = train(cfg)
     run = Path(cfg.output_dir)
-    assert json.loads((run / "audit.json").read_text())["dedup"]["dropped"][0].endswith("leak.png")
-    assert metrics["audit"]["eval_files_leaked"] == 1
+    saved = json.loads((run / "audit.json").read_text())
+    assert sorted(Path(p).name for p in saved["dedup"]["dropped"]) == ["leak.png", "near.jpg"]
+    assert saved["label_issues"]["images"] == 16 and "candidates" in saved["label_issues"]
+    assert metrics["audit"]["eval_files_leaked"] == 1 and metrics["audit"]["eval_files_near_leaked"] == 1
     summary = (run / "summary.md").read_text()
     assert "## Data audit" in summary and "DATA LEAKAGE" in summary and "| red | 6 | 2 |" in summary
+    assert "### Storage shortcuts" in summary and "### Label-error candidates" in summary
+    assert "`train/blue/blue_1.png` ~ `val/blue/near.jpg`" in summary and (run / "near_duplicates.png").is_file()
     assert metrics["skipped_at_runtime"] == 0

@@ -47,13 +47,20 @@ def test_bad_files_are_skipped_and_reported(tmp_path):
     good.write_bytes(good.read_bytes()[:200])
     frames = [Image.new("P", (30, 30), i) for i in (1, 2)]
     frames[0].save(root / "train/red/anim.gif", save_all=True, append_images=frames[1:])
+    write_image(root / "train/red/.ipynb_checkpoints/red_0-checkpoint.png", (200, 30, 30))  # a usable image, hidden
+    write_image(root / "train/blue/.hidden.png", (20, 40, 200))
+    (root / "train/blue/.DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "train/blue/no_extension").write_bytes(b"x")
 
     data = load_imagefolder(root, val_fraction=0.25, seed=0)
     reported = {p.split("/")[-1]: r for p, r in ((s["path"], s["reason"]) for s in data.skipped)}
-    assert set(reported) == {"notes.txt", "empty.jpg", "fake.jpg", "truncated.png"}
+    assert reported == {"notes.txt": "unsupported extension .txt", "empty.jpg": "0-byte file",
+                        "fake.jpg": "text/HTML, not an image", "truncated.png": "truncated image file",
+                        "red_0-checkpoint.png": "in a hidden folder (.ipynb_checkpoints)", ".hidden.png": "hidden file",
+                        ".DS_Store": "hidden file", "no_extension": "no file extension"}
     used = data.train.paths + data.val.paths
     assert len(used) == 13 and any(p.endswith("anim.gif") for p in used)  # a valid GIF is a usable image
-    assert not any(p.endswith(("notes.txt", "empty.jpg", "fake.jpg", "truncated.png")) for p in used)
+    assert not any(p.endswith(tuple(reported)) for p in used)
 
 
 def test_val_and_test_folders_are_used_when_present(tiny_folder):
@@ -64,7 +71,8 @@ def test_val_and_test_folders_are_used_when_present(tiny_folder):
 
 
 def test_layout_errors_name_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="expected .*/train/<class>/<image>"):
+    with pytest.raises(FileNotFoundError, match="no class folders with images .*: expected .*/<class>/<image> or "
+                                                ".*/train/<class>/<image>"):
         load_imagefolder(tmp_path)
     make_imagefolder(tmp_path / "one", {"red": 3})
     with pytest.raises(ValueError, match="at least 2"):
@@ -76,6 +84,19 @@ def test_layout_errors_name_the_fix(tmp_path):
         load_imagefolder(root)
     with pytest.raises(FileNotFoundError, match="Dataset 'hymenoptera' not found.*DATASETS_DIR"):
         prepare_root(name="hymenoptera", root=str(tmp_path / "nowhere"), download_hint="set DATASETS_DIR")
+    with pytest.raises(ValueError, match="needs a root: add dataset.root=.* \\(or dataset.manifest="):
+        prepare_root(name="folder", root=None)
+
+
+def test_a_flat_tree_of_class_folders_is_a_dataset(tmp_path):
+    """No train/ folder: the class folders are the dataset, and val is a stratified share of all of it."""
+    root = make_imagefolder(tmp_path, {"blue": 5, "red": 5}, split="flat") / "flat"
+    assert prepare_root(name="folder", root=str(root)) == root
+    data = load_imagefolder(root, val_fraction=0.2, seed=0, workers=1)
+    assert data.classes == ["blue", "red"] and len(data.train) == 8 and data.val.counts() == {"blue": 1, "red": 1}
+    assert data.test is None and data.val_source == "stratified 20% of all images" and "no train/" in data.layout
+    (tmp_path / "manifest.csv").write_text("path,label\n", encoding="utf-8")
+    assert prepare_root(name="folder", root=None, manifest=str(tmp_path / "manifest.csv")) == tmp_path
 
 
 def test_a_download_that_cannot_connect_is_a_one_line_error_and_leaves_nothing(tmp_path):
@@ -138,7 +159,7 @@ def test_unreadable_file_in_a_worker_is_skipped_and_logged(tmp_path):
         assert seen == 5
     skips = read_skip_log(log)
     assert len(skips) == 1 and skips[0]["path"] == paths[2] and skips[0]["times"] == 2
-    assert skips[0]["reason"].startswith("at run time: ") and "p2.jpg" in skips[0]["reason"]
+    assert skips[0]["reason"] == "at run time: text/HTML, not an image"
     assert collate_skip_none([None, None]) is None
 
 

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.data.images import ImageDecodeError, decode_rgb, load_rgb, probe_image, resize_short_side, resized_shape
+from pipeline.data.images import (
+    ImageDecodeError,
+    decode_rgb,
+    load_rgb,
+    plain_reason,
+    probe_image,
+    resize_short_side,
+    resized_shape,
+)
 
 
 def _exif_jpeg(arr: np.ndarray, orientation: int, mode: str = "RGB") -> bytes:
@@ -73,17 +81,30 @@ def test_unusable_files_raise_a_reason_naming_the_file(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, "JPEG")
     png = io.BytesIO()
     Image.new("RGB", (64, 64), (1, 2, 3)).save(png, "PNG")
-    bad = {"empty.jpg": b"", "html.jpg": b"<html><body>404</body></html>", "trunc.jpg": good.getvalue()[:300],
-           "trunc.png": png.getvalue()[:60], "text.png": b"just text"}
-    for name, content in bad.items():
+    bad = {"empty.jpg": (b"", "0-byte file"),
+           "html.jpg": (b"<!DOCTYPE html><html><body>404</body></html>", "text/HTML, not an image"),
+           "trunc.jpg": (good.getvalue()[:300], "truncated image file"),
+           "half.jpg": (good.getvalue()[:len(good.getvalue()) // 2], "truncated image file"),
+           "header.jpg": (good.getvalue()[:20], "truncated image file"),
+           "trunc.png": (png.getvalue()[:60], "truncated image file"),
+           "text.png": (b"just text", "text/HTML, not an image"),
+           "zip.jpg": (b"PK\x03\x04" + bytes(60), "not an image (unknown format)")}
+    for name, (content, reason) in bad.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(ImageDecodeError, match=name.replace(".", r"\.")):
+        with pytest.raises(ImageDecodeError, match=name.replace(".", r"\.")) as e:
             load_rgb(str(tmp_path / name))
+        assert e.value.reason == reason == probe_image(str(tmp_path / name))["error"], name
     with pytest.raises(ImageDecodeError, match="cannot read file"):
         load_rgb(str(tmp_path / "missing.jpg"))
     (tmp_path / "big.png").write_bytes(png.getvalue())
     with pytest.raises(ImageDecodeError, match="exceeds dataset.max_pixels=4000"):
         load_rgb(str(tmp_path / "big.png"), max_pixels=4000)
+
+
+def test_a_decoder_message_is_kept_without_memory_addresses():
+    error = OSError("cannot decode <_io.BytesIO object at 0x7f3a2b1c0d90>, buffer 0x7f3a2b1c0d90")
+    reason = plain_reason(b"\x89PNG\r\n\x1a\n" + bytes(16), error)
+    assert reason.startswith("damaged PNG file (cannot decode") and "0x" not in reason and "object" not in reason
 
 
 @pytest.mark.parametrize("orientation,mode", [(6, "RGB"), (8, "RGB"), (3, "RGB"), (6, "L")])
@@ -122,7 +143,7 @@ def test_probe_records_hash_header_and_odd_facts(tmp_path):
     assert probe_image(str(tmp_path / "grey.png"))["gray_content"] is True
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     bad = probe_image(str(tmp_path / "bad.jpg"))
-    assert "bad.jpg" in bad["error"] and bad["sha1"]
+    assert bad["error"] == "text/HTML, not an image" and bad["sha1"]  # the path is the record's key, not its reason
 
 
 def test_resize_short_side_follows_torchvision_rule():

@@ -238,12 +238,19 @@ def test_card_shows_the_confusion_image_only_when_the_run_has_one(exported, tmp_
     assert again == out and (out / "model.json").is_file()
 
 
-def test_dataset_not_found_needs_images_flag(exported, tmp_path):
+def test_parity_images_come_from_the_runs_own_split(exported, tmp_path):
+    """split.csv (written by every run) names the val images: the export uses them even when the config's
+    dataset.root is gone, and names the fix when the images themselves are gone."""
     data, run, _ = exported
     moved = Path(shutil.copytree(run, tmp_path / "run"))
     meta = json.loads((moved / "best.json").read_text())
     meta["config"]["dataset"]["root"] = str(tmp_path / "gone")
     (moved / "best.json").write_text(json.dumps(meta))
+    out = export.export_run(moved, tmp_path / "from_split", formats=["safetensors"])
+    assert "split.csv" in json.loads((out / "model.json").read_text())["dataset"]["parity_source"]
+    gone = Path(shutil.copytree(data, tmp_path / "data_copy"))
+    (moved / "split.csv").write_text((moved / "split.csv").read_text().replace(str(data), str(gone)))
+    shutil.rmtree(gone)
     with pytest.raises(MissingFileError, match="or pass images=<folder of images>"):
         export.export_run(moved, tmp_path / "out", formats=["safetensors"])
     out = export.export_run(moved, tmp_path / "out", formats=["safetensors"], images=str(data / "val"))

@@ -1,0 +1,150 @@
+"""What a dataset is made of, by name only (no file is read): its layout, classes, files per split, and the files
+that are never trained on (hidden, in hidden folders, or not an image type).
+
+Three layouts: `<root>/train/<class>/<image>` (+ optional val/, test/), a folder of class folders
+`<root>/<class>/<image>` (no train/: every split is drawn from it), and a CSV manifest (`dataset.manifest`,
+data/manifest.py) whose optional split column gives the splits.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pipeline.data import manifest as manifest_csv
+from pipeline.data.images import IMAGE_EXTENSIONS
+from pipeline.errors import ConfigError, MissingFileError
+
+_logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")  # the logical splits; dataset.*_split name their folders
+
+
+@dataclass
+class Listing:
+    """A dataset by name only, before any file is read."""
+    classes: list[str]
+    splits: dict[str, tuple[list[str], list[int]]]  # "train", and "val"/"test" where the data gives them
+    skipped: list[dict]  # hidden files, files in hidden folders, unsupported extensions
+    kind: str  # "train_folder" | "class_folders" | "manifest"
+    where: str  # the dataset root or the manifest file
+
+
+def skip_reason(rel: Path) -> Optional[str]:
+    """Why a file is not trained on, judged by its path below the class folder (or as a manifest writes it)."""
+    hidden = next((part for part in rel.parts[:-1] if part.startswith(".")), None)
+    if hidden:
+        return f"in a hidden folder ({hidden})"
+    if rel.name.startswith("."):
+        return "hidden file"
+    if rel.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"unsupported extension {rel.suffix}" if rel.suffix else "no file extension"
+    return None
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    """Sorted names of class folders (hidden folders ignored)."""
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_split(split_dir: Path, classes: list[str]) -> tuple[list[str], list[int], list[dict]]:
+    """All files under `split_dir/<class>/`; hidden ones, those in hidden folders and non-image extensions are
+    returned as skipped."""
+    paths, labels, skipped = [], [], []
+    for idx, name in enumerate(classes):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            continue
+        for p in sorted(class_dir.rglob("*")):
+            if not p.is_file():
+                continue
+            reason = skip_reason(p.relative_to(class_dir))
+            if reason:
+                skipped.append({"path": str(p), "reason": reason})
+                continue
+            paths.append(str(p))
+            labels.append(idx)
+    return paths, labels, skipped
+
+
+def _list_folders(root: Path, train_split: str, val_split: str, test_split: str) -> Listing:
+    """`root/train/<class>/` (+ val/, test/), or, without train/, `root/<class>/`."""
+    given = {"val": val_split, "test": test_split}
+    train_dir = root / train_split
+    if train_dir.is_dir():
+        classes = find_classes(train_dir)
+        train_paths, train_labels, skipped = list_split(train_dir, classes)
+        splits = {"train": (train_paths, train_labels)}
+        for key, name in given.items():
+            if (root / name).is_dir():
+                extra = sorted(set(find_classes(root / name)) - set(classes))
+                if extra:
+                    _logger.warning("%s/%s has classes not in train (ignored): %s", root, name, extra)
+                paths, labels, more = list_split(root / name, classes)
+                splits[key] = (paths, labels)
+                skipped += more
+        return Listing(classes, splits, skipped, "train_folder", str(root))
+    expected = f"expected {root}/<class>/<image> or {root}/{train_split}/<class>/<image>"
+    present = [name for name in given.values() if (root / name).is_dir()]
+    if present:
+        raise MissingFileError(f"Dataset root {root} has {present[0]}/ but no {train_split}/ folder: {expected}")
+    classes = find_classes(root) if root.is_dir() else []
+    paths, labels, skipped = list_split(root, classes)
+    if not paths:
+        raise MissingFileError(f"No '{train_split}/' folder and no class folders with images in dataset root {root}: "
+                               f"{expected} (set dataset.root=..., or dataset.manifest=<csv>)")
+    return Listing(classes, {"train": (paths, labels)}, skipped, "class_folders", str(root))
+
+
+def _list_manifest(value: str) -> Listing:
+    """The rows of a CSV manifest; the classes are the labels of its train rows (every row without a split column)."""
+    rows = manifest_csv.read_manifest(value)
+    where = str(manifest_csv.manifest_file(value))
+    classes = sorted({r.label for r in rows if r.split in (None, "train")})
+    if not classes:
+        raise ConfigError(f"dataset.manifest {where} has no train rows: mark rows split=train, or drop the split "
+                          "column to get a stratified split")
+    extra = sorted({r.label for r in rows} - set(classes))
+    if extra:
+        _logger.warning("dataset.manifest %s: labels of val/test rows not in train (ignored): %s", where, extra)
+    index, splits, skipped = {c: i for i, c in enumerate(classes)}, {}, []
+    for r in rows:
+        written = Path(r.written)
+        reason = skip_reason(Path(written.name) if written.is_absolute() else written)
+        if reason:
+            skipped.append({"path": r.path, "reason": reason})
+        elif r.label in index:
+            paths, labels = splits.setdefault(r.split or "train", ([], []))
+            paths.append(r.path)
+            labels.append(index[r.label])
+    splits.setdefault("train", ([], []))
+    return Listing(classes, {k: splits[k] for k in SPLITS if k in splits}, skipped, "manifest", where)
+
+
+def list_source(root: str | Path, *, train_split: str = "train", val_split: str = "val", test_split: str = "test",
+                manifest: Optional[str] = None) -> Listing:
+    """The dataset's files and labels by name: `dataset.manifest` when set, else the folder tree at `root`."""
+    if manifest:
+        return _list_manifest(manifest)
+    return _list_folders(Path(root), train_split, val_split, test_split)
+
+
+def layout_text(listing: Listing) -> str:
+    """Where the images and labels come from, in words (run summary)."""
+    return {"train_folder": f"ImageFolder tree {listing.where}/<split>/<class>/<image>",
+            "class_folders": f"class folders {listing.where}/<class>/<image> (no train/ folder)",
+            "manifest": f"CSV manifest {listing.where}"}[listing.kind]
+
+
+def split_plan(given: set[str], val_fraction: float, test_fraction: float) -> list[tuple[str, float]]:
+    """The splits to draw from train, in order, each with its share of what is left by then."""
+    plan = [("test", test_fraction)] if "test" not in given and test_fraction > 0 else []
+    if "val" not in given:
+        taken = sum(f for _, f in plan)
+        if taken + val_fraction >= 1:
+            raise ConfigError(f"dataset.val_fraction={val_fraction} + dataset.test_fraction={test_fraction} leave "
+                              "no train images: keep their sum below 1")
+        plan.append(("val", val_fraction / (1 - taken)))
+    return plan
+
