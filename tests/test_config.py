@@ -1,4 +1,4 @@
-"""Config tree (conf/ + pipeline/config.py): every option composes, every value is written once, typos, wrong
+"""Config tree (conf/ + pipeline/config/): every option composes, every value is written once, typos, wrong
 types and values outside their constraints fail at start-up with one message format."""
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_schema_holds_no_values_and_conf_sets_every_key():
 
     for group, schema in SCHEMAS.items():
         for f in fields(schema):
-            assert f.default in ("???", MISSING) or f.name == "auto", f"{group}.{f.name} has a default in config.py"
+            assert f.default in ("???", MISSING) or f.name == "auto", f"{group}.{f.name} has a default in config/schema.py"
     cfg = compose_cfg()
     assert not OmegaConf.missing_keys(cfg), OmegaConf.missing_keys(cfg)
 

@@ -209,51 +209,6 @@ def run_audit(data: DatasetSplits, *, name: str, root, dedup: str, checks, seed:
     return data, report
 
 
-def _example_lines(title: str, groups: list[dict]) -> list[str]:
-    if not groups:
-        return []
-    lines = [f"**{title}: {len(groups)} group(s)**", ""]
-    for g in groups[:MAX_LISTED]:
-        lines.append("- " + " = ".join(f"`{f['split']}/{f['class']}/{Path(f['path']).name}`" for f in g["files"]))
-    if len(groups) > MAX_LISTED:
-        lines.append(f"- ... {len(groups) - MAX_LISTED} more in audit.json")
-    return lines + [""]
-
-
-def audit_markdown(report: dict) -> list[str]:
-    """A readable `## Data audit` section (summary.md and audit.md)."""
-    lines = ["## Data audit", ""] + [f"> **{w}**" for w in report["warnings"]] + ([""] if report["warnings"] else [])
-    cols = ("images", "formats", "modes", "grey content", "width min/med/max", "height min/med/max", "below input")
-    lines += ["| split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, st in report["splits"].items():
-        size = lambda d: "/".join(str(d.get(k, "-")) for k in ("min", "median", "max"))
-        lines.append(f"| {name} | {st['images']} | {st['formats']} | {st['modes']} | {st['gray_content']} | "
-                     f"{size(st['width'])} | {size(st['height'])} | {st['short_side_below_input']['count']} |")
-    s = report["summary"]
-    lines += ["", f"- val split: {report['val_source']} (split names below are logical splits)",
-              f"- unreadable/skipped: {s['unreadable']}, extension does not match content: "
-              f"{s['extension_mismatch']}, odd colour modes: {s['odd_modes']}, few colours: {s['few_colors']}, "
-              f"stray files: {s['stray_files']}",
-              f"- duplicates: {s['within_split_groups']} group(s) within a split, {s['cross_split_groups']} across "
-              f"splits ({s['eval_files_leaked']} eval file(s) leaked), {s['label_conflict_groups']} under different "
-              f"labels; dedup: {report['dedup']['mode']} ({len(report['dedup']['dropped'])} dropped)", ""]
-    for key, title in (("extension_mismatch", "Extension does not match content"), ("odd_modes", "Odd colour modes"),
-                       ("few_colors", "Few distinct colours"), ("stray_files", "Stray files (not in a class folder)")):
-        items = report[key][:MAX_LISTED]
-        if items:
-            detail = lambda i: f"`{i}`" if isinstance(i, str) else \
-                f"`{i['path']}`: {i.get('format') or i.get('mode') or i.get('colors')}"
-            lines += [f"**{title}**", ""] + [f"- {detail(i)}" for i in items] + [""]
-    d = report["duplicates"]
-    lines += _example_lines("Across splits (leakage)", d["cross_split"])
-    lines += _example_lines("Same file under different labels", d["label_conflicts"])
-    lines += _example_lines("Within a split", d["within_split"])
-    if "near_duplicates" in report:
-        lines += near_duplicates.near_duplicate_markdown(report["near_duplicates"], MAX_LISTED)
-        lines += shortcuts.shortcut_markdown(report["shortcuts"], MAX_LISTED)
-    return lines
-
-
 def input_side(cfg) -> int:
     """The model's input side from the config, without building the model."""
     import timm

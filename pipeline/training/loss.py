@@ -93,7 +93,7 @@ def compute_class_weights(counts: Sequence[int], mode="none", *, beta: float = 0
         weights = np.zeros(len(counts))
         present = counts > 0
         weights[present] = compute_class_weight("balanced", classes=np.flatnonzero(present), y=y)
-    else:  # effective (the choices are checked at start-up: pipeline/config.py)
+    else:  # effective (the choices are checked at start-up: pipeline/config/checks.py)
         effective_num = 1.0 - np.power(beta, counts.astype(np.float64))
         weights = np.where(counts > 0, (1.0 - beta) / np.maximum(effective_num, 1e-12), 0.0)
         weights = weights * len(counts) / weights.sum()

@@ -1,6 +1,6 @@
 """Config validation at start-up, before any data is read or any model is built.
 
-`validate_values` checks every key against its constraint in the schema (pipeline/config.py: choices and
+`validate_values` checks every key against its constraint in the schema (pipeline/config/schema.py: choices and
 numeric ranges, one message format). `validate_config` adds what needs the backbone but not its weights,
 checked on a meta-device model (no memory, no time): the name (with close matches), a weights file (read
 and matched against the architecture), the freeze depth against the backbone's layer groups, the feature

@@ -8,8 +8,9 @@ from pathlib import Path
 from PIL import Image
 
 from conftest import compose_cfg, make_imagefolder
-from pipeline.data.audit import audit_dataset, audit_markdown, run_audit
+from pipeline.data.audit import audit_dataset, run_audit
 from pipeline.data.folder import load_imagefolder
+from pipeline.reports.audit_report import audit_markdown
 
 
 def _planted(tmp_path: Path) -> Path:

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from conftest import compose_cfg
-from pipeline.data.audit import audit_dataset, audit_markdown
+from pipeline.data.audit import audit_dataset
 from pipeline.data.folder import load_imagefolder
 from pipeline.data.images import probe_image
+from pipeline.reports.audit_report import audit_markdown
 
 HYMENOPTERA = Path("/work/shared/datasets/hymenoptera")
 

@@ -3,24 +3,17 @@
 `conf/config.yaml` lists `_config_schema` first in its defaults, so every YAML option of every group is
 merged into these dataclasses: a typo'd key or a value of the wrong type fails at start-up with Hydra's own
 message. Each field carries its constraint (`choice`, `number`) as metadata, in the manner of scikit-learn's
-`_parameter_constraints`, and `check_values` checks them all at start-up, before any data is read, with one
-message format. The few keys whose valid values take more than a constraint (freeze depth, class weights,
-feature depths, export formats) have a checker in `_CUSTOM`. No default is written here: a group's values
-are in its YAML (`conf/<group>/*.yaml`), so each value is written once.
-
-This module imports no Hydra (only `register_configs` does), so every layer may read its choices.
+`_parameter_constraints`; config/checks.py checks them all at start-up. No default is written here: a group's
+values are in its YAML (`conf/<group>/*.yaml`), so each value is written once.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-from pipeline.errors import ConfigError, check_choice
+from typing import Any, Optional
 
 MISSING = "???"  # omegaconf.MISSING: the value must come from conf/
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # The valid values of the choice keys, one tuple each; the modules that act on them import them from here.
 SOURCES = ("folder", "digits")
@@ -233,126 +226,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="_config_schema", node=Config)
 
 
-def _range_text(low, high, low_open: bool, high_open: bool) -> str:
-    if high is None:
-        return "positive" if low == 1 and not low_open or (low == 0 and low_open) else f">= {low}"
-    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-
-
-def check_number(key: str, x: Any, low, high, low_open: bool = False, high_open: bool = False,
-                 example: Any = None) -> None:
-    """The one check (and message) for a numeric setting and its bounds; NaN is never valid."""
-    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
-    ok = ok and (low is None or (x > low if low_open else x >= low))
-    ok = ok and (high is None or (x < high if high_open else x <= high))
-    if not ok:
-        hint = f" (e.g. {key}={example})" if example is not None else ""
-        raise ConfigError(f"{key}={x} must be {_range_text(low, high, low_open, high_open)}{hint}")
-
-
-def _check_freeze_depth(key: str, x: Any) -> None:
-    if x != "all" and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
-        raise ConfigError(f"{key}={x!r} is not valid: use an integer >= 0 (layer groups frozen from the input) "
-                          "or 'all'")
-
-
-def _check_class_weights(key: str, x: Any) -> None:
-    if hasattr(x, "items"):
-        bad = {k: v for k, v in x.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0}
-        if bad:
-            raise ConfigError(f"{key} values must be numbers >= 0, got {dict(bad)}")
-        return
-    check_choice(key, x, WEIGHT_MODES, also="a mapping {class_name: weight}")
-
-
-def _check_auto_or_count(key: str, x: Any) -> None:
-    if x != "auto" and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
-        raise ConfigError(f"{key}={x} is not valid: use auto or a count >= 0 (e.g. 2)")
-
-
-def _check_formats(key: str, x: Any) -> None:
-    for fmt in list(x):
-        check_choice(key, fmt, EXPORT_FORMATS)
-
-
-_CUSTOM: dict[str, Callable[[str, Any], None]] = {
-    "strategy.freeze_depth": _check_freeze_depth, "loss.class_weights": _check_class_weights,
-    "features.num_workers": _check_auto_or_count, "export.formats": _check_formats,
-}
-
-
-def check_group(prefix: str, schema: type, values: Any) -> None:
-    """Check the values of one group (`values`: a DictConfig or dict) against `schema`'s constraints."""
-    for f in fields(schema):
-        key = f"{prefix}.{f.name}"
-        if f.name not in values:
-            continue
-        x = values[f.name]
-        if schema is StrategyConfig and f.name == "auto":
-            check_group(key, AutoStrategyConfig, x)
-        elif key in _CUSTOM:
-            _CUSTOM[key](key, x)
-        elif "choices" in f.metadata:
-            check_choice(key, str(x).lower() if isinstance(x, bool) else x, f.metadata["choices"])
-        elif "range" in f.metadata and not (x is None and f.metadata["optional"]):
-            check_number(key, x, *f.metadata["range"], example=f.metadata["example"])
-
-
 GROUPS = {"dataset": DatasetConfig, "backbone": BackboneConfig, "strategy": StrategyConfig,
           "augment": AugmentConfig, "loss": LossConfig, "optim": OptimConfig, "trainer": TrainerConfig,
           "features": FeaturesConfig, "export": ExportConfig, "audit": AuditConfig}
-
-
-def check_values(cfg: Any) -> None:
-    """Every constraint of the schema, over every group present in `cfg` (raises a one-line ConfigError)."""
-    for group, schema in GROUPS.items():
-        if group in cfg:
-            check_group(group, schema, cfg[group])
-
-
-def compose_config(overrides: list[str]):
-    """The project config (conf/config.yaml) with `overrides`, as `python -m pipeline.train` would compose it,
-    without a run dir. A wrong key or value is a one-line ConfigError naming it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        what = first.removeprefix("In 'config': ").rstrip(".")
-        raise ConfigError(f"{what}; {_override_hint(first)}") from None
-
-
-def _override_hint(message: str) -> str:
-    """The fix for a failed override: the group's options, or the keys closest to a typo'd one."""
-    import difflib
-    import re
-
-    option = re.search(r"Could not find '([\w]+)/([^']+)'", message)
-    if option and (CONF_DIR / option.group(1)).is_dir():
-        names = sorted(p.stem for p in (CONF_DIR / option.group(1)).glob("*.yaml") if not p.stem.startswith("_"))
-        return f"{option.group(1)} is one of: {', '.join(names)}"
-    key = re.search(r"override '([\w.]+)'", message)
-    if key:
-        group, _, leaf = key.group(1).rpartition(".")
-        schema = GROUPS.get(group.split(".")[0])
-        keys = [f"{group}.{f.name}" for f in fields(schema)] if schema and "." not in group else []
-        close = difflib.get_close_matches(key.group(1), keys, n=3)
-        if close:
-            return f"did you mean {' or '.join(close)}? (keys: conf/{group}/)"
-    return "check the key and value against conf/ (e.g. trainer.epochs=3, dataset=hymenoptera)"
-
-
-def check_overrides(argv: list[str]) -> None:
-    """Before `@hydra.main` takes `argv`: compose the config once, so a typo'd key, an unknown option or a
-    value outside its constraint is one line (Hydra's own report is several). Multirun and Hydra's flags are
-    left to Hydra (a sweep records a failing job and goes on); `hydra.*` overrides are Hydra's own."""
-    if any(a.startswith("-") for a in argv):
-        return
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    check_values(compose_config(overrides))
-
