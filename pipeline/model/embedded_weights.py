@@ -87,7 +87,8 @@ def embedded_state_dict(arch: str, cache_dir: str | os.PathLike = "data/weights"
     source = package_weights_path(arch)
     _logger.info("Converting embedded weights %s -> %s", source, cached)
     raw = read_weights(source, what=f"Embedded weights of {arch}")
-    reference = timm.create_model(arch, pretrained=False)
+    with torch.random.fork_rng(devices=[]):  # its random init must not shift the run's seeded draws (dropout)
+        reference = timm.create_model(arch, pretrained=False)
     converted = convert_lukemelas_state_dict(raw, reference)
     reference.load_state_dict(converted, strict=True)  # proves the mapping is complete
     tensors = {k: v.contiguous() for k, v in converted.items()}

@@ -62,3 +62,17 @@ def test_build_backbone_replaces_head_and_keeps_features(lite0, tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         np.testing.assert_allclose(model.eval().forward_features(x), reference.forward_features(x), atol=1e-5)
+
+
+def test_first_conversion_leaves_the_seeded_random_stream_alone(tmp_path):
+    """The same seed gives the same run whether or not the weights were converted before: converting (which builds
+    a reference model) must not draw from the global RNG that dropout uses later."""
+    def draws_after(cache_dir) -> torch.Tensor:
+        torch.manual_seed(0)
+        embedded_state_dict("tf_efficientnet_lite0", cache_dir)
+        return torch.rand(4)
+
+    first = draws_after(tmp_path / "fresh")  # converts and writes the cache
+    assert (tmp_path / "fresh" / "tf_efficientnet_lite0.in1k.safetensors").is_file()
+    again = draws_after(tmp_path / "fresh")  # reads the cache
+    assert torch.equal(first, again)
