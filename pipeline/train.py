@@ -27,7 +27,7 @@ from pipeline.runtime.devices import build_accel, select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
-from pipeline.training import loop, resume
+from pipeline.training import budget, loop, resume
 from pipeline.training.fit import fit
 from pipeline.training.setup import (
     RUNTIME_SKIP_LOG,
@@ -49,7 +49,7 @@ _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "tra
 
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by `cfg`; writes the run dir and returns the metrics dict."""
-    start = time.perf_counter()
+    start, started = time.perf_counter(), budget.now()  # started: `trainer.time_limit` counts from here
     resumed, run_dir = prepare_run(cfg)
     main = distributed.is_main()
     threads = set_threads(distributed.threads_per_rank(cfg.trainer.threads))
@@ -94,6 +94,9 @@ def train(cfg: DictConfig) -> dict:
                                                                               dtype=torch.float32)
     with resume.GracefulStop() as stop:  # SIGINT/SIGTERM: save last.pt (if not saved already), say how to resume
         if cached_fit.use_cached_path(cfg.features, strategy_info["mode"]):  # backbone once, head on cached features
+            if cfg.trainer.time_limit is not None:
+                _logger.info("trainer.time_limit=%s does not apply to the cached linear probe (features.cached): "
+                             "it keeps its epoch count (trainer.epochs)", cfg.trainer.time_limit)
             # its last.pt holds the config; a resume reuses the cached features and re-fits the head in seconds
             result = cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf,
                                            train_tf=train_tf, image_cache=load["cache"], class_weights=weights,
@@ -103,7 +106,8 @@ def train(cfg: DictConfig) -> dict:
             loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
                        "val": make_loader(splits.val, eval_tf, cfg, train=False, **load)}
             result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights, resume_state=resumed,
-                         stop=stop, accel=accel)
+                         stop=stop, accel=accel, started=started,
+                         test_images=len(splits.test) if splits.test is not None else 0)
     best_model, _ = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
     best_model.to(device)
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],
@@ -127,9 +131,12 @@ def train(cfg: DictConfig) -> dict:
     metrics.update(status="ok", **{k: strategy_info[k] for k in _STRATEGY_KEYS if k in strategy_info})
     metrics["resumed_from_epoch"] = resumed["epoch"] if resumed else None
     model_info = {"backbone": b.name, "weights": weights_desc, "preprocessing": data_cfg, **strategy_info}
+    if result.get("budget") is not None:  # trainer.time_limit: the plan, measured speeds, where the time went
+        metrics["budget"] = result["budget"].report()
     if main:
         summary.write_run_files(run_dir, metrics, splits, cfg.dataset.name, str(Path(root).resolve()), model_info,
-                                extra_sections=summary.strategy_sections(strategy_info), audit=audit_report)
+                                extra_sections=summary.strategy_sections(strategy_info)
+                                + summary.budget_sections(metrics.get("budget")), audit=audit_report)
         resume.finish(run_dir, cfg.trainer.keep_last)
     _logger.info("Done in %.0f s: best epoch %d, val %s", metrics["train_seconds"], metrics["best_epoch"],
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})

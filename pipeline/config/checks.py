@@ -1,9 +1,10 @@
 """The one validator: every constraint of the schema (config/schema.py), checked at start-up before any data is
 read, with one message format. The few keys whose valid values take more than a constraint (freeze depth,
-class weights, feature workers, export formats) have a checker in `_CUSTOM`."""
+class weights, feature workers, export formats, time limit) have a checker in `_CUSTOM`."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import fields
 from typing import Any, Callable
 
@@ -53,9 +54,28 @@ def _check_formats(key: str, x: Any) -> None:
         check_choice(key, fmt, EXPORT_FORMATS)
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh])")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(key: str, x: Any) -> float:
+    """Seconds of a duration `<number><s|m|h>` (90s, 10m, 1.5h); anything else is a one-line ConfigError."""
+    match = _DURATION.fullmatch(x) if isinstance(x, str) else None
+    if match is None or float(match[1]) <= 0:
+        raise ConfigError(f"{key}={x!r} is not a duration: use a positive number with a unit s, m or h "
+                          f"(e.g. {key}=10m), or null for no limit")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def _check_duration(key: str, x: Any) -> None:
+    if x is not None:
+        parse_duration(key, x)
+
+
 _CUSTOM: dict[str, Callable[[str, Any], None]] = {
     "strategy.freeze_depth": _check_freeze_depth, "loss.class_weights": _check_class_weights,
     "features.num_workers": _check_auto_or_count, "export.formats": _check_formats,
+    "trainer.time_limit": _check_duration,
 }
 
 

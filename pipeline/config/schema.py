@@ -152,6 +152,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = number(1, example=5)
+    time_limit: Optional[str] = value()  # null or a duration: 90s, 10m, 1.5h (checks.py parse_duration)
     batch_size: int = number(1, example=32)
     eval_batch_size: int = number(1, example=64)
     num_workers: int = number(0, example=2)

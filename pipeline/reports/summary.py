@@ -92,6 +92,23 @@ def strategy_sections(info: dict) -> list[list[str]]:
     return sections + [rows + [""]]
 
 
+def budget_sections(budget: dict | None) -> list[list[str]]:
+    """`trainer.time_limit` (training/budget.py): the plan, the measured speed and where the time went; [] without."""
+    if not budget:
+        return []
+    m = {k: v if v is not None else float("nan") for k, v in budget["measured"].items()}
+    at = f" ({budget['stopped_at']})" if budget["stopped_at"] else ""
+    return [["## Time budget", "",
+             f"- limit: {budget['limit']} ({budget['limit_s']:.0f} s); epochs planned: {budget['planned_epochs']} "
+             f"(at most trainer.epochs={budget['max_epochs']}; {budget['provisional_epochs']} after the first steps)",
+             f"- epochs run: {budget['epochs_run']}; stopped: {budget['stopped']}{at}",
+             f"- measured: {m['train_img_per_s']:.1f} train img/s, {m['s_per_step']:.3f} s/step, val evaluation "
+             f"{m['eval_s']:.2f} s, checkpoints {m['checkpoint_s']:.2f} s per epoch",
+             f"- time: {budget['spent_before_training_s']:.1f} s before training, loop ended at "
+             f"{budget['loop_end_s']:.1f} s, {budget['after_loop_s']:.1f} s after it (kept: "
+             f"{budget['kept_for_after_loop_s']:.1f} s), {budget['total_s']:.1f} s in all", ""]]
+
+
 def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_name: str, root: str,
                     model_info: dict, extra_sections: list[list[str]] = (), audit: dict | None = None) -> None:
     write_json(run_dir / "metrics.json", metrics)

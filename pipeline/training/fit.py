@@ -1,5 +1,6 @@
 """Fine-tuning fit: the epoch loop with best-checkpoint selection, early stopping, gradual thaws, resume and
-a clean stop on SIGINT/SIGTERM. (The cached linear probe has its own fit: features/fit.py.)"""
+a clean stop on SIGINT/SIGTERM, and `trainer.time_limit` (training/budget.py). (The cached linear probe has its
+own fit: features/fit.py.)"""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ from omegaconf import DictConfig
 from pipeline.model import checkpoint, freezing
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import build_accel, prepare_model
-from pipeline.training import loop, loss, resume, tracking
+from pipeline.training import budget, loop, loss, resume, tracking
 from pipeline.training.guard import StepGuard
 from pipeline.training.metrics import MonitorTracker
 from pipeline.transfer import gradual, optim
@@ -39,13 +40,17 @@ def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None
 
 def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device,
         class_weights: torch.Tensor | None = None, resume_state: dict | None = None,
-        stop: resume.GracefulStop | None = None, accel=None) -> dict:
+        stop: resume.GracefulStop | None = None, accel=None, started: float | None = None,
+        test_images: int = 0) -> dict:
     """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
 
     Writes `last.pt` after every epoch (mid-epoch once `stop()` is set by SIGINT/SIGTERM, then raises
     TrainingInterrupted) and continues from `resume_state` (training/resume.py); NaN/inf: training/guard.py.
     Each epoch's history row carries `lr_<group>`; training/tracking.py writes history.csv, TensorBoard, MLflow.
-    Returns history, best epoch, the eval loss and the best epoch's val (logits, labels)."""
+    `trainer.time_limit`: a TimeBudget (counting from `started`, a budget.now() reading; `test_images` sizes the
+    time kept for the test evaluation) plans the epochs, spans the LR schedule over them and ends an epoch early
+    at the limit. Returns history, best epoch, the eval loss, the best epoch's val (logits, labels) and the
+    budget (None without a limit)."""
     t, o = cfg.trainer, cfg.optim
     accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
     prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
@@ -55,49 +60,77 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     steps = len(loaders["train"]) if not t.max_train_batches else min(len(loaders["train"]), t.max_train_batches)
     scheduler = optim.build_scheduler(optimizer, name=o.scheduler, total_steps=steps * t.epochs,
                                       warmup_steps=int(o.warmup_epochs * steps))
+    clock = budget.from_config(t, started=started, steps_per_epoch=steps, val_images=len(loaders["val"].dataset),
+                               test_images=test_images,
+                               on_plan=lambda epochs: scheduler.set_total_steps(epochs * steps))  # LR over the plan
     loss_fn, eval_loss = loss.build_losses(cfg.loss, class_weights, device)
     tracker, history, best_val = MonitorTracker(t.monitor, t.early_stop_patience), [], None
     guard = StepGuard(t.max_nonfinite_steps, t.grad_clip)
     last = resume.LastCheckpoint(run_dir, cfg, model=model, optimizer=optimizer, scheduler=scheduler, tracker=tracker,
-                                 guard=guard, loader=loaders["train"], scaler=accel.scaler)
+                                 guard=guard, loader=loaders["train"], scaler=accel.scaler, budget=clock)
     first, partial, stop = 1, None, stop or resume.GracefulStop()  # not entered: never set
     stop_all, ddp = distributed.agreed_stop(stop), None  # DDP: ranks stop at the same step; wrapper (re)built below
+    halt = stop_all if clock is None else lambda: stop_all() or clock.after_step()  # signal first, then the budget
     if resume_state is not None:  # replay gradual thaws in order, so the optimizer groups match the saved ones
         for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
         first, partial, history, best_val = last.restore(resume_state)
     with tracking.RunTracker(run_dir, cfg, first_epoch=first) as curves:  # history.csv, TensorBoard, MLflow
         for epoch in range(first, t.epochs + 1):
+            if clock is not None and not clock.can_start_epoch(epoch):
+                break
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
             ddp = distributed.wrap_ddp(model, device, current=ddp)  # new wrapper when a thaw changed trainables
             last.mark_epoch_start()
+            if clock is not None:
+                clock.start_epoch(epoch, done_steps=(partial or {}).get("steps", 0))
             stats = loop.train_one_epoch(ddp, loaders["train"], loss_fn, optimizer, scheduler, device,
                                            epoch=epoch, max_batches=t.max_train_batches, progress=t.progress,
-                                           guard=guard, stop=stop_all, resume_from=partial, accel=accel)
-            stats, partial = distributed.reduce_train_stats(stats), None
-            if stats.get("interrupted"):
+                                           guard=guard, stop=halt, resume_from=partial, accel=accel)
+            partial = None
+            if stats.get("interrupted") and not (clock is not None and clock.stopped):  # SIGINT/SIGTERM
                 last.save(epoch - 1, history, best_val, partial=stats["partial"])
                 raise stop.interrupted(run_dir, f"at step {stats['partial']['steps']} of epoch {epoch}")
-            val, *val_out = loop.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"], t.progress,
-                                            "val", accel=accel)
+            if stats.get("interrupted"):  # the time limit ended the epoch early: evaluate it if there is time
+                if best_val is not None and not clock.time_for_eval():
+                    break
+                stats = budget.partial_stats(stats["partial"])
+            stats = distributed.reduce_train_stats(stats)
+            with budget.measure(clock, "eval"):
+                val, *val_out = loop.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"],
+                                                t.progress, "val", accel=accel)
             history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
                             **tracking.group_lrs(optimizer)})  # each group's LR at the epoch's end
             guard.check_weights(model, optimizer, epoch)  # never save non-finite weights as `best` or `last`
             improved = tracker.update(val[t.monitor], epoch)
-            if improved:
-                best_val = tuple(val_out)
-                if distributed.is_main():  # the unwrapped model: loads without DDP
-                    checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": epoch, "val_metrics": val})
-            last.save(epoch, history, best_val)
+            with budget.measure(clock, "checkpoint"):
+                if improved:
+                    best_val = tuple(val_out)
+                    if distributed.is_main():  # the unwrapped model: loads without DDP
+                        checkpoint.save_checkpoint(run_dir, "best", model,
+                                                   {**meta, "epoch": epoch, "val_metrics": val})
+                last.save(epoch, history, best_val)
+            if clock is not None:
+                clock.end_epoch(stats)  # the first epoch measured (train, eval, checkpoints) gives the plan
             curves.log(history)
             _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  lr %.2e  "
-                         "%.1f img/s%s", epoch, t.epochs, stats["train_loss"], val["loss"], val["accuracy"],
-                         val["balanced_accuracy"], history[-1].get("lr_head", float("nan")), stats["train_img_per_s"],
+                         "%.1f img/s%s", epoch, clock.planned if clock else t.epochs, stats["train_loss"],
+                         val["loss"], val["accuracy"], val["balanced_accuracy"],
+                         history[-1].get("lr_head", float("nan")), stats["train_img_per_s"],
                          "  *best*" if improved else "")
             if stop_all():
                 raise stop.interrupted(run_dir, f"at the end of epoch {epoch}")
+            if clock is not None and clock.stopped:
+                break
             if tracker.should_stop and epoch < t.epochs:
                 _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
                              t.monitor, tracker.bad_epochs, tracker.best, tracker.best_epoch)
+                if clock is not None:
+                    clock.stopped = "early_stop"
                 break
-    return {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val}
+    if clock is not None:
+        clock.end_loop()
+        _logger.info("Time budget %s: %d epoch(s) run (planned %s), stopped: %s%s", clock.limit, clock.epochs_run,
+                     clock.planned, clock.stopped, f" ({clock.stopped_at})" if clock.stopped_at else "")
+    return {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val,
+            "budget": clock}

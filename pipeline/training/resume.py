@@ -2,6 +2,7 @@
 
 `last.pt` (written atomically after every epoch, and mid-epoch on SIGINT/SIGTERM) holds the model,
 optimizer, LR schedule, monitor tracker, NaN-guard counters, history, the best epoch's val outputs,
+the time budget (`trainer.time_limit`: time spent, measured speed, plan; a resume counts the time spent),
 the python/numpy/torch RNGs, the train loader's generator, the balanced sampler's generator, the
 train transform's RNGs and the run's resolved config. A resumed CPU run repeats the uninterrupted
 one exactly: same weights and metrics (runtime/seeding.py lists the random streams).
@@ -260,10 +261,11 @@ class LastCheckpoint:
     """Saves and restores everything the epoch loop needs to continue exactly where it stopped."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig, *, model, optimizer, scheduler, tracker, guard, loader,
-                 scaler=None):
+                 scaler=None, budget=None):
         self.run_dir, self.cfg, self.model, self.optimizer = Path(run_dir), cfg, model, optimizer
         self.scheduler, self.tracker, self.guard, self.loader = scheduler, tracker, guard, loader
         self.scaler = scaler  # fp16 GradScaler (CUDA), else None
+        self.budget = budget  # training/budget.py TimeBudget (`trainer.time_limit`), else None
         self._epoch_start = None
 
     def _data_rng(self) -> dict:
@@ -290,6 +292,7 @@ class LastCheckpoint:
                  "scheduler": self.scheduler.state_dict(), "tracker": self.tracker.state_dict(),
                  "guard": self.guard.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                  "history": history, "best_val": _to_tensors(best_val),
+                 "budget": self.budget.state_dict() if self.budget is not None else None,
                  "global_rng": seeding.get_global_rng_state(),
                  "data_rng": data_rng,
                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
@@ -323,6 +326,8 @@ class LastCheckpoint:
             transform = transform[distributed.rank()]
         seeding.set_transform_rng_state(self.loader.dataset.transform, transform)
         seeding.set_global_rng_state(state["global_rng"])
+        if self.budget is not None:  # after the scheduler: a re-plan re-spans it over what is left of the budget
+            self.budget.load_state_dict(state.get("budget"), done_epochs=state["epoch"])
         best_val = tuple(t.numpy() for t in state["best_val"]) if state["best_val"] is not None else None
         self.guard.last_good = f"{self.run_dir / LAST} (epoch {state['epoch']})"
         return state["epoch"] + 1, state["partial"], list(state["history"]), best_val

@@ -46,20 +46,26 @@ def build_optimizer(param_groups: list[dict], *, name: str = "adamw", lr: float 
 
 
 class StepSchedule:
-    """Per-step LR schedule: every group's lr = its own `base_lr` x factor(step).
+    """Per-step LR schedule: every group's lr = its own `base_lr` x factor(step, total_steps).
 
     Unlike LambdaLR it also drives groups added later (gradual unfreezing), and the per-group
-    ratios (head vs backbone, layer decay) hold at every step.
+    ratios (head vs backbone, layer decay) hold at every step. `set_total_steps` re-spans the schedule
+    (a `trainer.time_limit` run learns its step count after the first steps: training/budget.py).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]):
-        self.optimizer, self.factor, self.step_count = optimizer, factor, 0
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int, int], float], total_steps: int):
+        self.optimizer, self.factor, self.step_count, self.total_steps = optimizer, factor, 0, total_steps
         self.refresh()
 
     def refresh(self) -> None:
-        f = self.factor(self.step_count)
+        f = self.factor(self.step_count, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = group.setdefault("base_lr", group["lr"]) * f
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The schedule now ends (cosine: reaches 0) at `total_steps`; the current LR follows at once."""
+        self.total_steps = max(1, int(total_steps))
+        self.refresh()
 
     def step(self) -> None:
         self.step_count += 1
@@ -69,22 +75,23 @@ class StepSchedule:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count}
+        return {"step_count": self.step_count, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
+        self.total_steps = int(state.get("total_steps", self.total_steps))
         self.refresh()
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str = "cosine", total_steps: int,
                     warmup_steps: int = 0) -> StepSchedule:
     """Linear warmup, then cosine decay to 0 (or constant) over `total_steps` optimizer steps."""
-    def factor(step: int) -> float:
+    def factor(step: int, total: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         if name == "constant":
             return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return StepSchedule(optimizer, factor)
+    return StepSchedule(optimizer, factor, total_steps)

@@ -1,0 +1,221 @@
+"""`trainer.time_limit`: a wall-clock budget for the fine-tune fit (training/fit.py) instead of an epoch count.
+
+The run measures its own speed: the first PROBE_STEPS train steps of its first epoch (data loading included) give
+a provisional plan; that epoch in full, its val evaluation and its checkpoint writes give the plan. A plan counts
+the time spent since the run started (data listing, audit, model build; on resume also the time saved in
+last.pt) and keeps time for the work after the loop: the test evaluation (the measured val evaluation x the
+test/val image ratio) and the reports (RESERVE_S). `trainer.epochs` is the upper bound; at least 1 epoch runs.
+Should steps run slower than planned, the epoch ends before the step that would eat into the kept time.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+
+from omegaconf import DictConfig
+
+from pipeline.config.checks import parse_duration
+from pipeline.runtime import distributed
+
+PROBE_STEPS = 5  # train steps measured before the provisional plan
+RESERVE_S = 5.0  # kept for the reports (plots, galleries, summary) after the loop
+EVAL_PER_TRAIN = 0.5  # until measured: a val image's time as a share of a train image's (forward only)
+
+
+def now() -> float:
+    """The budget's clock (tests replace it)."""
+    return time.perf_counter()
+
+
+@dataclass
+class Speed:
+    """Seconds per train step (data loading included), per val evaluation, per epoch's checkpoint writes, and
+    an epoch's first step beyond a step (loader workers starting, warm-up)."""
+    step_s: float
+    eval_s: float
+    checkpoint_s: float
+    overhead_s: float = 0.0
+
+    def epoch_s(self, steps: int) -> float:
+        return self.overhead_s + steps * self.step_s + self.eval_s + self.checkpoint_s
+
+    def step_and_save_s(self) -> float:
+        """One more step, then the epoch's evaluation and checkpoints."""
+        return self.step_s + self.eval_s + self.checkpoint_s
+
+
+def plan_epochs(*, limit_s: float, spent_s: float, steps_per_epoch: int, speed: Speed, final_s: float,
+                max_epochs: int, done_epochs: int = 0) -> int:
+    """Epochs in all (`done_epochs` included) whose steps, val evaluations and checkpoints fit in `limit_s`
+    from `spent_s` on, keeping `final_s` + RESERVE_S for the work after the loop. At least 1 (and the epochs
+    done), at most `max_epochs`."""
+    left = limit_s - spent_s - final_s - RESERVE_S
+    more = math.floor(left / max(speed.epoch_s(steps_per_epoch), 1e-9)) if left > 0 else 0
+    return max(1, done_epochs, min(max_epochs, done_epochs + more))
+
+
+def partial_stats(partial: dict) -> dict:
+    """Train stats of an epoch ended early (train_one_epoch's `partial` counters), as a full epoch reports them."""
+    seen, seconds = partial["seen"], partial["seconds"]
+    return {"train_loss": partial["loss_sum"] / seen if seen else float("nan"), "train_images": seen,
+            "train_seconds": seconds, "train_img_per_s": seen / max(seconds, 1e-9),
+            "nonfinite_steps": partial["nonfinite_steps"]}
+
+
+class TimeBudget:
+    """One run's budget. The fit calls `can_start_epoch`, `start_epoch`, `after_step` (after every train step:
+    True = end the epoch before the next), `measuring` around the val evaluation and the checkpoint writes, and
+    `end_epoch`; `on_plan(epochs)` hears every (re)plan (the LR schedule spans the planned steps)."""
+
+    def __init__(self, limit: str, *, started: float, steps_per_epoch: int, max_epochs: int, val_images: int,
+                 test_images: int, images_per_step: int, on_plan: Callable[[int], None] = lambda epochs: None,
+                 clock: Callable[[], float] | None = None):
+        self.limit, self.limit_s = limit, parse_duration("trainer.time_limit", limit)
+        self.clock, self.started, self.offset = clock or now, started, 0.0  # offset: earlier sessions (resume)
+        self.steps_per_epoch, self.max_epochs, self.on_plan = steps_per_epoch, max_epochs, on_plan
+        self.val_steps = val_images / max(images_per_step, 1)  # in train batches, for the first eval estimate
+        self.test_ratio = test_images / max(val_images, 1)
+        self.speed: Speed | None = None
+        self.measured: dict = {}
+        self.planned = self.provisional = self.spent_before_training = self.loop_end_s = None
+        self.epochs_run, self.stopped, self.stopped_at = 0, None, None
+        self._epoch, self._t0, self._steps, self._done, self._first_step, self._last_step = 0, 0.0, 0, 0, 0.0, 0.0
+
+    def elapsed(self) -> float:
+        return self.offset + self.clock() - self.started
+
+    def _step_s(self) -> float:
+        """Seconds per step after the first in this epoch (the first alone when there is only one)."""
+        if self._steps < 2:
+            return self._first_step - self._t0
+        return (self._last_step - self._first_step) / (self._steps - 1)
+
+    def _estimate(self) -> Speed:
+        """The measured speed, else this epoch's so far (eval: EVAL_PER_TRAIN of the val images' train time)."""
+        if self.speed is not None:
+            return self.speed
+        step_s = self._step_s()
+        return Speed(step_s, self.measured.get("eval_s", self.val_steps * step_s * EVAL_PER_TRAIN),
+                     self.measured.get("checkpoint_s", 0.0), max(0.0, self._first_step - self._t0 - step_s))
+
+    def _kept(self, speed: Speed) -> float:
+        """Seconds kept for after the loop: the test evaluation and the reports."""
+        return speed.eval_s * self.test_ratio + RESERVE_S
+
+    def replan(self, speed: Speed, spent_s: float, done_epochs: int) -> int:
+        """Plan (DDP: rank 0's plan, so every rank runs the same epochs and LR schedule) and tell `on_plan`."""
+        self.planned = distributed.from_main(lambda: plan_epochs(
+            limit_s=self.limit_s, spent_s=spent_s, steps_per_epoch=self.steps_per_epoch, speed=speed,
+            final_s=speed.eval_s * self.test_ratio, max_epochs=self.max_epochs, done_epochs=done_epochs))
+        self.on_plan(self.planned)
+        return self.planned
+
+    def can_start_epoch(self, epoch: int) -> bool:
+        """False past the plan, or when one step, an evaluation and a checkpoint no longer fit (epoch 1 always runs)."""
+        if self.planned is not None and epoch > self.planned:
+            self.stopped = "planned_epochs"
+        elif epoch > 1 and self.speed is not None and distributed.any_true(
+                self.elapsed() + self.speed.epoch_s(1) > self.limit_s - self._kept(self.speed)):
+            self.stopped, self.stopped_at = "time_limit", f"before epoch {epoch}"
+        return self.stopped is None
+
+    def start_epoch(self, epoch: int, done_steps: int = 0) -> None:
+        """`done_steps`: steps of this epoch trained before a resume."""
+        self._epoch, self._t0, self._steps, self._done = epoch, self.elapsed(), 0, done_steps
+        if self.spent_before_training is None:
+            self.spent_before_training = self._t0
+
+    def after_step(self) -> bool:
+        """Count a step (the first epoch measures, and plans after PROBE_STEPS); True when the next step would
+        leave too little time to evaluate this epoch, save it and do the work after the loop."""
+        self._steps += 1
+        t = self._last_step = self.elapsed()
+        if self._steps == 1:
+            self._first_step = t
+        speed, left_in_epoch = self._estimate(), self.steps_per_epoch - self._done - self._steps
+        over = left_in_epoch > 0 and distributed.any_true(
+            t + speed.step_and_save_s() > self.limit_s - self._kept(speed))
+        if self.speed is None and self.provisional is None and (self._steps == PROBE_STEPS or left_in_epoch <= 0
+                                                                or over):
+            self.provisional = self.replan(speed, self._t0, self._epoch - 1)
+        if over:
+            self.stopped = "time_limit"
+            self.stopped_at = f"step {self._done + self._steps} of {self.steps_per_epoch}, epoch {self._epoch}"
+            return True
+        return False
+
+    def time_for_eval(self) -> bool:
+        """Whether the epoch cut short can still be evaluated and saved before the kept time."""
+        speed = self._estimate()
+        return distributed.any_true(self.elapsed() + speed.eval_s + speed.checkpoint_s
+                                    <= self.limit_s - self._kept(speed))
+
+    @contextmanager
+    def measuring(self, kind: str) -> Iterator[None]:
+        """Time the block as `kind` ("eval", "checkpoint") while the speed is being measured."""
+        begin = self.clock()
+        yield
+        if self.speed is None:  # the measuring epoch: sum (best + last checkpoint)
+            self.measured[f"{kind}_s"] = self.measured.get(f"{kind}_s", 0.0) + self.clock() - begin
+
+    def end_epoch(self, stats: dict) -> None:
+        """After the epoch's evaluation and checkpoints: the first one measured gives the plan."""
+        self.epochs_run += 1
+        if self.speed is None and self._steps:
+            self.speed = self._estimate()
+            self.measured.update(step_s=self.speed.step_s, overhead_s=self.speed.overhead_s,
+                                 train_img_per_s=stats["train_img_per_s"])
+            self.replan(self.speed, self._t0, self._epoch - 1)
+
+    def end_loop(self) -> None:
+        self.stopped = self.stopped or "planned_epochs"
+        self.loop_end_s = self.elapsed()
+
+    def state_dict(self) -> dict:
+        """For last.pt: the time spent so far (a resume counts it) and what was measured and planned."""
+        return {"elapsed_s": self.elapsed(), "speed": asdict(self.speed) if self.speed else None,
+                "measured": self.measured, "provisional": self.provisional, "planned": self.planned,
+                "spent_before_training": self.spent_before_training}
+
+    def load_state_dict(self, state: dict | None, done_epochs: int) -> None:
+        """Continue a saved budget: its time counts as spent; with a measured speed, plan what is left."""
+        if not state:
+            return
+        self.offset = state["elapsed_s"]  # this session's own time since `started` adds to it
+        self.speed = Speed(**state["speed"]) if state["speed"] else None
+        self.measured, self.provisional, self.planned = dict(state["measured"]), state["provisional"], state["planned"]
+        self.spent_before_training, self.epochs_run = state["spent_before_training"], done_epochs
+        if self.speed is not None:
+            self.replan(self.speed, self.elapsed(), done_epochs)
+
+    def report(self) -> dict:
+        """metrics.json `budget`: the plan, the measured speed and where the time went (seconds)."""
+        speed, total = self._estimate(), self.elapsed()
+        return {"limit": self.limit, "limit_s": self.limit_s, "max_epochs": self.max_epochs,
+                "steps_per_epoch": self.steps_per_epoch, "provisional_epochs": self.provisional,
+                "planned_epochs": self.planned, "epochs_run": self.epochs_run, "stopped": self.stopped,
+                "stopped_at": self.stopped_at,
+                "measured": {"train_img_per_s": self.measured.get("train_img_per_s"),
+                             "s_per_step": self.measured.get("step_s"), "eval_s": self.measured.get("eval_s"),
+                             "checkpoint_s": self.measured.get("checkpoint_s"),
+                             "epoch_overhead_s": self.measured.get("overhead_s")},
+                "kept_for_after_loop_s": self._kept(speed), "spent_before_training_s": self.spent_before_training,
+                "loop_end_s": self.loop_end_s, "after_loop_s": total - (self.loop_end_s or total), "total_s": total}
+
+
+def measure(budget: TimeBudget | None, kind: str):
+    """`budget.measuring(kind)`, or nothing without a budget."""
+    return budget.measuring(kind) if budget is not None else nullcontext()
+
+
+def from_config(t: DictConfig, *, started: float | None, steps_per_epoch: int, val_images: int, test_images: int,
+                on_plan: Callable[[int], None]) -> TimeBudget | None:
+    """The run's budget from `trainer.*`, or None without `trainer.time_limit`."""
+    if t.time_limit is None:
+        return None
+    return TimeBudget(t.time_limit, started=now() if started is None else started, steps_per_epoch=steps_per_epoch,
+                      max_epochs=t.epochs, val_images=val_images, test_images=test_images,
+                      images_per_step=t.batch_size, on_plan=on_plan)

@@ -1,0 +1,173 @@
+"""`trainer.time_limit` (training/budget.py): the duration parser, the plan from measured speed, the LR schedule
+over the planned steps, a clean stop at the limit and a resume within what is left of the budget.
+
+Time is virtual: a fake clock (`budget.now`) that only the tests move, by a fixed amount per train step."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_cfg, write_tiny_folder
+from pipeline.config import check_values
+from pipeline.config.checks import parse_duration
+from pipeline.errors import ConfigError
+from pipeline.model import checkpoint
+from pipeline.train import train
+from pipeline.training import budget, resume
+from pipeline.training.guard import StepGuard
+from pipeline.transfer import optim
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class FakeClock:
+    def __init__(self, t: float = 0.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _measure_one_epoch(clock: FakeClock, b: budget.TimeBudget, *, steps: int, step_s: float, eval_s: float,
+                       probe: list | None = None) -> None:
+    """Epoch 1 as the fit drives it: `steps` train steps of `step_s`, an evaluation of `eval_s`, a 0 s save."""
+    b.start_epoch(1)
+    for i in range(steps):
+        clock.t += step_s
+        assert not b.after_step()
+        if probe is not None and i + 1 == budget.PROBE_STEPS:
+            probe.append(b.provisional)
+    with budget.measure(b, "eval"):
+        clock.t += eval_s
+    with budget.measure(b, "checkpoint"):
+        pass
+    b.end_epoch({"train_img_per_s": 8 / step_s})
+
+
+def test_plan_from_measured_speed_counts_the_time_spent_before_training():
+    """0.5 s/step, 10 steps/epoch, eval 1 s, limit 60 s, 2 s spent before training: an epoch is 6 s and
+    60 - 2 - RESERVE_S (5) = 53 s hold 8 of them; after 5 steps (eval estimated at EVAL_PER_TRAIN of the val
+    images' train time: 2 val batches x 0.5 s x 0.5 = 0.5 s) the provisional plan was 53 / 5.5 -> 9."""
+    clock, plans, probe = FakeClock(), [], []
+    b = budget.TimeBudget("1m", started=0.0, steps_per_epoch=10, max_epochs=50, val_images=16, test_images=0,
+                          images_per_step=8, on_plan=plans.append, clock=clock)
+    clock.t = 2.0  # data listing, audit, model build
+    _measure_one_epoch(clock, b, steps=10, step_s=0.5, eval_s=1.0, probe=probe)
+    assert probe == [9] and b.planned == 8 and plans == [9, 8]
+    assert b.speed == budget.Speed(step_s=0.5, eval_s=1.0, checkpoint_s=0.0, overhead_s=0.0)
+    assert b.report()["measured"] == {"train_img_per_s": 16.0, "s_per_step": 0.5, "eval_s": 1.0, "checkpoint_s": 0.0,
+                                      "epoch_overhead_s": 0.0}
+    speed = budget.Speed(step_s=0.5, eval_s=1.0, checkpoint_s=0.0)
+    plan = {"limit_s": 60.0, "steps_per_epoch": 10, "speed": speed, "max_epochs": 50}
+    assert budget.plan_epochs(spent_s=14.0, final_s=0.0, **plan) == 6  # more spent: fewer epochs
+    assert budget.plan_epochs(spent_s=2.0, final_s=6.0, **plan) == 7  # test evaluation kept for: fewer epochs
+    assert budget.plan_epochs(spent_s=2.0, final_s=0.0, **{**plan, "max_epochs": 3}) == 3  # trainer.epochs caps
+    assert budget.plan_epochs(spent_s=59.0, final_s=0.0, **plan) == 1  # at least one epoch
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0), ("0.5s", 0.5)])
+def test_duration_parser_reads_number_and_unit(text, seconds):
+    assert parse_duration("trainer.time_limit", text) == seconds
+    check_values(compose_cfg([f"trainer.time_limit={text}"]))
+
+
+@pytest.mark.parametrize("override", ["90", "10min", "-5s", "0s", "1e3s", "1.5.h", "h", "'10 m'", "true"])
+def test_a_bad_duration_is_a_one_line_error_at_start_up(override):
+    with pytest.raises(ConfigError) as err:
+        check_values(compose_cfg([f"trainer.time_limit={override}"]))
+    message = str(err.value)
+    assert message.startswith("trainer.time_limit=") and "is not a duration" in message and "\n" not in message
+    check_values(compose_cfg(["trainer.time_limit=null"]))  # no limit: the epoch count
+
+
+def test_the_schedule_spans_the_planned_steps():
+    """Built over the upper bound (trainer.epochs), re-spanned to the plan: cosine reaches ~0 at the last planned
+    step; warmup is unchanged and the span survives a state_dict round trip (last.pt)."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = optim.build_scheduler(opt, name="cosine", total_steps=100, warmup_steps=4)
+    assert sched.get_last_lr() == [pytest.approx(0.25)]  # warmup step 1 of 4
+    sched.set_total_steps(24)
+    for _ in range(23):
+        sched.step()
+    assert 0 < sched.get_last_lr()[0] < 0.01  # one step before the end
+    again = optim.build_scheduler(torch.optim.SGD(model.parameters(), lr=1.0), name="cosine", total_steps=100,
+                                  warmup_steps=4)
+    again.load_state_dict(sched.state_dict())
+    sched.step()
+    again.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12) and again.get_last_lr() == sched.get_last_lr()
+
+
+def _cfg(out: Path, data: Path, *extra: str):
+    return compose_cfg([f"output_dir={out}", f"data_dir={out.parent / 'cache'}", f"dataset.root={data}",
+                        f"backbone.cache_dir={ROOT / 'data/weights'}", "trainer=smoke", "dataset=folder",
+                        "backbone=tiny", "backbone.input_size=32", "strategy=finetune", "trainer.epochs=10",
+                        "trainer.tensorboard=false", "trainer.top_losses=0", *extra])
+
+
+@pytest.fixture
+def virtual_time(monkeypatch):
+    """budget.now() reads a fake clock that advances only per train step: `seconds(step)` for step 1, 2, ..."""
+    clock, steps, original = FakeClock(), [], StepGuard.grads_ok
+
+    def grads_ok_then_tick(self, *args):
+        steps.append(1)
+        clock.t += clock.seconds(len(steps))
+        return original(self, *args)
+
+    clock.seconds = lambda step: 1.0
+    monkeypatch.setattr(budget, "now", clock)
+    monkeypatch.setattr(StepGuard, "grads_ok", grads_ok_then_tick)
+    return clock
+
+
+def test_steps_slower_than_planned_end_the_epoch_at_the_limit(tmp_path, virtual_time):
+    """3 steps of 1 s, eval and saves 0 s: (12 s - RESERVE_S) / 3 s plans 2 epochs. From step 4 on a step takes
+    2 s: after step 5 (t = 7 s) one more step would eat into the 5 s kept, so epoch 2 ends at step 2 of 3, is
+    evaluated (there is time) and the run finishes normally with a loadable best checkpoint."""
+    virtual_time.seconds = lambda step: 1.0 if step <= 3 else 2.0
+    data = write_tiny_folder(tmp_path / "data")
+    metrics = train(_cfg(tmp_path / "run", data, "trainer.max_train_batches=3", "trainer.time_limit=12s"))
+    b = metrics["budget"]
+    assert metrics["status"] == "ok" and b["planned_epochs"] == 2 and b["epochs_run"] == 2
+    assert b["stopped"] == "time_limit" and b["stopped_at"] == "step 2 of 3, epoch 2"
+    assert [h["train_images"] for h in metrics["history"]] == [24, 16]  # the cut epoch: 2 batches of 8
+    assert b["loop_end_s"] == 7.0 and b["measured"]["s_per_step"] == 1.0 and b["spent_before_training_s"] == 0.0
+    run = Path(metrics["run_dir"])
+    _, meta = checkpoint.load_checkpoint(run, "best")
+    assert meta["epoch"] == metrics["best_epoch"] and not (run / "last.pt").exists()
+    assert json.loads((run / "metrics.json").read_text())["budget"]["stopped"] == "time_limit"
+    assert "## Time budget" in (run / "summary.md").read_text()
+
+
+def test_resume_continues_within_what_is_left_of_the_budget(tmp_path, virtual_time, monkeypatch):
+    """2 steps of 1 s per epoch, limit 13 s: (13 - 5) / 2 plans 4 epochs. SIGINT in step 3 (t = 3 s) saves the
+    time spent; the resumed run plans 1 + (13 - 3 - 5) // 2 = 3 epochs (5 if the spent time were lost) and its
+    schedule anneals to 0 at the last of them."""
+    data, run = write_tiny_folder(tmp_path / "data"), tmp_path / "run"
+    original = StepGuard.grads_ok
+
+    def sigint_in_step_3(self, *args):
+        if virtual_time.t == 2.0:  # ticked before this call: the 3rd step
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args)
+
+    monkeypatch.setattr(StepGuard, "grads_ok", sigint_in_step_3)
+    with pytest.raises(resume.TrainingInterrupted):
+        train(_cfg(run, data, "trainer.max_train_batches=2", "trainer.time_limit=13s"))
+    saved = checkpoint.load_state(run / "last.pt")["budget"]
+    assert saved["planned"] == 4 and saved["elapsed_s"] == 3.0 and saved["speed"]["step_s"] == 1.0
+
+    monkeypatch.setattr(StepGuard, "grads_ok", original)  # the virtual_time ticking underneath stays
+    metrics = train(_cfg(run, data, "trainer.resume=auto"))
+    b = metrics["budget"]
+    assert metrics["resumed_from_epoch"] == 1 and b["planned_epochs"] == 3 and len(metrics["history"]) == 3
+    assert b["stopped"] == "planned_epochs" and re.fullmatch(r"\d+s", b["limit"])
+    assert metrics["history"][-1]["lr_head"] == pytest.approx(0.0, abs=1e-12)
