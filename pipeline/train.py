@@ -34,6 +34,7 @@ from pipeline.training.setup import (
     build_data,
     build_image_cache,
     checkpoint_meta,
+    make_eval_loader,
     make_loader,
     prepare_run,
     resolve_run_dir,
@@ -79,21 +80,22 @@ def train(cfg: DictConfig) -> dict:
     train_tf = augment.train_transform_from_cfg(data_cfg, a)
     seed_transform(train_tf, cfg.seed + distributed.rank())  # albumentations ignores the global seeds
     eval_tf = augment.build_eval_transform(data_cfg)
-    with distributed.main_first():
-        load = {"cache": build_image_cache(cfg, splits, data_cfg), "skip_log": run_dir / RUNTIME_SKIP_LOG if main
-                else None}
     if cfg.audit.label_issues:  # the pretrained features judge the labels, before training changes them
         audit_report["label_issues"] = label_issues.find_candidates(
-            model, splits, cfg, device, eval_tf, weights_desc=weights_desc, image_cache=load["cache"])
+            model, splits, cfg, device, eval_tf, weights_desc=weights_desc, image_cache=None)
     if main:
         write_json(run_dir / "audit.json", audit_report)  # now with the label issues, if looked for
         write_audit_sheets(run_dir, audit_report, cfg.dataset.max_pixels)  # beside audit.json
     strategy_info = setup_strategy(cfg, model, splits.train, eval_tf, device, run_dir, resumed=resumed is not None)
+    cached_path = cached_fit.use_cached_path(cfg.features, strategy_info["mode"])  # backbone once, head on features
+    with distributed.main_first():
+        cache, cache_mode = build_image_cache(cfg, splits, data_cfg, repeated=not cached_path)
+        load = {"cache": cache, "skip_log": run_dir / RUNTIME_SKIP_LOG if main else None}
     meta = checkpoint_meta(cfg, splits.classes, data_cfg, 0, {})
     weights = None if imbalance["class_weights"] == "none" else torch.tensor(list(imbalance["weights"].values()),
                                                                               dtype=torch.float32)
     with resume.GracefulStop() as stop:  # SIGINT/SIGTERM: save last.pt (if not saved already), say how to resume
-        if cached_fit.use_cached_path(cfg.features, strategy_info["mode"]):  # backbone once, head on cached features
+        if cached_path:
             if cfg.trainer.time_limit is not None:
                 _logger.info("trainer.time_limit=%s does not apply to the cached linear probe (features.cached): "
                              "it keeps its epoch count (trainer.epochs)", cfg.trainer.time_limit)
@@ -104,7 +106,7 @@ def train(cfg: DictConfig) -> dict:
             strategy_info["features"] = result["features"]
         else:
             loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
-                       "val": make_loader(splits.val, eval_tf, cfg, train=False, **load)}
+                       "val": make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load)}
             result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights, resume_state=resumed,
                          stop=stop, accel=accel, started=started,
                          test_images=len(splits.test) if splits.test is not None else 0)
@@ -115,13 +117,13 @@ def train(cfg: DictConfig) -> dict:
     metrics["val"] = {k.removeprefix("val_"): v for k, v in metrics["val"].items() if k.startswith("val_")}
     evals = {"val": result["best_val"]}
     if splits.test is not None and len(splits.test):
-        test_loader = make_loader(splits.test, eval_tf, cfg, train=False, **load)
+        test_loader = make_eval_loader(splits.test, eval_tf, cfg, data_cfg, device, **load)
         metrics["test"], *test_out = loop.evaluate(best_model, test_loader, result["eval_loss"], device,
                                                      len(splits.classes), cfg.trainer.progress, "test", accel=accel)
         evals["test"] = tuple(test_out)
     runtime_skips = folder.read_skip_log(load["skip_log"]) if main else []  # files that failed in a DataLoader worker
     splits.skipped += runtime_skips
-    metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips))
+    metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips), image_cache=cache_mode)
     metrics.update(history=result["history"], train_seconds=time.perf_counter() - start, device=str(device),
                    threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance)
     if main:

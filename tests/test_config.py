@@ -72,13 +72,13 @@ def test_schema_holds_no_values_and_conf_sets_every_key():
 
     for group, schema in SCHEMAS.items():
         for f in fields(schema):
-            assert f.default in ("???", MISSING) or f.name == "auto", f"{group}.{f.name} has a default in config/schema.py"
+            assert f.default in ("???", MISSING) or f.name == "auto", f"{group}.{f.name}: a default in the schema"
     cfg = compose_cfg()
     assert not OmegaConf.missing_keys(cfg), OmegaConf.missing_keys(cfg)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("dataset.cache=ram", "dataset.cache='ram' is not valid; choose one of: none, memory, disk"),
+    ("dataset.cache=ram", "dataset.cache='ram' is not valid; choose one of: auto, none, memory, disk"),
     ("dataset.sampler=weighted", "dataset.sampler='weighted' is not valid; choose one of: shuffle, balanced"),
     ("dataset.source=s3", "dataset.source='s3' is not valid; choose one of: folder, digits"),
     ("dataset.dedup=all", "dataset.dedup='all' is not valid; choose one of: none, drop_from_eval"),

@@ -10,6 +10,7 @@ from pipeline.config.schema import (
     BN_POLICIES,
     CACHE_MODES,
     CONF_DIR,
+    DECODERS,
     DEDUP_MODES,
     DEVICES,
     EXPORT_FORMATS,
@@ -46,7 +47,7 @@ from pipeline.config.schema import (
 
 __all__ = [
     "check_group", "check_number", "check_values", "check_overrides", "compose_config", "AMP", "BN_POLICIES",
-    "CACHE_MODES", "CONF_DIR", "DEDUP_MODES", "DEVICES", "EXPORT_FORMATS", "GROUPS", "HEADS", "LOSSES",
+    "CACHE_MODES", "CONF_DIR", "DECODERS", "DEDUP_MODES", "DEVICES", "EXPORT_FORMATS", "GROUPS", "HEADS", "LOSSES",
     "MISSING", "MODES", "MONITORS", "OPTIMIZERS", "PRESETS", "PRIOR_BIAS", "SAMPLERS", "SCHEDULERS", "SOURCES",
     "WEIGHT_MODES", "AuditConfig", "AugmentConfig", "AutoStrategyConfig", "BackboneConfig", "Config",
     "DatasetConfig", "ExportConfig", "FeaturesConfig", "LossConfig", "OptimConfig", "StrategyConfig",

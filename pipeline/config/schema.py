@@ -18,7 +18,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The valid values of the choice keys, one tuple each; the modules that act on them import them from here.
 SOURCES = ("folder", "digits")
 DEDUP_MODES = ("none", "drop_from_eval", "drop_near_from_eval")
-CACHE_MODES = ("none", "memory", "disk")
+CACHE_MODES = ("auto", "none", "memory", "disk")
+DECODERS = ("auto", "cpu", "gpu")
 SAMPLERS = ("shuffle", "balanced")
 MODES = ("auto", "linear_probe", "partial", "finetune", "gradual")
 BN_POLICIES = ("frozen", "affine", "train")
@@ -73,6 +74,8 @@ class DatasetConfig:
     audit_workers: int = number(1, example=8)
     dedup: str = choice(DEDUP_MODES)
     cache: str = choice(CACHE_MODES)
+    cache_ram_fraction: float = number(0, 1, low_open=True, example=0.25)
+    decode: str = choice(DECODERS)
     cache_dir: str = value()
     sampler: str = choice(SAMPLERS)
 

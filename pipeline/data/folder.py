@@ -219,15 +219,18 @@ class ImageDataset(torch.utils.data.Dataset):
             image = self.load(i)
             return self.transform(image=image)["image"], self.split.labels[i]
         except ImageDecodeError as e:  # a transform bug is not caught: it would fail on every image
-            self._record_skip(self.split.paths[i], e.reason)
+            record_skip(self.skip_log, self.split.paths[i], e.reason)
             return None
 
-    def _record_skip(self, path: str, reason: str) -> None:
-        _logger.warning("Skipping unreadable image at run time: %s: %s", path, reason)
-        if self.skip_log:
-            line = json.dumps({"path": path, "reason": reason}) + "\n"
-            with open(self.skip_log, "a", encoding="utf-8") as f:
-                f.write(line)
+
+def record_skip(skip_log: Optional[str | Path], path: str, reason: str) -> None:
+    """Log a file that failed at run time and append it to `skip_log` (one JSON line, one write: safe across
+    DataLoader worker processes), so the run report can list it."""
+    _logger.warning("Skipping unreadable image at run time: %s: %s", path, reason)
+    if skip_log:
+        line = json.dumps({"path": path, "reason": reason}) + "\n"
+        with open(skip_log, "a", encoding="utf-8") as f:
+            f.write(line)
 
 
 def read_skip_log(path: str | Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Decoded-image cache (`dataset.cache=memory|disk|none`): decode each file once, keep it resized.
+"""Decoded-image cache (`dataset.cache=auto|memory|disk|none`): decode each file once, keep it resized.
 
 Images are stored as uint8 RGB with the short side shrunk to what the transform needs
 (floor(input_size / crop_pct), timm's eval resize; never enlarged), so later epochs skip the
@@ -7,6 +7,7 @@ uncached one (same PIL resize, after which its own resize is a no-op).
 
 - memory: filled up front in the main process (threads) into one contiguous numpy buffer;
   DataLoader workers forked from it read it copy-free.
+- auto (default): memory when the images are read more than once and fit the RAM budget (`resolve_auto`).
 - disk: `.npy` files under `<cache_dir>/<short_side>_<interpolation>/`, keyed by file path, size,
   mtime and target size; written atomically on first use by whichever worker decodes the file.
 """
@@ -85,6 +86,47 @@ def _save_npy(path: Path, img: np.ndarray) -> None:
         np.save(f, img, allow_pickle=False)
 
 
+def planned_pixels(path: str, short_side: int) -> int:
+    """Pixel count of `path` after the cache resize, from the header (EXIF rotation does not change it); 0 for a
+    file that does not open (the cache records its reason when it decodes it)."""
+    try:
+        with open_image(path) as im:
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError):
+        return 0
+    if min(h, w) <= short_side:
+        return h * w
+    new_h, new_w = resized_shape(h, w, short_side)
+    return new_h * new_w
+
+
+def available_ram() -> int:
+    """Bytes of memory available to new allocations (MemAvailable on Linux; free pages elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # not Linux: the sysconf estimate below
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_auto(paths: list[str], short_side: int, *, repeated: bool, ram_fraction: float,
+                 workers: int = 2) -> str:
+    """`dataset.cache=auto`: "memory" when the images are read more than once (fine-tuning reads them every
+    epoch; the cached linear probe once) and their decoded copies fit in `ram_fraction` of the available
+    memory; else "none". The size comes from the file headers (no decode)."""
+    if not repeated or not paths:
+        return "none"
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        need = 3 * sum(pool.map(lambda p: planned_pixels(p, short_side), dict.fromkeys(paths)))
+    budget = ram_fraction * available_ram()
+    mode = "memory" if need <= budget else "none"
+    _logger.info("dataset.cache=auto -> %s: decoded images need %.0f MB, budget %.0f MB (dataset.cache_ram_fraction "
+                 "%.2f of available memory)", mode, need / 2**20, budget / 2**20, ram_fraction)
+    return mode
+
+
 class MemoryCache:
     """Callable path -> uint8 RGB array; every image decoded up front into one contiguous buffer."""
 
@@ -94,7 +136,7 @@ class MemoryCache:
         self.errors: dict[str, str] = {}
         start = time.perf_counter()
         paths = list(dict.fromkeys(paths))
-        sizes = [self._planned_pixels(p) for p in paths]
+        sizes = [planned_pixels(p, short_side) for p in paths]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.buffer = np.empty(int(offsets[-1]) * 3, np.uint8)
         self.index: dict[str, tuple[int, int, int]] = {}  # path -> (offset, height, width)
@@ -102,18 +144,6 @@ class MemoryCache:
             list(pool.map(lambda i: self._fill(paths[i], int(offsets[i]), sizes[i]), range(len(paths))))
         _logger.info("Cached %d images in memory (%.0f MB, short side %d) in %.1f s", len(self.index),
                      self.buffer.nbytes / 2**20, short_side, time.perf_counter() - start)
-
-    def _planned_pixels(self, path: str) -> int:
-        """Pixel count after the cache resize, from the header (EXIF rotation does not change it)."""
-        try:
-            with open_image(path) as im:
-                w, h = im.size
-        except (OSError, ValueError, SyntaxError):
-            return 0  # not decodable: _fill records the reason
-        if min(h, w) <= self.short_side:
-            return h * w
-        new_h, new_w = resized_shape(h, w, self.short_side)
-        return new_h * new_w
 
     def _fill(self, path: str, offset: int, pixels: int) -> None:
         try:

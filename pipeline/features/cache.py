@@ -23,7 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.data import sampler
+from pipeline.data.device_decode import DeviceBatches
 from pipeline.data.folder import ImageDataset, Split, collate_skip_none
+from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.errors import PipelineError
 from pipeline.model.inference import run_batches
 from pipeline.model.multidepth import pooled_features
@@ -121,14 +123,17 @@ def threaded_batches(dataset, indices: list[int], batch_size: int, threads: int)
 def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: Sequence, key_parts: dict,
                     cache_dir: str | Path | None, device: torch.device, batch_size: int = 64, num_workers: int = 0,
                     channels_last: bool = False, image_cache=None, name: str = "features",
-                    seed: int | None = None) -> dict:
+                    seed: int | None = None, device_preprocessing: dict | None = None) -> dict:
     """Cached features for `split` under `transform` (see the module doc); `cache_dir=None` disables the cache.
     `seed`: a random (augmenting) transform is seeded from it, in the main process or per worker.
+    `device_preprocessing` (a data config; `dataset.decode=gpu`): decode and preprocess on `device` instead of
+    running `transform` on the CPU (data/device_decode.py; part of the cache key).
 
     Under torchrun rank 0 reads the cache (and broadcasts it), or each rank extracts a contiguous shard,
     the shards are gathered and rank 0 writes the entry.
     Returns {features, labels, index, hit, key, seconds, img_per_s}."""
-    parts = {**key_parts, "levels": [str(v) for v in levels], "files": files_hash(split.paths)}
+    parts = {**key_parts, "levels": [str(v) for v in levels], "files": files_hash(split.paths),
+             **({"decode": "device"} if device_preprocessing else {})}
     key = cache_key(parts)
     path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
     entry = distributed.from_main(lambda: _read_entry(path))
@@ -140,7 +145,11 @@ def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: 
     dataset = _Indexed(ImageDataset(split, transform, cache=image_cache))
     shard = sampler.distributed_sampler(len(dataset), None, train=False, rank=distributed.rank(),
                                         world=distributed.world_size())
-    if num_workers == 0 and seed is None:  # a deterministic transform: safe to run in threads, in any order
+    if device_preprocessing is not None and seed is None:
+        indices = list(shard) if shard is not None else list(range(len(dataset)))
+        loader = DeviceBatches(split, device_preprocessing, device, batch_size, max_pixels=DEFAULT_MAX_PIXELS,
+                               with_index=True, indices=indices)
+    elif num_workers == 0 and seed is None:  # a deterministic transform: safe to run in threads, in any order
         indices = list(shard) if shard is not None else list(range(len(dataset)))
         loader = threaded_batches(dataset, indices, batch_size, threads=torch.get_num_threads())
     else:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.data.device_decode import resolve_decode
 from pipeline.features import heads
 from pipeline.features.cache import load_or_extract, weights_hash
 from pipeline.model import checkpoint
@@ -56,17 +57,20 @@ def extraction_workers(setting, trainer_workers: int, device: torch.device) -> i
     return setting
 
 
-def extract_all(model, splits, cfg: DictConfig, levels: list, *, eval_tf, train_tf, device, image_cache) -> dict:
-    """Cached features of train, val, and `features.augmented_views` augmented passes over train."""
+def extract_all(model, splits, cfg: DictConfig, levels: list, *, eval_tf, train_tf, device, image_cache,
+                preprocessing: dict) -> dict:
+    """Cached features of train, val, and `features.augmented_views` augmented passes over train; the plain passes
+    decode on the device when `dataset.decode` resolves to gpu (data/device_decode.py)."""
     f, t = cfg.features, cfg.trainer
+    on_device = resolve_decode(cfg.dataset.decode, device) == "gpu"
     # albumentations' repr lists every op with its arguments: the preprocessing part of the key
     key_parts = {"arch": cfg.backbone.name, "weights": weights_hash(model), "transform": repr(eval_tf)}
     common = dict(levels=levels, cache_dir=f.cache_dir or None, device=device, batch_size=t.eval_batch_size,
                   num_workers=extraction_workers(f.num_workers, t.num_workers, device),
                   channels_last=f.channels_last, image_cache=image_cache)
-    out = {"train": load_or_extract(model, splits.train, eval_tf, key_parts=key_parts, name="train", **common),
-           "val": load_or_extract(model, splits.val, eval_tf, key_parts=key_parts, name="val", **common),
-           "views": []}
+    plain = dict(key_parts=key_parts, device_preprocessing=preprocessing if on_device else None, **common)
+    out = {"train": load_or_extract(model, splits.train, eval_tf, name="train", **plain),
+           "val": load_or_extract(model, splits.val, eval_tf, name="val", **plain), "views": []}
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
     for view in range(1, f.augmented_views + 1):
         parts = {**key_parts, "augment": augment, "view": view, "seed": cfg.seed,
@@ -129,7 +133,7 @@ def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, m
     resume.save_cached_state(run_dir, cfg)
     with stop.at_once(run_dir, "during feature extraction (finished splits stay in the feature cache)"):
         feats = extract_all(model, splits, cfg, levels, eval_tf=eval_tf, train_tf=train_tf, device=device,
-                            image_cache=image_cache)
+                            image_cache=image_cache, preprocessing=meta["preprocessing"])
     train_x, train_y = feats["train"]["features"].numpy(), feats["train"]["labels"].numpy()
     scores = score_levels(model, train_x, train_y, levels)
     chosen = [max(levels, key=lambda v: scores[str(v)]["logme"])] if auto else levels

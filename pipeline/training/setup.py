@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data import augment, folder, image_cache, listing, manifest, sampler, sources
+from pipeline.data.device_decode import DeviceBatches, resolve_decode
 from pipeline.model import freezing
 from pipeline.runtime import distributed
 from pipeline.runtime.files import ensure_writable_dir, write_json
@@ -67,6 +68,16 @@ def write_split(run_dir: Path, splits: folder.DatasetSplits) -> Path:
     return manifest.write_split_csv(run_dir / manifest.SPLIT_CSV, splits.rows())
 
 
+def make_eval_loader(split: folder.Split, eval_tf, cfg: DictConfig, data_cfg: dict, device: torch.device, *,
+                     cache=None, skip_log=None):
+    """Val/test batches: preprocessed on the device when `dataset.decode` resolves to gpu (one process), else the
+    CPU DataLoader (data/device_decode.py)."""
+    if resolve_decode(cfg.dataset.decode, device) == "gpu" and distributed.world_size() == 1:
+        return DeviceBatches(split, data_cfg, device, cfg.trainer.eval_batch_size, max_pixels=cfg.dataset.max_pixels,
+                             skip_log=skip_log)
+    return make_loader(split, eval_tf, cfg, train=False, cache=cache, skip_log=skip_log)
+
+
 def make_loader(split: folder.Split, transform, cfg: DictConfig, *, train: bool, generator=None, cache=None,
                 skip_log=None):
     """DataLoader over `split`; `cache` = decoded-image cache, `skip_log` = file listing run-time skips."""
@@ -87,13 +98,16 @@ def make_loader(split: folder.Split, transform, cfg: DictConfig, *, train: bool,
 RUNTIME_SKIP_LOG = "skipped_at_runtime.jsonl"
 
 
-def build_image_cache(cfg: DictConfig, splits: folder.DatasetSplits, data_cfg: dict):
-    """`dataset.cache`: decoded images at the short side the eval resize needs (None when off)."""
+def build_image_cache(cfg: DictConfig, splits: folder.DatasetSplits, data_cfg: dict, *, repeated: bool):
+    """`dataset.cache`: decoded images at the short side the eval resize needs (None when off). `repeated`: the
+    images are read every epoch (fine-tuning), which is when `auto` caches them. Returns (cache, resolved mode)."""
     d = cfg.dataset
     paths = [p for split in (splits.train, splits.val, splits.test) if split is not None for p in split.paths]
-    return image_cache.build_cache(d.cache, paths=paths, short_side=augment.eval_resize_size(data_cfg),
-                                   interpolation=data_cfg["interpolation"], max_pixels=d.max_pixels,
-                                   cache_dir=d.cache_dir, workers=max(1, torch.get_num_threads()))
+    short_side, workers = augment.eval_resize_size(data_cfg), max(1, torch.get_num_threads())
+    mode = d.cache if d.cache != "auto" else image_cache.resolve_auto(
+        paths, short_side, repeated=repeated, ram_fraction=d.cache_ram_fraction, workers=workers)
+    return image_cache.build_cache(mode, paths=paths, short_side=short_side, interpolation=data_cfg["interpolation"],
+                                   max_pixels=d.max_pixels, cache_dir=d.cache_dir, workers=workers), mode
 
 
 def checkpoint_meta(cfg: DictConfig, classes: list[str], data_cfg: dict, epoch: int, val: dict) -> dict:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import check_values
 from pipeline.data import augment
-from pipeline.errors import MissingFileError
+from pipeline.errors import ConfigError, MissingFileError
 from pipeline.model import backbone, freezing, multidepth
 from pipeline.training import tracking
 
@@ -63,4 +63,6 @@ def validate_config(cfg: DictConfig) -> None:
     if s.mode != "auto":  # auto decides the mode later; its linear_probe is the cached path
         multidepth.check_levels_need_cache(cfg.features.depths, cached=s.mode == "linear_probe" and cfg.features.cached,
                                            mode=s.mode)
+    if cfg.dataset.decode == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("dataset.decode=gpu needs a CUDA device, and none is visible; use dataset.decode=auto or cpu")
     augment.build_extra(OmegaConf.to_container(cfg.augment.extra, resolve=True))  # building the ops checks them

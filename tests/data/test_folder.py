@@ -223,3 +223,22 @@ def test_training_with_disk_cache_survives_a_file_broken_after_listing(tiny_fold
     assert "at run time: " in summary
     assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text())["skipped_files"] == 1
     assert len(list(Path(cfg.dataset.cache_dir).rglob("*.npy"))) == 36 + 12 - 1  # every readable file cached
+
+
+def test_cache_auto_caches_only_repeated_reads_that_fit_the_ram_budget(tiny_folder, monkeypatch):
+    from pipeline.data import image_cache
+
+    paths = sorted(str(p) for p in tiny_folder.rglob("*.png"))  # 48 images of 40x40: 230 KB decoded
+    assert image_cache.resolve_auto(paths, 54, repeated=True, ram_fraction=0.25) == "memory"
+    assert image_cache.resolve_auto(paths, 54, repeated=False, ram_fraction=0.25) == "none"  # read once: no gain
+    monkeypatch.setattr(image_cache, "available_ram", lambda: 200_000)  # 50 KB budget < 230 KB needed
+    assert image_cache.resolve_auto(paths, 54, repeated=True, ram_fraction=0.25) == "none"
+
+
+def test_fine_tune_uses_the_memory_cache_by_default_and_the_cached_probe_does_not(tiny_folder, cfg_factory, tmp_path):
+    from pipeline.train import train
+
+    common = ("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny", "backbone.input_size=32")
+    tuned = train(cfg_factory(*common, "strategy=finetune", f"output_dir={tmp_path / 'ft'}"))
+    probed = train(cfg_factory(*common, "strategy=linear_probe", f"output_dir={tmp_path / 'lp'}"))
+    assert tuned["image_cache"] == "memory" and probed["image_cache"] == "none"
