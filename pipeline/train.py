@@ -27,7 +27,7 @@ from pipeline.runtime.devices import build_accel, select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
-from pipeline.training import budget, loop, resume
+from pipeline.training import budget, interrupts, loop, resume
 from pipeline.training.fit import fit
 from pipeline.training.setup import (
     RUNTIME_SKIP_LOG,
@@ -94,33 +94,13 @@ def train(cfg: DictConfig) -> dict:
     meta = checkpoint_meta(cfg, splits.classes, data_cfg, 0, {})
     weights = None if imbalance["class_weights"] == "none" else torch.tensor(list(imbalance["weights"].values()),
                                                                               dtype=torch.float32)
-    with resume.GracefulStop() as stop:  # SIGINT/SIGTERM: save last.pt (if not saved already), say how to resume
-        if cached_path:
-            if cfg.trainer.time_limit is not None:
-                _logger.info("trainer.time_limit=%s does not apply to the cached linear probe (features.cached): "
-                             "it keeps its epoch count (trainer.epochs)", cfg.trainer.time_limit)
-            # its last.pt holds the config; a resume reuses the cached features and re-fits the head in seconds
-            result = cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf,
-                                           train_tf=train_tf, image_cache=load["cache"], class_weights=weights,
-                                           init_bias=imbalance["prior_bias"].get("bias"), stop=stop)
-            strategy_info["features"] = result["features"]
-        else:
-            loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
-                       "val": make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load)}
-            result = fit(model, loaders, cfg, run_dir, meta, device, class_weights=weights, resume_state=resumed,
-                         stop=stop, accel=accel, started=started,
-                         test_images=len(splits.test) if splits.test is not None else 0)
-    best_model, _ = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
-    best_model.to(device)
-    metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],
-               "val": result["history"][result["best_epoch"] - 1 if result["best_epoch"] else -1]}
-    metrics["val"] = {k.removeprefix("val_"): v for k, v in metrics["val"].items() if k.startswith("val_")}
-    evals = {"val": result["best_val"]}
-    if splits.test is not None and len(splits.test):
-        test_loader = make_eval_loader(splits.test, eval_tf, cfg, data_cfg, device, **load)
-        metrics["test"], *test_out = loop.evaluate(best_model, test_loader, result["eval_loss"], device,
-                                                     len(splits.classes), cfg.trainer.progress, "test", accel=accel)
-        evals["test"] = tuple(test_out)
+    fit_args = dict(model=model, splits=splits, run_dir=run_dir, meta=meta, device=device, accel=accel,
+                    train_tf=train_tf, eval_tf=eval_tf, data_cfg=data_cfg, load=load, class_weights=weights,
+                    init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
+    result = run_fit(cfg, cached_path, generator, **fit_args)
+    if "features" in result:
+        strategy_info["features"] = result["features"]
+    metrics, evals = evaluate_best(cfg, run_dir, result, splits, eval_tf, data_cfg, device, accel, load)
     runtime_skips = folder.read_skip_log(load["skip_log"]) if main else []  # files that failed in a DataLoader worker
     splits.skipped += runtime_skips
     metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips), image_cache=cache_mode)
@@ -144,6 +124,42 @@ def train(cfg: DictConfig) -> dict:
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})
     _logger.info("Run dir: %s", run_dir)
     return metrics
+
+
+def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run_dir: Path, meta: dict, device,
+            accel, train_tf, eval_tf, data_cfg: dict, load: dict, class_weights, init_bias, resumed, started) -> dict:
+    """The cached linear probe (features/fit.py) or the fine-tune fit (training/fit.py), under one SIGINT/SIGTERM
+    handler: save last.pt (if not saved already) and say how to resume."""
+    with interrupts.GracefulStop() as stop:
+        if cached_path:
+            if cfg.trainer.time_limit is not None:
+                _logger.info("trainer.time_limit=%s does not apply to the cached linear probe (features.cached): "
+                             "it keeps its epoch count (trainer.epochs)", cfg.trainer.time_limit)
+            # its last.pt holds the config; a resume reuses the cached features and re-fits the head in seconds
+            return cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf, train_tf=train_tf,
+                                         image_cache=load["cache"], class_weights=class_weights, init_bias=init_bias,
+                                         stop=stop)
+        loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
+                   "val": make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load)}
+        return fit(model, loaders, cfg, run_dir, meta, device, class_weights=class_weights, resume_state=resumed,
+                   stop=stop, accel=accel, started=started,
+                   test_images=len(splits.test) if splits.test is not None else 0)
+
+
+def evaluate_best(cfg: DictConfig, run_dir: Path, result: dict, splits, eval_tf, data_cfg: dict, device, accel,
+                  load: dict) -> tuple[dict, dict]:
+    """(metrics with the best epoch's val and the best checkpoint's test, {split: (logits, labels)})."""
+    metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],
+               "val": result["history"][result["best_epoch"] - 1 if result["best_epoch"] else -1]}
+    metrics["val"] = {k.removeprefix("val_"): v for k, v in metrics["val"].items() if k.startswith("val_")}
+    evals = {"val": result["best_val"]}
+    if splits.test is not None and len(splits.test):
+        best_model, _ = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
+        test_loader = make_eval_loader(splits.test, eval_tf, cfg, data_cfg, device, **load)
+        metrics["test"], *test_out = loop.evaluate(best_model.to(device), test_loader, result["eval_loss"], device,
+                                                   len(splits.classes), cfg.trainer.progress, "test", accel=accel)
+        evals["test"] = tuple(test_out)
+    return metrics, evals
 
 
 def record_failure(cfg: DictConfig, error: Exception, seconds: float) -> None:
@@ -181,7 +197,7 @@ def main(cfg: DictConfig) -> float:
     start = time.perf_counter()
     try:
         metrics = train(cfg)
-    except resume.TrainingInterrupted as e:  # SIGINT/SIGTERM: last.pt saved, the message says how to resume
+    except interrupts.TrainingInterrupted as e:  # SIGINT/SIGTERM: last.pt saved, the message says how to resume
         print(e, file=sys.stderr)
         sys.exit(e.code)
     except Exception as e:

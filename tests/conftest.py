@@ -4,6 +4,7 @@ Tests mirror the package: tests/<package>/test_<module>.py; tests/cli/ holds the
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,16 @@ def exported(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data, run dir, export dir) of one tiny run exported in every format; shared by ship/ and cli/ tests."""
     return train_and_export(tmp_path_factory.mktemp("exported"), ["safetensors", "onnx", "torchscript"])
 
+
+@pytest.fixture
+def folder(exported, tmp_path) -> Path:
+    """Three real images (one in a subfolder), a broken .jpg and a text file."""
+    data, _, _ = exported
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    shutil.copy(data / "val/red/red_0.png", images / "red_0.png")
+    shutil.copy(data / "val/blue/blue_1.png", images / "blue_1.png")
+    shutil.copy(data / "val/green/green_2.png", images / "sub" / "green_2.png")
+    (images / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    (images / "notes.txt").write_text("not an image, not reported")
+    return images

@@ -20,7 +20,7 @@ from pipeline.model import checkpoint
 from pipeline.model.multidepth import HEAD, check_levels_need_cache, level_dims, resolve_levels, uses_plain_head
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_json
-from pipeline.training import loss, resume, tracking
+from pipeline.training import interrupts, loss, resume, tracking
 from pipeline.transfer.logme import logme_score
 
 _logger = logging.getLogger(__name__)
@@ -121,14 +121,14 @@ def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weig
 
 def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device, *,
                eval_tf, train_tf, image_cache=None, class_weights: torch.Tensor | None = None,
-               init_bias: list[float] | None = None, stop: resume.GracefulStop | None = None) -> dict:
+               init_bias: list[float] | None = None, stop: interrupts.GracefulStop | None = None) -> dict:
     """Linear probe on cached features; writes `best` (full model) and features.json. Same result shape as fit(),
     plus `rows`: {"val": the split index of each val row}.
 
     Resumable: `last.pt` (resume.save_cached_state) is written first, and a SIGINT/SIGTERM during extraction or
     head training (`stop` entered by the caller) stops at once with the resume command; finished feature-cache
     entries are kept, so a resume extracts only what is missing and re-fits the (seeded) head."""
-    f, stop = cfg.features, stop or resume.GracefulStop()  # not entered: never set
+    f, stop = cfg.features, stop or interrupts.GracefulStop()  # not entered: never set
     levels, auto = resolve_levels(model, f.depths)
     resume.save_cached_state(run_dir, cfg)
     with stop.at_once(run_dir, "during feature extraction (finished splits stay in the feature cache)"):

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from pipeline.model import checkpoint, freezing
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import build_accel, prepare_model
-from pipeline.training import budget, loop, loss, resume, tracking
+from pipeline.training import budget, interrupts, loop, loss, resume, tracking
 from pipeline.training.guard import StepGuard
 from pipeline.training.metrics import MonitorTracker
 from pipeline.transfer import gradual, optim
@@ -40,7 +40,7 @@ def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None
 
 def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device,
         class_weights: torch.Tensor | None = None, resume_state: dict | None = None,
-        stop: resume.GracefulStop | None = None, accel=None, started: float | None = None,
+        stop: interrupts.GracefulStop | None = None, accel=None, started: float | None = None,
         test_images: int = 0) -> dict:
     """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
 
@@ -68,7 +68,7 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     guard = StepGuard(t.max_nonfinite_steps, t.grad_clip)
     last = resume.LastCheckpoint(run_dir, cfg, model=model, optimizer=optimizer, scheduler=scheduler, tracker=tracker,
                                  guard=guard, loader=loaders["train"], scaler=accel.scaler, budget=clock)
-    first, partial, stop = 1, None, stop or resume.GracefulStop()  # not entered: never set
+    first, partial, stop = 1, None, stop or interrupts.GracefulStop()  # not entered: never set
     stop_all, ddp = distributed.agreed_stop(stop), None  # DDP: ranks stop at the same step; wrapper (re)built below
     halt = stop_all if clock is None else lambda: stop_all() or clock.after_step()  # signal first, then the budget
     if resume_state is not None:  # replay gradual thaws in order, so the optimizer groups match the saved ones

@@ -42,20 +42,6 @@ def make_command(target: str, *args: str) -> list[str]:
 
 # --- predict ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def folder(exported, tmp_path) -> Path:
-    """Three real images (one in a subfolder), a broken .jpg and a text file."""
-    data, _, _ = exported
-    images = tmp_path / "images"
-    (images / "sub").mkdir(parents=True)
-    shutil.copy(data / "val/red/red_0.png", images / "red_0.png")
-    shutil.copy(data / "val/blue/blue_1.png", images / "blue_1.png")
-    shutil.copy(data / "val/green/green_2.png", images / "sub" / "green_2.png")
-    (images / "broken.jpg").write_bytes(b"<html>not an image</html>")
-    (images / "notes.txt").write_text("not an image, not reported")
-    return images
-
-
 def test_make_predict_reports_broken_image_and_predicts_the_rest(exported, folder, tmp_path):
     _, _, out = exported
     cmd = make_command("predict", f"RUN={out}", f"IMAGES={folder}", "TOPK=2", f"OUT={tmp_path / 'pred.csv'}")

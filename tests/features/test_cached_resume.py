@@ -15,7 +15,7 @@ from conftest import compose_cfg
 from pipeline.features import heads
 from pipeline.model import checkpoint
 from pipeline.train import train
-from pipeline.training import resume
+from pipeline.training import interrupts, resume
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ["trainer=smoke", "dataset=folder", "backbone=tiny", "backbone.input_size=64", "strategy=linear_probe",
@@ -92,7 +92,7 @@ def test_sigint_during_head_training_then_resume_gives_the_uninterrupted_head(ti
 
     monkeypatch.setattr(heads, "evaluate_head", evaluate_then_sigint)
     run, handler = tmp_path / "run", signal.getsignal(signal.SIGINT)
-    with pytest.raises(resume.TrainingInterrupted) as err:
+    with pytest.raises(interrupts.TrainingInterrupted) as err:
         train(compose_cfg(_args(tmp_path, run, tiny_folder)))
     assert err.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
     assert str(err.value).startswith("Interrupted by SIGINT during head training;") and "\n" not in str(err.value)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,20 +10,6 @@ from test_export import CLASSES
 from pipeline.ship import predict
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def folder(exported, tmp_path) -> Path:
-    """Three real images (one in a subfolder), a broken .jpg and a text file."""
-    data, _, _ = exported
-    images = tmp_path / "images"
-    (images / "sub").mkdir(parents=True)
-    shutil.copy(data / "val/red/red_0.png", images / "red_0.png")
-    shutil.copy(data / "val/blue/blue_1.png", images / "blue_1.png")
-    shutil.copy(data / "val/green/green_2.png", images / "sub" / "green_2.png")
-    (images / "broken.jpg").write_bytes(b"<html>not an image</html>")
-    (images / "notes.txt").write_text("not an image, not reported")
-    return images
 
 
 def read_csv(path: Path) -> list[dict]:

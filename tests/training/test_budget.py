@@ -19,7 +19,7 @@ from pipeline.config.checks import parse_duration
 from pipeline.errors import ConfigError
 from pipeline.model import checkpoint
 from pipeline.train import train
-from pipeline.training import budget, resume
+from pipeline.training import budget, interrupts
 from pipeline.training.guard import StepGuard
 from pipeline.transfer import optim
 
@@ -160,7 +160,7 @@ def test_resume_continues_within_what_is_left_of_the_budget(tmp_path, virtual_ti
         return original(self, *args)
 
     monkeypatch.setattr(StepGuard, "grads_ok", sigint_in_step_3)
-    with pytest.raises(resume.TrainingInterrupted):
+    with pytest.raises(interrupts.TrainingInterrupted):
         train(_cfg(run, data, "trainer.max_train_batches=2", "trainer.time_limit=13s"))
     saved = checkpoint.load_state(run / "last.pt")["budget"]
     assert saved["planned"] == 4 and saved["elapsed_s"] == 3.0 and saved["speed"]["step_s"] == 1.0

@@ -21,7 +21,7 @@ from conftest import compose_cfg, write_tiny_folder
 from pipeline.errors import ConfigError, MissingFileError
 from pipeline.model import checkpoint
 from pipeline.train import train
-from pipeline.training import resume
+from pipeline.training import interrupts, resume
 from pipeline.training.guard import StepGuard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +130,7 @@ def test_sigint_mid_epoch_saves_last_and_resume_equals_uninterrupted_run(world, 
 
     monkeypatch.setattr(StepGuard, "grads_ok", grads_ok_then_sigint)
     run, handler = world["base"] / "sigint", signal.getsignal(signal.SIGINT)
-    with pytest.raises(resume.TrainingInterrupted) as err:
+    with pytest.raises(interrupts.TrainingInterrupted) as err:
         train(_cfg(run, world["data"]))
     message = str(err.value)
     assert "SIGINT at step 1 of epoch 2" in message and f"trainer.resume={run.resolve()}" in message
