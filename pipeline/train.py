@@ -18,8 +18,9 @@ from pipeline.config import check_overrides, register_configs
 from pipeline.data import audit, augment, folder
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.features import fit as cached_fit
-from pipeline.features import label_issues
+from pipeline.features import label_issues, probe_init
 from pipeline.model import backbone, checkpoint
+from pipeline.model.calibrated import wrap_for_inference
 from pipeline.reports import gallery, plots, summary
 from pipeline.reports.audit_report import write_audit_sheets
 from pipeline.runtime import distributed
@@ -27,7 +28,7 @@ from pipeline.runtime.devices import build_accel, select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
-from pipeline.training import budget, interrupts, loop, resume
+from pipeline.training import budget, calibration, interrupts, loop, mixing, resume
 from pipeline.training.fit import fit
 from pipeline.training.setup import (
     RUNTIME_SKIP_LOG,
@@ -45,7 +46,7 @@ from pipeline.training.setup import (
 
 _logger = logging.getLogger(__name__)
 _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",
-                  "decision", "features")
+                  "decision", "features", "head_init")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -97,7 +98,15 @@ def train(cfg: DictConfig) -> dict:
     fit_args = dict(model=model, splits=splits, run_dir=run_dir, meta=meta, device=device, accel=accel,
                     train_tf=train_tf, eval_tf=eval_tf, data_cfg=data_cfg, load=load, class_weights=weights,
                     init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
+    if not cached_path:  # strategy.head_init=probe: the fine-tune starts from a linear probe (LP-FT)
+        head_init = probe_init.init_head(model, splits, cfg, run_dir, mode=strategy_info["mode"], device=device,
+                                         eval_tf=eval_tf, data_cfg=data_cfg, image_cache=cache, class_weights=weights,
+                                         init_bias=fit_args["init_bias"], resumed=resumed is not None)
+        strategy_info.update({"head_init": head_init} if head_init else {})
     result = run_fit(cfg, cached_path, generator, **fit_args)
+    result["calibration"], result["best_val"] = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
+        cfg, run_dir, result["best_val"], lambda: make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load),
+        device, accel)
     if "features" in result:
         strategy_info["features"] = result["features"]
     metrics, evals = evaluate_best(cfg, run_dir, result, splits, eval_tf, data_cfg, device, accel, load)
@@ -115,10 +124,15 @@ def train(cfg: DictConfig) -> dict:
     model_info = {"backbone": b.name, "weights": weights_desc, "preprocessing": data_cfg, **strategy_info}
     if result.get("budget") is not None:  # trainer.time_limit: the plan, measured speeds, where the time went
         metrics["budget"] = result["budget"].report()
+    if result.get("weight_averaging"):  # trainer.ema: which weights `best` holds, raw or the EMA
+        metrics["weight_averaging"] = result["weight_averaging"]
     if main:
         summary.write_run_files(run_dir, metrics, splits, cfg.dataset.name, str(Path(root).resolve()), model_info,
                                 extra_sections=summary.strategy_sections(strategy_info)
-                                + summary.budget_sections(metrics.get("budget")), audit=audit_report)
+                                + summary.budget_sections(metrics.get("budget"))
+                                + summary.calibration_sections(metrics.get("calibration"))
+                                + summary.averaging_sections(metrics.get("weight_averaging"), result["history"]),
+                                audit=audit_report)
         resume.finish(run_dir, cfg.trainer.keep_last)
     _logger.info("Done in %.0f s: best epoch %d, val %s", metrics["train_seconds"], metrics["best_epoch"],
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})
@@ -132,9 +146,12 @@ def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run
     handler: save last.pt (if not saved already) and say how to resume."""
     with interrupts.GracefulStop() as stop:
         if cached_path:
+            mixing.log_cached_probe_ignores_mixing(cfg.augment)
             if cfg.trainer.time_limit is not None:
                 _logger.info("trainer.time_limit=%s does not apply to the cached linear probe (features.cached): "
-                             "it keeps its epoch count (trainer.epochs)", cfg.trainer.time_limit)
+                             "it keeps its epoch count (features.head_epochs)", cfg.trainer.time_limit)
+            if cfg.trainer.ema:
+                _logger.info("trainer.ema does not apply to the cached linear probe (features.cached)")
             # its last.pt holds the config; a resume reuses the cached features and re-fits the head in seconds
             return cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf, train_tf=train_tf,
                                          image_cache=load["cache"], class_weights=class_weights, init_bias=init_bias,
@@ -151,14 +168,19 @@ def evaluate_best(cfg: DictConfig, run_dir: Path, result: dict, splits, eval_tf,
     """(metrics with the best epoch's val and the best checkpoint's test, {split: (logits, labels)})."""
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],
                "val": result["history"][result["best_epoch"] - 1 if result["best_epoch"] else -1]}
-    metrics["val"] = {k.removeprefix("val_"): v for k, v in metrics["val"].items() if k.startswith("val_")}
+    chosen = "ema_val_" if (result.get("weight_averaging") or {}).get("chosen") == "ema" else "val_"  # trainer.ema
+    metrics["val"] = {k.removeprefix(chosen): v for k, v in metrics["val"].items() if k.startswith(chosen)}
     evals = {"val": result["best_val"]}
     if splits.test is not None and len(splits.test):
-        best_model, _ = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
+        best_model, best_meta = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
+        best_model = wrap_for_inference(best_model, best_meta)  # TTA + temperature: the shipped model's numbers
         test_loader = make_eval_loader(splits.test, eval_tf, cfg, data_cfg, device, **load)
         metrics["test"], *test_out = loop.evaluate(best_model.to(device), test_loader, result["eval_loss"], device,
                                                    len(splits.classes), cfg.trainer.progress, "test", accel=accel)
         evals["test"] = tuple(test_out)
+    if result.get("calibration"):
+        metrics["calibration"] = calibration.add_test_record(result["calibration"], *evals["test"]) \
+            if "test" in evals else result["calibration"]
     return metrics, evals
 
 

@@ -23,7 +23,10 @@ DECODERS = ("auto", "cpu", "gpu")
 SAMPLERS = ("shuffle", "balanced")
 MODES = ("auto", "linear_probe", "partial", "finetune", "gradual")
 BN_POLICIES = ("frozen", "affine", "train")
-PRESETS = ("none", "light", "medium", "heavy", "custom")
+PRESETS = ("none", "light", "medium", "heavy", "strong", "custom")
+AUTO_AUGMENT = ("none", "trivial", "randaugment")
+HEAD_INITS = ("zero", "probe")
+TTA_MODES = ("off", "auto", "flip")
 LOSSES = ("ce", "focal")
 WEIGHT_MODES = ("none", "balanced", "effective")
 PRIOR_BIAS = ("auto", "true", "false")
@@ -109,6 +112,7 @@ class StrategyConfig:
     warmup_epochs: int = number(0, example=1)
     unfreeze_every: int = number(1, example=1)
     unfreeze_groups: int = number(1, example=1)
+    head_init: str = choice(HEAD_INITS)
     auto: AutoStrategyConfig = field(default_factory=AutoStrategyConfig)
 
 
@@ -126,6 +130,11 @@ class AugmentConfig:
     coarse_dropout: float = number(0, 1, example=0.5)
     blur: float = number(0, 1, example=0.1)
     grayscale_input: bool = value()
+    auto_augment: str = choice(AUTO_AUGMENT)
+    random_erasing: float = number(0, 1, example=0.25)
+    mixup: float = number(0.0, example=0.2)
+    cutmix: float = number(0.0, example=1.0)
+    mix_prob: float = number(0, 1, example=1.0)
     extra: list = value()  # albumentations ops, checked by building them (training/validate.py)
 
 
@@ -176,12 +185,18 @@ class TrainerConfig:
     tensorboard: bool = value()
     mlflow: bool = value()  # needs the mlflow package (checked at start-up: training/tracking.py check_mlflow)
     top_losses: int = number(0, example=16)
+    ema: bool = value()
+    ema_decay: float = number(0, 1, low_open=True, high_open=True, example=0.999)
+    tta: str = choice(TTA_MODES)
+    calibrate: bool = value()
 
 
 @dataclass
 class FeaturesConfig:
     cached: bool = value()
     head: str = choice(HEADS)
+    head_epochs: int = number(1, example=100)
+    head_patience: int = number(0, example=10)
     depths: Any = value()  # "auto" or a list of feature levels and/or "head" (features/fit.py resolve_levels)
     augmented_views: int = number(0, example=1)
     cache_dir: Optional[str] = value()

@@ -3,7 +3,9 @@
 Eval reproduces timm's own eval transform pixel for pixel (PIL antialiased resize of the
 short side to floor(size / crop_pct), torchvision's center-crop rounding). Training starts
 with a RandomResizedCrop (INTER_AREA when shrinking, so train and eval images are equally
-antialiased) and adds the knobs of the chosen preset (conf/augment/<preset>.yaml).
+antialiased) and adds the knobs of the chosen preset (conf/augment/<preset>.yaml): geometry, then
+torchvision's TrivialAugmentWide / RandAugment (`auto_augment`, as timm places it), colour, albumentations'
+random erasing (`random_erasing`), normalisation. Mixup/CutMix mix whole batches: training/mixing.py.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from typing import Any, Iterable
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
+from torchvision.transforms import v2
 
 from pipeline.data.images import PIL_RESAMPLE, resize_short_side
 from pipeline.errors import ConfigError
@@ -63,6 +67,39 @@ class CenterCropExact(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("size",)
+
+
+AUTO_AUGMENT_OPS = {"trivial": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}  # augment.auto_augment
+
+
+class AutoAugment(A.ImageOnlyTransform):
+    """torchvision's TrivialAugmentWide or RandAugment (v2, default magnitudes) on the HWC uint8 image.
+
+    The torchvision op draws from torch's global RNG; it runs here under a seed drawn from the pipeline's own
+    numpy RNG, with torch's CPU RNG state restored afterwards: `seeding.seed_transform` (and `seed_worker` in
+    DataLoader workers) make its draws repeat, and the training stream (dropout, shuffling) is left untouched.
+    """
+
+    def __init__(self, policy: str = "trivial", fill: Sequence[int] = (0, 0, 0), interpolation: str = "bilinear",
+                 p: float = 1.0):
+        super().__init__(p=p)
+        if policy not in AUTO_AUGMENT_OPS:
+            raise ConfigError(f"augment.auto_augment={policy} is unknown; use none, {', '.join(AUTO_AUGMENT_OPS)}")
+        self.policy, self.fill, self.interpolation = policy, tuple(int(v) for v in fill), interpolation
+        self.op = AUTO_AUGMENT_OPS[policy](interpolation=v2.InterpolationMode(interpolation), fill=list(self.fill))
+
+    def get_params(self) -> dict[str, Any]:
+        return {"torch_seed": int(self.random_generator.integers(0, 2**63 - 1))}
+
+    def apply(self, img: np.ndarray, torch_seed: int = 0, **params: Any) -> np.ndarray:
+        chw = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        with torch.random.fork_rng(devices=[]):  # CPU state only, restored on exit
+            torch.default_generator.manual_seed(torch_seed)
+            out = self.op(chw)
+        return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:  # the repr (a feature-cache key): plain values
+        return ("policy", "fill", "interpolation")
 
 
 def _size(data_cfg: dict) -> int:
@@ -130,8 +167,13 @@ def _photometric(fill: tuple, *, color_jitter: float, blur: float, coarse_dropou
 def build_train_transform(data_cfg: dict, *, preset: str = "light", scale_min: float = 0.5, hflip: bool = True,
                           vflip: bool = False, rot90: bool = False, color_jitter: float = 0.0, rotate: float = 0.0,
                           translate: float = 0.0, shear: float = 0.0, coarse_dropout: float = 0.0, blur: float = 0.0,
-                          grayscale_input: bool = False, extra: Iterable[dict] = ()) -> A.Compose:
-    """Training pipeline; `preset=none` is the deterministic eval transform (domain knobs still apply)."""
+                          grayscale_input: bool = False, auto_augment: str = "none", random_erasing: float = 0.0,
+                          extra: Iterable[dict] = ()) -> A.Compose:
+    """Training pipeline; `preset=none` is the deterministic eval transform (domain knobs still apply).
+
+    `auto_augment` (none | trivial | randaugment) runs after the geometric ops; `random_erasing` is the probability
+    of A.Erasing (timm's defaults: 2-33% of the area, aspect 0.3-3.3, per-pixel random fill) before normalisation.
+    """
     if preset == "none":
         return build_eval_transform(data_cfg, grayscale_input=grayscale_input)
     size = _size(data_cfg)
@@ -145,8 +187,12 @@ def build_train_transform(data_cfg: dict, *, preset: str = "light", scale_min: f
         ops.append(A.Affine(rotate=(-rotate, rotate), translate_percent=(-translate, translate), shear=(-shear, shear),
                             interpolation=interp, border_mode=cv2.BORDER_REFLECT_101, p=0.5))
     fill = tuple(int(round(255 * m)) for m in data_cfg["mean"])
+    if auto_augment != "none":
+        ops.append(AutoAugment(auto_augment, fill=fill, interpolation="bilinear"))
     colour, late = _photometric(fill, color_jitter=color_jitter, blur=blur, coarse_dropout=coarse_dropout)
     ops += colour + build_extra(extra)
+    if random_erasing:  # before ToGray: a grey-input image stays grey
+        ops.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), fill="random", p=random_erasing))
     ops += [A.ToGray(num_output_channels=3, p=1.0)] if grayscale_input else []
     return A.Compose(ops + late + _normalize(data_cfg))
 

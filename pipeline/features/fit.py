@@ -58,10 +58,11 @@ def extraction_workers(setting, trainer_workers: int, device: torch.device) -> i
 
 
 def extract_all(model, splits, cfg: DictConfig, levels: list, *, eval_tf, train_tf, device, image_cache,
-                preprocessing: dict) -> dict:
-    """Cached features of train, val, and `features.augmented_views` augmented passes over train; the plain passes
-    decode on the device when `dataset.decode` resolves to gpu (data/device_decode.py)."""
+                preprocessing: dict, augmented_views: int | None = None) -> dict:
+    """Cached features of train, val, and `augmented_views` (default `features.augmented_views`) augmented passes
+    over train; the plain passes decode on the device when `dataset.decode` resolves to gpu (data/device_decode.py)."""
     f, t = cfg.features, cfg.trainer
+    augmented_views = f.augmented_views if augmented_views is None else augmented_views
     on_device = resolve_decode(cfg.dataset.decode, device) == "gpu"
     # albumentations' repr lists every op with its arguments: the preprocessing part of the key
     key_parts = {"arch": cfg.backbone.name, "weights": weights_hash(model), "transform": repr(eval_tf)}
@@ -72,7 +73,7 @@ def extract_all(model, splits, cfg: DictConfig, levels: list, *, eval_tf, train_
     out = {"train": load_or_extract(model, splits.train, eval_tf, name="train", **plain),
            "val": load_or_extract(model, splits.val, eval_tf, name="val", **plain), "views": []}
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
-    for view in range(1, f.augmented_views + 1):
+    for view in range(1, augmented_views + 1):
         parts = {**key_parts, "augment": augment, "view": view, "seed": cfg.seed,
                  "workers": common["num_workers"], "train_transform": str(train_tf)}
         out["views"].append(load_or_extract(model, splits.train, train_tf, key_parts=parts,
@@ -82,19 +83,19 @@ def extract_all(model, splits, cfg: DictConfig, levels: list, *, eval_tf, train_
 
 def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weights, init_bias, *,
                standardize: bool, on_epoch=None) -> dict:
-    """Train the configured head (on standardised features if `standardize`, the scaler folded back in);
-    `on_epoch(history)` after each epoch (the logistic head has one).
+    """Train the configured head (on standardised features if `standardize`, the scaler folded back in) for
+    `features.head_epochs` / `head_patience`; `on_epoch(history)` after each epoch (the logistic head has one).
 
     Returns weight/bias/history/...."""
-    f, t, o = cfg.features, cfg.trainer, cfg.optim
+    f, t, o = cfg.features, cfg.trainer, cfg.optim  # its own budget (features.head_*), not the fine-tune's epochs
     mu, sigma = heads.standardizer(x) if standardize else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
     xs, vs = (x - mu) / sigma, (val_x - mu) / sigma
     loss_fn, eval_loss = loss.build_losses(cfg.loss, class_weights)
     if f.head == "linear":
-        out = heads.train_linear_head(xs, y, vs, val_y, num_classes=num_classes, epochs=t.epochs,
+        out = heads.train_linear_head(xs, y, vs, val_y, num_classes=num_classes, epochs=f.head_epochs,
                                       batch_size=t.batch_size, lr=o.lr, weight_decay=o.weight_decay,
                                       loss_fn=loss_fn, eval_loss_fn=eval_loss, monitor=t.monitor,
-                                      patience=t.early_stop_patience, seed=cfg.seed,
+                                      patience=f.head_patience, seed=cfg.seed,
                                       sampler_mode=cfg.dataset.sampler, init_bias=init_bias, on_epoch=on_epoch)
     else:
         start = time.perf_counter()

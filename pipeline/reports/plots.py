@@ -1,4 +1,5 @@
-"""Run-dir plots and reports: confusion matrix (PNG + CSV), per-epoch curves, classification report.
+"""Run-dir plots and reports: confusion matrix (PNG + CSV), per-epoch curves, classification report,
+reliability diagram (with trainer.tta / trainer.calibrate).
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global state).
 """
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 
 from pipeline.runtime.files import write_csv, write_figure, write_text
 from pipeline.training import metrics as M
+from pipeline.training.calibration import calibration_metrics, reliability_bins
 
 _logger = logging.getLogger(__name__)
 
@@ -89,6 +91,28 @@ def plot_curves(history: Sequence[dict], path: str | Path, monitor: str = "balan
     return _save(fig, Path(path))
 
 
+def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float, path: str | Path,
+                     title: str = "") -> Path:
+    """Accuracy vs top-1 confidence in 15 bins, for softmax(logits) (before) and softmax(logits / temperature)
+    (after; drawn only when temperature != 1), each with its ECE in the legend; the diagonal is perfect."""
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+    curves = [("before (T = 1)", 1.0, "tab:red")] + ([(f"after (T = {temperature:.3g})", temperature, "tab:blue")]
+                                                      if temperature != 1.0 else [])
+    for name, t, color in curves:
+        bins = reliability_bins(logits, labels, t)
+        filled = bins["count"] > 0
+        ece = calibration_metrics(logits, labels, t)["ece"]
+        ax.plot(bins["confidence"][filled], bins["accuracy"][filled], "o-", color=color,
+                label=f"{name}: ECE {ece:.4f}")
+    ax.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02),
+           title=title or "reliability")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, Path(path))
+
+
 def write_split_reports(run_dir: str | Path, split: str, labels: np.ndarray, preds: np.ndarray,
                         class_names: Sequence[str]) -> dict:
     """confusion_<split>.png/.csv and classification_report_<split>.txt; returns the per-class metrics."""
@@ -102,8 +126,13 @@ def write_split_reports(run_dir: str | Path, split: str, labels: np.ndarray, pre
 
 
 def write_eval_reports(run_dir: Path, metrics: dict, evals: dict, classes: list[str], history: list) -> None:
-    """Per split in `evals` ({split: (logits, labels)}): confusion PNG/CSV, text report, per-class metrics."""
+    """Per split in `evals` ({split: (logits, labels)}): confusion PNG/CSV, text report, per-class metrics;
+    with `metrics["calibration"]` also reliability_<split>.png (the logits are the calibrated ones)."""
+    temperature = (metrics.get("calibration") or {}).get("temperature")
     for split, (logits, labels) in evals.items():
         if len(labels):
             metrics[split]["per_class"] = write_split_reports(run_dir, split, labels, logits.argmax(1), classes)
+            if temperature is not None:  # before = the same TTA at T = 1
+                plot_reliability(np.asarray(logits, np.float64) * temperature, labels, temperature,
+                                 run_dir / f"reliability_{split}.png", title=f"{split}: {len(labels)} images")
     plot_curves(history, run_dir / "curves.png", metrics["monitor"])

@@ -86,6 +86,9 @@ def strategy_sections(info: dict) -> list[list[str]]:
     if info.get("features"):
         from pipeline.features.fit import features_section
         sections.append(features_section(info["features"]))
+    if info.get("head_init"):
+        from pipeline.features.probe_init import head_init_section
+        sections.append(head_init_section(info["head_init"]))
     rows = ["## Parameters per layer group", "", "| group | first parameter | params | trainable at start |",
             "|---|---|---|---|"]
     rows += [f"| {g['group']} | `{g['first_param']}` | {g['params']:,} | {g['trainable']:,} |" for g in info["groups"]]
@@ -107,6 +110,42 @@ def budget_sections(budget: dict | None) -> list[list[str]]:
              f"- time: {budget['spent_before_training_s']:.1f} s before training, loop ended at "
              f"{budget['loop_end_s']:.1f} s, {budget['after_loop_s']:.1f} s after it (kept: "
              f"{budget['kept_for_after_loop_s']:.1f} s), {budget['total_s']:.1f} s in all", ""]]
+
+
+def averaging_sections(info: dict | None, history: list[dict]) -> list[list[str]]:
+    """`trainer.ema` (training/averaging.py): which weights `best` holds and raw vs EMA val per epoch; [] without."""
+    if not info:
+        return []
+    m = info["monitor"]
+    lines = ["## Weight averaging (EMA)", "",
+             f"- decay {info['decay']} (timm ModelEmaV3, warmup power {info['warmup_power']:.2f}); `best` holds the "
+             f"**{info['chosen']}** weights (epoch {info['best_epoch']}: val {m} raw {_fmt(info['val_raw'])}, "
+             f"EMA {_fmt(info['val_ema'])})", "", f"| epoch | raw val {m} | EMA val {m} |", "|---|---|---|"]
+    lines += [f"| {h['epoch']} | {_fmt(h.get(f'val_{m}'))} | {_fmt(h.get(f'ema_val_{m}'))} |" for h in history]
+    return [lines + [""]]
+
+
+def calibration_sections(record: dict | None) -> list[list[str]]:
+    """`trainer.tta` / `trainer.calibrate` (training/calibration.py): the TTA decision, the temperature and
+    ECE/NLL/Brier before (T = 1) and after it, per split; [] without."""
+    if not record:
+        return []
+    tta, scores = record["tta"], record["tta"].get("val") or {}
+    kept = "mirrored view kept (logits averaged over identity + hflip)" if tta["kept"] else "no TTA"
+    lines = ["## Calibration", "", f"- TTA (trainer.tta={tta['mode']}): {kept}" + (
+        f"; val {tta['monitor']} {_fmt(scores['plain'])} plain, {_fmt(scores['tta'])} with hflip" if scores else ""),
+        f"- temperature: {record['temperature']:.4f} ("
+        + ("fitted on val, trainer.calibrate=true" if record["calibrate"] else "trainer.calibrate=false") + ")",
+        "- applied by the test evaluation, `pipeline.load`, predict and every exported format; reliability "
+        "diagram: `reliability_<split>.png`", "",
+        "| split | ECE before | ECE after | NLL before | NLL after | Brier before | Brier after |",
+        "|---|---|---|---|---|---|---|"]
+    for split in ("val", "test"):
+        if split in record:
+            b, a = record[split]["before"], record[split]["after"]
+            lines.append(f"| {split} | " + " | ".join(f"{_fmt(b[k])} | {_fmt(a[k])}" for k in ("ece", "nll", "brier"))
+                         + " |")
+    return [lines + [""]]
 
 
 def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_name: str, root: str,

@@ -2,9 +2,12 @@
 
 Writes `model.safetensors` (weights only), `model.json` (arch, classes, preprocessing, metrics, training
 config, package versions, sha256 of every model file, parity results), `model.onnx` (dynamic batch axis),
-`model.ts` (TorchScript: script, else trace) and `MODEL_CARD.md`. Every format is compared with the
-PyTorch checkpoint on real preprocessed images from the run's dataset, at two batch sizes; a max abs
-logit diff above `export.tolerance` fails the export and leaves no export dir behind.
+`model.ts` (TorchScript: script, else trace) and `MODEL_CARD.md`. A run trained with `trainer.tta` /
+`trainer.calibrate` has `tta` and `temperature` in best.json: model.json carries them, `pipeline.load` applies
+them, the ONNX and TorchScript files hold them (model/calibrated.py); model.safetensors keeps the plain
+model's weights. Every format is compared with the PyTorch checkpoint (with its TTA and temperature) on real
+preprocessed images from the run's dataset, at two batch sizes; a max abs logit diff above
+`export.tolerance` fails the export and leaves no export dir behind.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from safetensors.torch import save_file
 from pipeline.config import CONF_DIR, ExportConfig, check_group
 from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.errors import ConfigError, MissingFileError, PipelineError
-from pipeline.model import checkpoint
+from pipeline.model import calibrated, checkpoint
 from pipeline.runtime.files import staged_dir, write_json, write_text
 from pipeline.ship import loading, model_card
 from pipeline.ship.predict import collect_images
@@ -201,7 +204,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
     if not (run_dir / f"{checkpoint_name}.json").is_file():
         raise MissingFileError(f"{run_dir} has no {checkpoint_name}.json/.safetensors: pass a finished run dir "
                                "(outputs/runs/<date>_<dataset>)")
-    model, meta = checkpoint.load_checkpoint(run_dir, checkpoint_name)
+    plain, meta = checkpoint.load_checkpoint(run_dir, checkpoint_name)
+    model = calibrated.wrap_for_inference(plain, meta, str(run_dir / f"{checkpoint_name}.json"))  # TTA, temperature
     config = meta.get("config") or {}
     settings = resolve_settings(config, overrides)
     max_pixels = (config.get("dataset") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
@@ -209,10 +213,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
     ref_x, paths = reference_batch(paths, meta["preprocessing"], max_pixels)
     out = check_out_dir(run_dir, out_dir)
     with staged_dir(out) as tmp:  # the export dir appears complete, or not at all
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
         save_file(weights, str(tmp / FILES["safetensors"]), metadata={"arch": meta["arch"]})
         os.chmod(tmp / FILES["safetensors"], 0o644)  # safetensors writes 0600; a shipped file is world-readable
-        base = {k: meta[k] for k in (*checkpoint.REQUIRED_KEYS, "feature_levels") if k in meta}
+        base = {k: meta[k] for k in (*checkpoint.REQUIRED_KEYS, "feature_levels", *calibrated.META_KEYS) if k in meta}
         write_json(tmp / "model.json", base)
         results = check_formats(model, tmp, paths, ref_x, settings)
         run_metrics = model_card.read_json(run_dir / "metrics.json")

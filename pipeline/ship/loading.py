@@ -3,7 +3,9 @@
 `load(path)` accepts an export dir (`model.json` + `model.safetensors`, written by `pipeline.export`), a
 run dir (`best.json` + `best.safetensors`) or the path of such a `.json` file, and returns a `LoadedModel`:
 the timm model (or an ONNX Runtime session) plus the exact eval preprocessing used at training time
-(`pipeline.data.augment.build_eval_transform`). Files listed with a sha256 in the JSON are verified first, so
+(`pipeline.data.augment.build_eval_transform`). The JSON's `tta` views and `temperature` (training's
+`trainer.tta` / `trainer.calibrate`) are applied to the torch model (model/calibrated.py); the ONNX graph
+already holds them. Files listed with a sha256 in the JSON are verified first, so
 a truncated or modified file fails with a one-line `ModelFileError` instead of a deep stack trace.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from pipeline.data.augment import build_eval_transform
 from pipeline.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from pipeline.errors import ConfigError, MissingFileError, ModelFileError, check_choice
+from pipeline.model.calibrated import wrap_for_inference
 from pipeline.model.checkpoint import build_model, read_meta, read_weights
 
 _logger = logging.getLogger(__name__)
@@ -88,7 +91,8 @@ class OnnxModel:
 
 @dataclass
 class LoadedModel:
-    """A ready classifier: `model` (torch module in eval mode, or OnnxModel), its preprocessing, class names."""
+    """A ready classifier: `model` (torch module in eval mode with the JSON's TTA and temperature applied, or
+    OnnxModel, whose graph holds them), its preprocessing, class names."""
     model: Callable[[torch.Tensor], torch.Tensor]
     preprocess: Callable[[ImageInput], torch.Tensor]
     class_names: list[str]
@@ -152,5 +156,6 @@ def load(path: str | Path, *, backend: str = "torch", weights: str | Path | None
     if weights is None:
         verify_file(weights_path, meta)
     model = build_model(meta, read_weights(weights_path), str(weights_path))
+    model = wrap_for_inference(model, meta, str(json_path))  # TTA views + temperature, as exported
     return LoadedModel(model.to(device), preprocess, list(meta["class_names"]), meta, "torch", device)
 

@@ -10,6 +10,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from pipeline.model.calibrated import META_KEYS
 from pipeline.ship.loading import file_sha256
 
 _logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, 
         "format_version": FORMAT_VERSION,
         **{k: meta[k] for k in ("arch", "num_classes", "class_names", "preprocessing")},
         **({"feature_levels": meta["feature_levels"]} if meta.get("feature_levels") else {}),
+        **{k: meta[k] for k in META_KEYS if k in meta},  # TTA views and temperature: pipeline.load applies them
+        **({"calibration": run_metrics["calibration"]} if run_metrics.get("calibration") else {}),
         "epoch": meta.get("epoch"), "metrics": metrics,
         "training": training_facts(meta, run_dir, run_metrics),
         "dataset": {"name": dataset.get("name"), "root": dataset.get("root"), **facts},
@@ -116,6 +119,10 @@ def model_section(doc: dict) -> list[str]:
     lines.append(f"- input: RGB, short side resized to floor({size} / crop_pct {p['crop_pct']}) with "
                  f"{p['interpolation']} interpolation, center crop {size}x{size}, normalized with mean {p['mean']}, "
                  f"std {p['std']}" + (" (grayscale replicated to 3 channels)" if p.get("grayscale_input") else ""))
+    views, temperature = doc.get("tta") or ["identity"], doc.get("temperature", 1.0)
+    if views != ["identity"] or temperature != 1.0:
+        lines.append(f"- output: logits averaged over the views {views}, divided by temperature {temperature:.4f}; "
+                     "applied by `pipeline.load` and held by the ONNX and TorchScript files")
     return lines + [""]
 
 
@@ -170,11 +177,25 @@ def export_section(doc: dict) -> list[str]:
     return lines + [""]
 
 
+def probabilities_line(doc: dict) -> str:
+    """What the probabilities are: plain softmax, or with the run's TTA and temperature (and their ECE)."""
+    views, temperature = doc.get("tta") or ["identity"], doc.get("temperature", 1.0)
+    tta = " of the logits averaged over the image and its mirror image (test-time augmentation)" \
+        if "hflip" in views else ""
+    if temperature == 1.0:
+        return f"- The probabilities are softmax outputs{tta}, not calibrated confidences."
+    ece = [f"{split} ECE {r['before']['ece']:.4f} at T = 1 -> {r['after']['ece']:.4f}"
+           for split, r in (doc.get("calibration") or {}).items() if split in ("val", "test")]
+    return (f"- The probabilities are softmax(logits / T){tta}, with temperature T = {temperature:.4f} fitted on "
+            "the val split (temperature scaling)" + (f": {', '.join(ece)}" if ece else "") + ". The val split "
+            "chose T, so only a test ECE is an unbiased measure; on other data the confidences may be off again.")
+
+
 def limitations(doc: dict) -> list[str]:
     """Limitations that follow from this model's own numbers."""
     lines = ["- Closed set: every image gets one of the classes above, including images of something else "
              "entirely; there is no 'unknown' answer.",
-             "- The probabilities are softmax outputs, not calibrated confidences.",
+             probabilities_line(doc),
              "- Measured only on images from the same source as the training data; other cameras, lighting, "
              "backgrounds or resolutions may score lower."]
     val, test = doc["metrics"].get("val") or {}, doc["metrics"].get("test") or {}

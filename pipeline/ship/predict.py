@@ -2,7 +2,8 @@
 
 Prints the top-k classes (with probabilities) per image and writes them to a CSV. An image that does
 not decode is reported (stderr and the CSV's `error` column) and the others are still predicted.
-Like `pipeline.load`, this imports no Hydra and no training code.
+The probabilities are the softmax of `pipeline.load`'s logits, so they carry the export's TTA views and
+temperature (model.json `tta`, `temperature`). Like `pipeline.load`, this imports no Hydra and no training code.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fine-tuning fit: the epoch loop with best-checkpoint selection, early stopping, gradual thaws, resume and
-a clean stop on SIGINT/SIGTERM, and `trainer.time_limit` (training/budget.py). (The cached linear probe has its
-own fit: features/fit.py.)"""
+a clean stop on SIGINT/SIGTERM, `trainer.time_limit` (training/budget.py) and `trainer.ema` (training/averaging.py).
+(The cached linear probe has its own fit: features/fit.py.)"""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from pipeline.model import checkpoint, freezing
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import build_accel, prepare_model
-from pipeline.training import budget, interrupts, loop, loss, resume, tracking
+from pipeline.training import averaging, budget, interrupts, loop, loss, mixing, resume, tracking
 from pipeline.training.guard import StepGuard
 from pipeline.training.metrics import MonitorTracker
 from pipeline.transfer import gradual, optim
@@ -50,7 +50,12 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     `trainer.time_limit`: a TimeBudget (counting from `started`, a budget.now() reading; `test_images` sizes the
     time kept for the test evaluation) plans the epochs, spans the LR schedule over them and ends an epoch early
     at the limit. Returns history, best epoch, the eval loss, the best epoch's val (logits, labels) and the
-    budget (None without a limit)."""
+    budget (None without a limit).
+
+    `trainer.ema`: a weight average (training/averaging.py) follows every optimizer step and is evaluated on val
+    beside the raw weights each epoch (history `ema_val_<metric>` next to the raw `val_<metric>`); the better of
+    the two on `trainer.monitor` is the epoch's candidate for `best` (best.json `weights_source`: raw or ema) and
+    the result's `weight_averaging` says which one the best epoch kept."""
     t, o = cfg.trainer, cfg.optim
     accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
     prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
@@ -60,14 +65,18 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     steps = len(loaders["train"]) if not t.max_train_batches else min(len(loaders["train"]), t.max_train_batches)
     scheduler = optim.build_scheduler(optimizer, name=o.scheduler, total_steps=steps * t.epochs,
                                       warmup_steps=int(o.warmup_epochs * steps))
-    clock = budget.from_config(t, started=started, steps_per_epoch=steps, val_images=len(loaders["val"].dataset),
+    val_images = len(loaders["val"].dataset) * (2 if t.ema else 1)  # EMA: two val evaluations per epoch
+    clock = budget.from_config(t, started=started, steps_per_epoch=steps, val_images=val_images,
                                test_images=test_images,
                                on_plan=lambda epochs: scheduler.set_total_steps(epochs * steps))  # LR over the plan
-    loss_fn, eval_loss = loss.build_losses(cfg.loss, class_weights, device)
+    mix = mixing.build_mixer(cfg.augment, meta["num_classes"])  # mixup/cutmix: None when off
+    loss_fn, eval_loss = loss.build_losses(cfg.loss, class_weights, device, soft_targets=mix is not None)
     tracker, history, best_val = MonitorTracker(t.monitor, t.early_stop_patience), [], None
     guard = StepGuard(t.max_nonfinite_steps, t.grad_clip)
+    ema = averaging.WeightAverage(model, t.ema_decay) if t.ema else None  # of the unwrapped model: DDP re-wraps
     last = resume.LastCheckpoint(run_dir, cfg, model=model, optimizer=optimizer, scheduler=scheduler, tracker=tracker,
-                                 guard=guard, loader=loaders["train"], scaler=accel.scaler, budget=clock)
+                                 guard=guard, loader=loaders["train"], scaler=accel.scaler, budget=clock,
+                                 averager=ema)
     first, partial, stop = 1, None, stop or interrupts.GracefulStop()  # not entered: never set
     stop_all, ddp = distributed.agreed_stop(stop), None  # DDP: ranks stop at the same step; wrapper (re)built below
     halt = stop_all if clock is None else lambda: stop_all() or clock.after_step()  # signal first, then the budget
@@ -86,7 +95,9 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
                 clock.start_epoch(epoch, done_steps=(partial or {}).get("steps", 0))
             stats = loop.train_one_epoch(ddp, loaders["train"], loss_fn, optimizer, scheduler, device,
                                            epoch=epoch, max_batches=t.max_train_batches, progress=t.progress,
-                                           guard=guard, stop=halt, resume_from=partial, accel=accel)
+                                           guard=guard, stop=halt, resume_from=partial, accel=accel,
+                                           after_step=(lambda: ema.update(model)) if ema is not None else None,
+                                           mix=mix)
             partial = None
             if stats.get("interrupted") and not (clock is not None and clock.stopped):  # SIGINT/SIGTERM
                 last.save(epoch - 1, history, best_val, partial=stats["partial"])
@@ -99,25 +110,36 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
             with budget.measure(clock, "eval"):
                 val, *val_out = loop.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"],
                                                 t.progress, "val", accel=accel)
+                if ema is not None:
+                    ema_val, *ema_out = loop.evaluate(ema.module, loaders["val"], eval_loss, device,
+                                                      meta["num_classes"], t.progress, "val (ema)", accel=accel)
             history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
+                            **({f"ema_val_{k}": v for k, v in ema_val.items()} if ema is not None else {}),
                             **tracking.group_lrs(optimizer)})  # each group's LR at the epoch's end
             guard.check_weights(model, optimizer, epoch)  # never save non-finite weights as `best` or `last`
+            weights, best_meta, raw_val = model, {}, val  # the epoch's candidate for `best`: raw, or the EMA if better
+            if ema is not None:
+                use_ema = averaging.ema_wins(ema_val[t.monitor], val[t.monitor], tracker.mode)
+                best_meta = {"weights_source": "ema" if use_ema else "raw"}
+                if use_ema:
+                    weights, val, val_out = ema.module, ema_val, ema_out
             improved = tracker.update(val[t.monitor], epoch)
             with budget.measure(clock, "checkpoint"):
                 if improved:
                     best_val = tuple(val_out)
                     if distributed.is_main():  # the unwrapped model: loads without DDP
-                        checkpoint.save_checkpoint(run_dir, "best", model,
-                                                   {**meta, "epoch": epoch, "val_metrics": val})
+                        checkpoint.save_checkpoint(run_dir, "best", weights,
+                                                   {**meta, "epoch": epoch, "val_metrics": val, **best_meta})
                 last.save(epoch, history, best_val)
             if clock is not None:
                 clock.end_epoch(stats)  # the first epoch measured (train, eval, checkpoints) gives the plan
             curves.log(history)
             _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  lr %.2e  "
-                         "%.1f img/s%s", epoch, clock.planned if clock else t.epochs, stats["train_loss"],
-                         val["loss"], val["accuracy"], val["balanced_accuracy"],
+                         "%.1f img/s%s%s", epoch, clock.planned if clock else t.epochs, stats["train_loss"],
+                         raw_val["loss"], raw_val["accuracy"], raw_val["balanced_accuracy"],
                          history[-1].get("lr_head", float("nan")), stats["train_img_per_s"],
-                         "  *best*" if improved else "")
+                         f"  ema val_{t.monitor} {ema_val[t.monitor]:.4f}" if ema is not None else "",
+                         f"  *best*{' (ema)' if best_meta.get('weights_source') == 'ema' else ''}" if improved else "")
             if stop_all():
                 raise stop.interrupted(run_dir, f"at the end of epoch {epoch}")
             if clock is not None and clock.stopped:
@@ -132,5 +154,8 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
         clock.end_loop()
         _logger.info("Time budget %s: %d epoch(s) run (planned %s), stopped: %s%s", clock.limit, clock.epochs_run,
                      clock.planned, clock.stopped, f" ({clock.stopped_at})" if clock.stopped_at else "")
-    return {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val,
-            "budget": clock}
+    result = {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val,
+              "budget": clock}
+    if ema is not None:
+        result["weight_averaging"] = averaging.record(history, tracker.best_epoch, t.monitor, tracker.mode, ema.decay)
+    return result

@@ -53,8 +53,11 @@ def _step(model, images, labels, loss_fn, optimizer, guard, accel: Accel) -> flo
 
 def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, *,
                     epoch: int = 0, max_batches: int = 0, progress: bool = False, guard=None, stop=None,
-                    resume_from: dict | None = None, accel: Accel | None = None) -> dict:
+                    resume_from: dict | None = None, accel: Accel | None = None, after_step=None,
+                    mix=None) -> dict:
     """One pass over `loader`; the scheduler steps per batch. Returns mean loss, images and seconds.
+    `mix(images, labels)` -> (images, targets) mixes each batch (training/mixing.py: mixup/cutmix, soft targets).
+    `after_step()` runs after every optimizer step that was not skipped (the fit's weight average).
 
     `guard` (pipeline.training.guard.StepGuard) clips gradients and skips non-finite steps (they do not count in
     the loss). `stop()` true after a step ends the epoch early (SIGINT/SIGTERM): the result then has
@@ -74,12 +77,15 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
                 break
             if step >= skip and distributed.all_true(batch is not None):  # None: all images unreadable
                 images, labels = accel.images(batch[0]), batch[1].to(device, non_blocking=True)
-                loss = _step(model, images, labels, loss_fn, optimizer, guard, accel)
+                images, targets = mix(images, labels) if mix is not None else (images, labels)
+                loss = _step(model, images, targets, loss_fn, optimizer, guard, accel)
                 if loss is None:
                     skipped_steps += 1
                 else:
                     total_loss += loss * len(labels)
                     seen += len(labels)
+                    if after_step is not None:
+                        after_step()
                 scheduler.step()
             bar.update(task, advance=1, info=f"loss {total_loss / max(seen, 1):.4f}")
             if step >= skip and stop is not None and stop():

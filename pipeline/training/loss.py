@@ -31,9 +31,12 @@ AUTO_PRIOR_RATIO = 3.0  # prior_bias=auto turns on above this max/min class-coun
 class FocalLoss(torch.nn.Module):
     """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p)^gamma, optional class weights.
 
-    Per sample: -sum_c w_c q_c (1 - p_c)^gamma log p_c, q the (label-smoothed) target distribution, divided
-    by the batch's sum of w[target]: the same weighting convention as torch's CrossEntropyLoss, so gamma=0
-    gives exactly `ce` with the same weights and smoothing.
+    Per sample: -sum_c w_c q_c (1 - p_c)^gamma log p_c, q the label-smoothed target distribution, divided by the
+    batch's sum of w[target]: the same weighting convention as torch's CrossEntropyLoss, so gamma=0 gives exactly
+    `ce` with the same weights and smoothing. `target` is class indices (N,) or soft targets (N, K) rows of class
+    probabilities (mixup/cutmix, training/mixing.py): q smooths them the same way and the divisor becomes the batch's
+    sum_c w_c t_c, so one-hot rows give exactly the loss of their indices. With gamma=0 this is the soft-target
+    cross-entropy that `ce` uses under mixing (`build_loss(soft_targets=True)`).
     """
 
     def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
@@ -44,26 +47,32 @@ class FocalLoss(torch.nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(logits.float(), dim=1)
         k = logits.shape[1]
-        q = F.one_hot(target, k).float() * (1 - self.label_smoothing) + self.label_smoothing / k
+        t = target.float() if target.is_floating_point() else F.one_hot(target, k).float()
+        q = t * (1 - self.label_smoothing) + self.label_smoothing / k
         w = self.weight if self.weight is not None else torch.ones(k, device=logits.device)
-        per_sample = -(w * q * (1 - log_p.exp()).pow(self.gamma) * log_p).sum(1)
-        return per_sample.sum() / w[target].sum().clamp_min(1e-12)
+        focus = (1 - log_p.exp()).pow(self.gamma) if self.gamma else 1.0
+        per_sample = -(w * q * focus * log_p).sum(1)
+        return per_sample.sum() / (t * w).sum().clamp_min(1e-12)
 
 
 def build_loss(*, name: str = "ce", label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
-               gamma: float = 2.0) -> torch.nn.Module:
-    """`ce` (torch CrossEntropyLoss) or `focal`, both with optional per-class weights."""
-    if name == "focal":
-        return FocalLoss(gamma=gamma, weight=class_weights, label_smoothing=label_smoothing)
+               gamma: float = 2.0, soft_targets: bool = False) -> torch.nn.Module:
+    """`ce` (torch CrossEntropyLoss) or `focal`, both with optional per-class weights. `soft_targets`: the loss
+    also takes (N, K) target rows (mixup/cutmix); `ce` is then FocalLoss with gamma=0 (torch's CE would divide a
+    weighted soft-target loss by N, not by the weights)."""
+    if name == "focal" or soft_targets:
+        return FocalLoss(gamma=gamma if name == "focal" else 0.0, weight=class_weights, label_smoothing=label_smoothing)
     return torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
 
 
-def build_losses(loss_cfg, class_weights: torch.Tensor | None, device: torch.device | None = None) -> tuple:
+def build_losses(loss_cfg, class_weights: torch.Tensor | None, device: torch.device | None = None, *,
+                 soft_targets: bool = False) -> tuple:
     """(training loss with label smoothing, on `device`; eval loss without it, on CPU logits), both with the
-    class weights: the pair every fit uses (`loss` config group)."""
+    class weights: the pair every fit uses (`loss` config group). `soft_targets`: the training loss takes the
+    mixed targets of training/mixing.py (and smooths them: mixing itself does not); the eval loss stays hard-label."""
     train_weights = None if class_weights is None else class_weights.to(device or "cpu")
     train_loss = build_loss(name=loss_cfg.name, label_smoothing=loss_cfg.label_smoothing, gamma=loss_cfg.gamma,
-                            class_weights=train_weights)
+                            class_weights=train_weights, soft_targets=soft_targets)
     return train_loss, build_loss(name=loss_cfg.name, gamma=loss_cfg.gamma, class_weights=class_weights)
 
 

@@ -4,8 +4,9 @@
 optimizer, LR schedule, monitor tracker, NaN-guard counters, history, the best epoch's val outputs,
 the time budget (`trainer.time_limit`: time spent, measured speed, plan; a resume counts the time spent),
 the python/numpy/torch RNGs, the train loader's generator, the balanced sampler's generator, the
-train transform's RNGs and the run's resolved config. A resumed CPU run repeats the uninterrupted
-one exactly: same weights and metrics (runtime/seeding.py lists the random streams).
+train transform's RNGs, the weight average (`trainer.ema`: its weights and update count) and the run's
+resolved config. A resumed CPU run repeats the uninterrupted one exactly: same weights and metrics
+(runtime/seeding.py lists the random streams).
 
 `trainer.resume`:
 - `<run dir>` (or its `last.pt`): continue that run in that dir with its saved config; of this
@@ -176,7 +177,8 @@ def save_cached_state(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def finish(run_dir: Path, keep_last: bool) -> None:
-    """A finished run needs no resume state (3x the model size): drop `last.pt` unless `trainer.keep_last`."""
+    """A finished run needs no resume state (3x the model size, 4x with trainer.ema): drop `last.pt` unless
+    `trainer.keep_last`."""
     if not keep_last:
         (Path(run_dir) / LAST).unlink(missing_ok=True)
 
@@ -189,11 +191,12 @@ class LastCheckpoint:
     """Saves and restores everything the epoch loop needs to continue exactly where it stopped."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig, *, model, optimizer, scheduler, tracker, guard, loader,
-                 scaler=None, budget=None):
+                 scaler=None, budget=None, averager=None):
         self.run_dir, self.cfg, self.model, self.optimizer = Path(run_dir), cfg, model, optimizer
         self.scheduler, self.tracker, self.guard, self.loader = scheduler, tracker, guard, loader
         self.scaler = scaler  # fp16 GradScaler (CUDA), else None
         self.budget = budget  # training/budget.py TimeBudget (`trainer.time_limit`), else None
+        self.averager = averager  # training/averaging.py WeightAverage (`trainer.ema`), else None
         self._epoch_start = None
 
     def _data_rng(self) -> dict:
@@ -224,6 +227,8 @@ class LastCheckpoint:
                  "global_rng": seeding.get_global_rng_state(),
                  "data_rng": data_rng,
                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        if self.averager is not None:
+            state["ema"] = self.averager.state_dict()
         save_state(self.run_dir, state)
         self.guard.last_good = f"{self.run_dir / LAST} (epoch {epoch}{', mid-epoch' if partial else ''})"
 
@@ -239,6 +244,11 @@ class LastCheckpoint:
         self.scheduler.load_state_dict(state["scheduler"])
         self.tracker.load_state_dict(state["tracker"])
         self.guard.load_state_dict(state["guard"])
+        if self.averager is not None:
+            if state.get("ema") is None:
+                raise ConfigError(f"{self.run_dir / LAST} holds no weight average (saved without trainer.ema); "
+                                  "start a fresh run")
+            self.averager.load_state_dict(state["ema"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         data = state["data_rng"]

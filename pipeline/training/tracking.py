@@ -23,7 +23,11 @@ TENSORBOARD_DIR = "tensorboard"
 # history key -> history.csv column (timm's summary.csv names first, then ours); lr_<group> columns follow
 CSV_COLUMNS = {"epoch": "epoch", "train_loss": "train_loss", "val_loss": "eval_loss", "val_accuracy": "eval_top1",
                "val_top5_accuracy": "eval_top5", "val_balanced_accuracy": "eval_balanced_accuracy",
-               "val_macro_f1": "eval_macro_f1"}
+               "val_macro_f1": "eval_macro_f1",
+               # trainer.ema: the averaged weights' val scores (training/averaging.py)
+               "ema_val_loss": "ema_eval_loss", "ema_val_accuracy": "ema_eval_top1",
+               "ema_val_top5_accuracy": "ema_eval_top5", "ema_val_balanced_accuracy": "ema_eval_balanced_accuracy",
+               "ema_val_macro_f1": "ema_eval_macro_f1"}
 MLFLOW_GROUPS = ("backbone", "strategy", "optim", "loss", "trainer", "features")  # logged as run parameters
 
 

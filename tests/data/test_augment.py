@@ -10,11 +10,13 @@ import timm
 import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
+from torchvision.transforms import v2
 
 from conftest import CONF_DIR, compose_cfg
-from pipeline.data.augment import build_eval_transform, build_train_transform, train_transform_from_cfg
+from pipeline.data.augment import AutoAugment, build_eval_transform, build_train_transform, train_transform_from_cfg
 from pipeline.data.images import load_rgb
 from pipeline.errors import ConfigError
+from pipeline.runtime.seeding import seed_transform
 
 LITE0 = {"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
          "crop_pct": 0.875, "crop_mode": "center"}
@@ -83,3 +85,65 @@ def test_extra_transforms_by_name_and_clear_errors():
         build_train_transform(LITE0, extra=[{"name": "CLAHE", "clip_limit": "lots"}])
     cfg = compose_cfg(["augment=light", "dataset=flowers", "+augment.extra=[{name: Sharpen, p: 0.5}]"])
     assert "Sharpen" in _ops(train_transform_from_cfg(LITE0, cfg.augment))
+
+
+def _auto_augment(transform: A.Compose) -> AutoAugment:
+    return next(t for t in transform.transforms if isinstance(t, AutoAugment))
+
+
+def test_strong_preset_adds_trivial_augment_and_erasing_and_repeats_under_a_seed():
+    """augment=strong: torchvision's TrivialAugmentWide after crop/flip, albumentations' Erasing before normalising.
+    Draws differ; the same seed (seeding.seed_transform) gives the same draws; torch's own RNG is left alone."""
+    image = load_sample_image("china.jpg")
+    strong = train_transform_from_cfg(LITE0, compose_cfg(["augment=strong", "dataset=flowers"]).augment)
+    assert _ops(strong) == ["RandomResizedCrop", "HorizontalFlip", "AutoAugment", "Erasing", "Normalize",
+                            "ToTensorV2"]
+    assert isinstance(_auto_augment(strong).op, v2.TrivialAugmentWide)
+    assert strong.transforms[3].p == 0.25 and strong.transforms[3].fill == "random"
+
+    def draws(seed: int) -> list[torch.Tensor]:
+        seed_transform(strong, seed)
+        return [strong(image=image)["image"] for _ in range(4)]
+
+    torch_state = torch.get_rng_state()
+    first, again, other = draws(0), draws(0), draws(1)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+    assert not torch.equal(first[0], first[1])
+    rebuilt = train_transform_from_cfg(LITE0, compose_cfg(["augment=strong", "dataset=flowers"]).augment)
+    assert repr(strong) == repr(rebuilt) and "0x" not in repr(strong)  # a feature-cache key part
+    assert "AutoAugment(p=1.0, policy='trivial', fill=(128, 128, 128), interpolation='bilinear')" in repr(strong)
+
+
+def test_auto_augment_ops_change_the_image_and_randaugment_is_chosen_by_name():
+    """The wrapped op really runs: on a fixed crop (scale 1, no flip) outputs vary with the draw and differ from the
+    same pipeline without it. `auto_augment=randaugment` gives torchvision's RandAugment."""
+    image = load_sample_image("flower.jpg")[:, :427]  # square: the crop keeps the whole image
+    plain = build_train_transform(IMAGENET, scale_min=1.0, hflip=False)
+    base = plain(image=image)["image"]
+    for policy, op in (("trivial", v2.TrivialAugmentWide), ("randaugment", v2.RandAugment)):
+        tf = build_train_transform(IMAGENET, scale_min=1.0, hflip=False, auto_augment=policy)
+        assert isinstance(_auto_augment(tf).op, op)
+        seed_transform(tf, 3)
+        outs = [tf(image=image)["image"] for _ in range(6)]
+        assert sum(not torch.allclose(o, base, atol=1e-3) for o in outs) >= 4, policy
+        assert len({o.sum().item() for o in outs}) >= 4, policy
+    with pytest.raises(ConfigError, match="augment.auto_augment=autoaug is unknown"):
+        build_train_transform(IMAGENET, auto_augment="autoaug")
+
+
+def test_random_erasing_puts_noise_into_a_flat_image():
+    """A flat grey image stays flat through crop and flip; with random_erasing=1 a noisy rectangle appears."""
+    flat = np.full((96, 96, 3), 90, np.uint8)
+    base = build_train_transform(IMAGENET)(image=flat)["image"]
+    assert float(base.flatten(1).std(1).max()) < 1e-4
+    erasing = build_train_transform(IMAGENET, random_erasing=1.0)
+    seed_transform(erasing, 0)
+    for _ in range(3):
+        out = erasing(image=flat)["image"]
+        changed = (out - base).abs().amax(0) > 1e-4
+        assert changed.any()
+        rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+        area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) / changed.numel()
+        assert 0.01 < area < 0.4 and changed.float().mean() > 0.5 * area  # one rectangle of noise

@@ -248,3 +248,22 @@ def test_rank_scores_every_level_and_reports_a_backbone_it_cannot_build(tiny_fol
     text = (Path(cfg.output_dir) / "rank.md").read_text()
     assert "| 1 | test_efficientnet |" in text and "not_a_timm_model" in text
     assert rank(cfg)["rows"][0]["cache"] == "hit"
+
+
+def test_cached_head_trains_for_features_head_epochs_not_trainer_epochs(tiny_folder, cfg_factory):
+    metrics = train(cfg_factory("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny",
+                                "backbone.input_size=64", "strategy=linear_probe", "trainer.epochs=1",
+                                "features.head_epochs=7", "features.head_patience=0"))
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 8))
+
+
+def test_cached_head_stops_after_features_head_patience_epochs_without_gain(cfg_factory):
+    from pipeline.features.fit import train_head
+
+    rng = np.random.default_rng(0)
+    y, val_y = rng.integers(0, 3, 300), rng.integers(0, 3, 60)
+    x, val_x = (rng.normal(size=(n, 8)) + 3 * np.eye(3, 8)[labels] for n, labels in ((300, y), (60, val_y)))
+    cfg = cfg_factory("features.head_epochs=100", "features.head_patience=2", "trainer.early_stop_patience=0",
+                      "trainer.epochs=1", "optim.lr=0.05")
+    head = train_head(cfg, x, y, val_x, val_y, 3, None, None, standardize=False)
+    assert len(head["history"]) == head["best_epoch"] + 2 < 100

@@ -66,6 +66,18 @@ def test_export_writes_every_format_checked_against_pytorch(exported):
         assert text in card, text
 
 
+def test_run_without_tta_or_calibration_exports_the_plain_model(exported):
+    """trainer.tta=off, trainer.calibrate=false (the defaults): no keys, no wrapper, the card says so."""
+    _, run, out = exported
+    doc = json.loads((out / "model.json").read_text())
+    assert not {"tta", "temperature", "calibration"} & set(doc)
+    assert not {"tta", "temperature"} & set(json.loads((run / "best.json").read_text()))
+    assert type(pipeline.load(out).model).__name__ != "CalibratedClassifier"
+    assert "not calibrated confidences" in (out / "MODEL_CARD.md").read_text()
+    assert not list(run.glob("reliability_*.png"))
+    assert "calibration" not in json.loads((run / "metrics.json").read_text())
+
+
 def test_safetensors_holds_only_the_model_tensors(exported):
     from safetensors import safe_open
 

@@ -93,3 +93,11 @@ def test_top5_accuracy_and_history_columns_of_groups_thawed_later():
                                            {"epoch": 2, "val_top5_accuracy": 0.6, "lr_head": 0.05, "lr_group5": 0.01}])
     assert header == ["epoch", "eval_top5", "lr_head", "lr_group5"]
     assert rows == [[1, 0.5, 0.1, ""], [2, 0.6, 0.05, 0.01]]
+
+
+def test_ema_val_scores_have_their_own_columns_and_tensorboard_tags():
+    header, rows = tracking.history_table([{"epoch": 1, "val_loss": 0.5, "ema_val_loss": 0.4,
+                                            "ema_val_balanced_accuracy": 0.9}])
+    assert header == ["epoch", "eval_loss", "ema_eval_loss", "ema_eval_balanced_accuracy"]
+    assert rows == [[1, 0.5, 0.4, 0.9]]
+    assert tracking._tag("ema_val_loss") == "ema/val_loss"
