@@ -25,7 +25,7 @@ MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC TORCHRUN_ARGS RUN IMAGES B
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
-.PHONY: help install train test lint clean-outputs sweep hpo rank bench bench-recipes report export predict
+.PHONY: help install train test lint clean-outputs sweep hpo rank bench bench-recipes bench-budget report export predict
 
 help: ## List the targets
 	@echo "Usage: make <target> [group=option ...] [key=value ...] [VAR=value: the command's own key, e.g. RUN=r is run=r]"
@@ -64,8 +64,11 @@ hpo: $(STAMP) ## Optuna TPE search + report: make hpo dataset=X [ARGS="hydra.swe
 rank: $(STAMP) ## Rank backbones by LogME per feature level: make rank dataset=X backbones=[a,b,c]
 	$(PY) -m pipeline.rank 'hydra.run.dir=outputs/rank/$${now:%Y-%m-%d_%H-%M-%S}_$${hydra.runtime.choices.dataset}' $(HYDRA_OVERRIDES) $(ARGS)
 
-bench-recipes: $(STAMP) ## Recipe bench (issue 17, ~1 h on 2 cores): defaults vs each technique vs the recipe, 3 seeds
+bench-recipes: $(STAMP) ## Recipe bench (~35 min on 2 cores): defaults vs each technique vs the recipe, 3 seeds
 	$(PY) bench/bench_recipes.py $(ARGS)
+
+bench-budget: $(STAMP) ## Time-budget bench (~45 min on 2 cores): budgeted auto vs fixed modes vs the 5-epoch default
+	$(PY) bench/bench_budget.py $(ARGS)
 
 bench: $(STAMP) ## Speed/memory vs bare-PyTorch ceilings (table + outputs/bench/bench.json): make bench [ARGS="--dataset X"]
 	$(PY) bench/bench.py $(ARGS)

@@ -43,6 +43,7 @@ from pipeline.training.setup import (
     setup_strategy,
     write_split,
 )
+from pipeline.transfer import auto
 
 _logger = logging.getLogger(__name__)
 _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",
@@ -98,12 +99,26 @@ def train(cfg: DictConfig) -> dict:
     fit_args = dict(model=model, splits=splits, run_dir=run_dir, meta=meta, device=device, accel=accel,
                     train_tf=train_tf, eval_tf=eval_tf, data_cfg=data_cfg, load=load, class_weights=weights,
                     init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
-    if not cached_path:  # strategy.head_init=probe: the fine-tune starts from a linear probe (LP-FT)
-        head_init = probe_init.init_head(model, splits, cfg, run_dir, mode=strategy_info["mode"], device=device,
-                                         eval_tf=eval_tf, data_cfg=data_cfg, image_cache=cache, class_weights=weights,
-                                         init_bias=fit_args["init_bias"], resumed=resumed is not None)
-        strategy_info.update({"head_init": head_init} if head_init else {})
+    spend = budget.auto_spends_budget(cfg, strategy_info["mode"])  # auto + time_limit: the probe, then a fine-tune
+    probe = None
+    if not cached_path:  # strategy.head_init=probe (or spend): the fine-tune starts from a linear probe (LP-FT)
+        probe = probe_init.init_head(model, splits, cfg, run_dir, mode=strategy_info["mode"], device=device,
+                                     eval_tf=eval_tf, data_cfg=data_cfg, image_cache=cache, class_weights=weights,
+                                     init_bias=fit_args["init_bias"], resumed=resumed is not None, force=spend)
+        strategy_info.update({"head_init": probe.info} if probe else {})
+    if spend and probe is not None and probe.best_val is not None:  # the probe is `best` until a fine-tune beats it
+        if main:
+            checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": 0, "val_metrics": probe.val,
+                                                                "weights_source": "probe"})
+        fit_args["baseline"] = probe
     result = run_fit(cfg, cached_path, generator, **fit_args)
+    if strategy_info.get("decision") and cfg.trainer.time_limit is not None:  # what auto tried with the budget
+        strategy_info["decision"]["budget"] = auto.budget_record(
+            probe.info if spend and probe else None, result["history"], result["best_epoch"], cfg.trainer.monitor,
+            mode=strategy_info["mode"], limit=cfg.trainer.time_limit,
+            fit=result["budget"].report() if result.get("budget") is not None else None)
+        if main:
+            auto.write_decision(run_dir, strategy_info["decision"])
     result["calibration"], result["best_val"] = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
         cfg, run_dir, result["best_val"], lambda: make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load),
         device, accel)
@@ -141,9 +156,11 @@ def train(cfg: DictConfig) -> dict:
 
 
 def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run_dir: Path, meta: dict, device,
-            accel, train_tf, eval_tf, data_cfg: dict, load: dict, class_weights, init_bias, resumed, started) -> dict:
+            accel, train_tf, eval_tf, data_cfg: dict, load: dict, class_weights, init_bias, resumed, started,
+            baseline: probe_init.Probe | None = None) -> dict:
     """The cached linear probe (features/fit.py) or the fine-tune fit (training/fit.py), under one SIGINT/SIGTERM
-    handler: save last.pt (if not saved already) and say how to resume."""
+    handler: save last.pt (if not saved already) and say how to resume. `baseline`: the probe already saved as
+    `best` (epoch 0), which an epoch must beat on val to replace."""
     with interrupts.GracefulStop() as stop:
         if cached_path:
             mixing.log_cached_probe_ignores_mixing(cfg.augment)
@@ -159,17 +176,21 @@ def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run
         loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
                    "val": make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load)}
         return fit(model, loaders, cfg, run_dir, meta, device, class_weights=class_weights, resume_state=resumed,
-                   stop=stop, accel=accel, started=started,
+                   stop=stop, accel=accel, started=started, baseline=baseline,
                    test_images=len(splits.test) if splits.test is not None else 0)
 
 
 def evaluate_best(cfg: DictConfig, run_dir: Path, result: dict, splits, eval_tf, data_cfg: dict, device, accel,
                   load: dict) -> tuple[dict, dict]:
     """(metrics with the best epoch's val and the best checkpoint's test, {split: (logits, labels)})."""
-    metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": result["best_epoch"],
-               "val": result["history"][result["best_epoch"] - 1 if result["best_epoch"] else -1]}
-    chosen = "ema_val_" if (result.get("weight_averaging") or {}).get("chosen") == "ema" else "val_"  # trainer.ema
-    metrics["val"] = {k.removeprefix(chosen): v for k, v in metrics["val"].items() if k.startswith(chosen)}
+    best_epoch = result["best_epoch"]
+    metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": best_epoch}
+    if best_epoch == 0 and (run_dir / "best.json").is_file():  # auto's probe (epoch 0) stayed best
+        metrics["val"] = checkpoint.read_meta(run_dir / "best.json")["val_metrics"]
+    else:
+        chosen = "ema_val_" if (result.get("weight_averaging") or {}).get("chosen") == "ema" else "val_"  # ema
+        row = result["history"][best_epoch - 1 if best_epoch else -1]
+        metrics["val"] = {k.removeprefix(chosen): v for k, v in row.items() if k.startswith(chosen)}
     evals = {"val": result["best_val"]}
     if splits.test is not None and len(splits.test):
         best_model, best_meta = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast

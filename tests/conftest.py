@@ -71,14 +71,15 @@ def cfg_factory(tmp_path: Path):
 
 
 def train_and_export(base: Path, formats: list[str]) -> tuple[Path, Path, Path]:
-    """A tiny real run (3-class PNG folder, random-init test_efficientnet) and its export: (data, run, export)."""
+    """A tiny real run (3-class PNG folder, random-init test_efficientnet) and its export: (data, run, export).
+    The plain model (trainer.calibrate=false): calibrated exports are tests/ship/test_calibrated_export.py's."""
     from pipeline.ship.export import export_run
     from pipeline.train import train
 
     data = write_tiny_folder(base / "tiny")
     cfg = compose_cfg([f"output_dir={base / 'run'}", f"data_dir={base / 'data'}", "trainer=smoke", "dataset=folder",
                        f"dataset.root={data}", "backbone=tiny", "backbone.input_size=64", "strategy=finetune",
-                       "trainer.epochs=2", "trainer.max_train_batches=0", "optim.lr=0.01"])
+                       "trainer.epochs=2", "trainer.max_train_batches=0", "optim.lr=0.01", "trainer.calibrate=false"])
     train(cfg)
     return data, base / "run", export_run(base / "run", base / "export", formats=formats)
 

@@ -101,7 +101,7 @@ def test_schema_holds_no_values_and_conf_sets_every_key():
     ("trainer.amp=fp8", "trainer.amp='fp8' is not valid; choose one of: auto, off, bf16, fp16"),
     ("trainer.monitor=val_acc", "trainer.monitor='val_acc' is not valid; choose one of: balanced_accuracy"),
     ("trainer.early_stop_patience=-1", "trainer.early_stop_patience=-1 must be >= 0"),
-    ("features.head=svm", "features.head='svm' is not valid; choose one of: linear, logistic"),
+    ("features.head=svm", "features.head='svm' is not valid; choose one of: auto, linear, logistic"),
     ("export.opset=3", "export.opset=3 must be >= 7 (e.g. export.opset=17)"),
 ])
 def test_every_choice_and_bound_is_checked_by_the_one_validator(override, message):

@@ -7,6 +7,7 @@ from pipeline.config.checks import check_group, check_number, check_values
 from pipeline.config.compose import check_overrides, compose_config
 from pipeline.config.schema import (
     AMP,
+    BACKBONE_MODES,
     BN_POLICIES,
     CACHE_MODES,
     CONF_DIR,
@@ -47,7 +48,8 @@ from pipeline.config.schema import (
 
 __all__ = [
     "check_group", "check_number", "check_values", "check_overrides", "compose_config", "AMP", "BN_POLICIES",
-    "CACHE_MODES", "CONF_DIR", "DECODERS", "DEDUP_MODES", "DEVICES", "EXPORT_FORMATS", "GROUPS", "HEADS", "LOSSES",
+    "BACKBONE_MODES", "CACHE_MODES", "CONF_DIR", "DECODERS", "DEDUP_MODES", "DEVICES", "EXPORT_FORMATS", "GROUPS",
+    "HEADS", "LOSSES",
     "MISSING", "MODES", "MONITORS", "OPTIMIZERS", "PRESETS", "PRIOR_BIAS", "SAMPLERS", "SCHEDULERS", "SOURCES",
     "WEIGHT_MODES", "AuditConfig", "AugmentConfig", "AutoStrategyConfig", "BackboneConfig", "Config",
     "DatasetConfig", "ExportConfig", "FeaturesConfig", "LossConfig", "OptimConfig", "StrategyConfig",

@@ -22,6 +22,7 @@ CACHE_MODES = ("auto", "none", "memory", "disk")
 DECODERS = ("auto", "cpu", "gpu")
 SAMPLERS = ("shuffle", "balanced")
 MODES = ("auto", "linear_probe", "partial", "finetune", "gradual")
+BACKBONE_MODES = ("partial", "finetune", "gradual")  # resolved modes whose backbone groups train
 BN_POLICIES = ("frozen", "affine", "train")
 PRESETS = ("none", "light", "medium", "heavy", "strong", "custom")
 AUTO_AUGMENT = ("none", "trivial", "randaugment")
@@ -35,7 +36,7 @@ SCHEDULERS = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 MONITORS = {"balanced_accuracy": "max", "accuracy": "max", "macro_f1": "max", "loss": "min"}  # + direction
 AMP = ("auto", "off", "bf16", "fp16")
-HEADS = ("linear", "logistic")
+HEADS = ("auto", "linear", "logistic")
 EXPORT_FORMATS = ("safetensors", "onnx", "torchscript")
 
 

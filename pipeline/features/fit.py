@@ -83,15 +83,18 @@ def extract_all(model, splits, cfg: DictConfig, levels: list, *, eval_tf, train_
 
 def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weights, init_bias, *,
                standardize: bool, on_epoch=None) -> dict:
-    """Train the configured head (on standardised features if `standardize`, the scaler folded back in) for
-    `features.head_epochs` / `head_patience`; `on_epoch(history)` after each epoch (the logistic head has one).
+    """Train the `features.head` head (auto resolved by heads.resolve_head; on standardised features if
+    `standardize` or logistic, the scaler folded back in): the linear one for `features.head_epochs` /
+    `head_patience`; `on_epoch(history)` after each epoch (the logistic head has one).
 
-    Returns weight/bias/history/...."""
+    Returns weight/bias/history/best_epoch/best_val/eval_loss and `head` (the head that trained)."""
     f, t, o = cfg.features, cfg.trainer, cfg.optim  # its own budget (features.head_*), not the fine-tune's epochs
+    head = heads.resolve_head(f.head, y, num_classes)
+    standardize = standardize or head == "logistic"  # sklearn's C grid assumes unit-scale features
     mu, sigma = heads.standardizer(x) if standardize else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
     xs, vs = (x - mu) / sigma, (val_x - mu) / sigma
     loss_fn, eval_loss = loss.build_losses(cfg.loss, class_weights)
-    if f.head == "linear":
+    if head == "linear":
         out = heads.train_linear_head(xs, y, vs, val_y, num_classes=num_classes, epochs=f.head_epochs,
                                       batch_size=t.batch_size, lr=o.lr, weight_decay=o.weight_decay,
                                       loss_fn=loss_fn, eval_loss_fn=eval_loss, monitor=t.monitor,
@@ -116,7 +119,7 @@ def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weig
         if on_epoch is not None:
             on_epoch(out["history"])
     out["weight"], out["bias"] = heads.fold_standardization(out["weight"], out["bias"], mu, sigma)
-    out["eval_loss"] = eval_loss
+    out.update(eval_loss=eval_loss, head=head, standardized=standardize)
     return out
 
 
@@ -148,8 +151,8 @@ def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, m
     # The linear head on the backbone's own embedding sees the raw features, like the classifier of the
     # non-cached path, so optim.lr means the same in both (standardising measured 0.6 pt worse on flowers:
     # a ~6x larger effective step that overfits by epoch 3). Concatenated levels differ in scale and sklearn's
-    # C grid assumes unit scale: those are standardised.
-    standardize = f.head == "logistic" or not uses_plain_head(chosen)
+    # C grid assumes unit scale: those are standardised (train_head adds the logistic head).
+    standardize = not uses_plain_head(chosen)
     with stop.at_once(run_dir, "during head training"), tracking.RunTracker(run_dir, cfg) as curves:
         head = train_head(cfg, x, y, val_x, val_y, meta["num_classes"], class_weights, init_bias,
                           standardize=standardize, on_epoch=curves.log)
@@ -161,9 +164,9 @@ def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, m
         ckpt_meta["feature_levels"] = [str(v) if v == HEAD else int(v) for v in chosen]
     if distributed.is_main():  # DDP: every rank trained the same head on the gathered features
         checkpoint.save_checkpoint(run_dir, "best", full, ckpt_meta)
-    info = {"cached": True, "head": f.head, "levels": [str(v) for v in chosen], "auto": auto, "logme": scores,
+    info = {"cached": True, "head": head["head"], "levels": [str(v) for v in chosen], "auto": auto, "logme": scores,
             "train_images": int(len(y)), "augmented_views": f.augmented_views, "C": head.get("C"),
-            "standardized": standardize,
+            "standardized": head["standardized"],
             "extraction": {k: {"hit": e["hit"], "seconds": round(e["seconds"], 2), "img_per_s": round(
                 float(e["img_per_s"]), 1), "key": e["key"], "n": int(len(e["labels"]))}
                 for k, e in [("train", feats["train"]), ("val", feats["val"])] +

@@ -126,12 +126,30 @@ def train_linear_head(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np
             "best_epoch": tracker.best_epoch, "best_val": best_val}
 
 
+def logistic_folds(y: np.ndarray, num_classes: int) -> int:
+    """CV folds the logistic head can use: 3, or fewer when the smallest present class has fewer images."""
+    counts = np.bincount(y, minlength=num_classes)
+    return int(min(3, counts[counts > 0].min())) if counts.any() else 0
+
+
+def resolve_head(setting: str, y: np.ndarray, num_classes: int) -> str:
+    """`features.head`: auto = logistic (measured better, docs/recipe.md) where its CV can run (every present class
+    has >= 2 train rows), else linear; linear / logistic as set."""
+    if setting != "auto":
+        return setting
+    if logistic_folds(y, num_classes) >= 2:
+        return "logistic"
+    _logger.info("features.head=auto: a class has a single train image, too few for the logistic head's "
+                 "cross-validation; the linear head trains instead")
+    return "linear"
+
+
 def fit_logistic_head(x: np.ndarray, y: np.ndarray, *, num_classes: int, class_weights: np.ndarray | None = None,
                       monitor: str = "balanced_accuracy", seed: int = 0) -> dict:
     """sklearn LogisticRegression with C chosen by stratified CV on (standardised) train features.
 
     Returns {weight, bias} as a `num_classes`-row softmax head, and the chosen C."""
-    folds = int(min(3, np.bincount(y, minlength=num_classes)[np.bincount(y, minlength=num_classes) > 0].min()))
+    folds = logistic_folds(y, num_classes)
     if folds < 2:
         smallest = {c: int(n) for c, n in enumerate(np.bincount(y, minlength=num_classes)) if n < 2}
         raise ConfigError(f"features.head=logistic needs at least 2 train images in every class for its "

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from pipeline.config import BACKBONE_MODES
 from pipeline.features.fit import extract_all, train_head
 from pipeline.features.heads import install_head
 from pipeline.model.multidepth import HEAD
@@ -26,18 +28,27 @@ from pipeline.runtime.files import write_json
 
 _logger = logging.getLogger(__name__)
 
-BACKBONE_MODES = ("partial", "finetune", "gradual")  # resolved modes whose backbone groups train
 INFO_FILE = "head_init.json"  # the probe's summary, read back by a resumed run
+
+
+@dataclass
+class Probe:
+    """The fitted probe: `info` (metrics.json `head_init`), its best epoch's val metrics (loss, accuracy, ...) and
+    val (logits, labels); the last two are empty for a resumed run, which fits no new probe."""
+    info: dict
+    val: dict = field(default_factory=dict)
+    best_val: tuple | None = None
 
 
 def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *, mode: str, device: torch.device,
               eval_tf, data_cfg: dict, image_cache=None, class_weights: torch.Tensor | None = None,
-              init_bias: list[float] | None = None, resumed: bool = False) -> dict | None:
-    """Install the probe head into `model` when `strategy.head_init=probe` applies to the resolved `mode`.
+              init_bias: list[float] | None = None, resumed: bool = False, force: bool = False) -> Probe | None:
+    """Install the probe head into `model` when `strategy.head_init=probe` (or `force`: auto spending a time
+    budget, training/budget.py) applies to the resolved `mode`.
 
-    Returns {kind: probe, val_<monitor>, best_epoch, epochs, seconds, cache} (metrics.json `head_init`), or None
-    where the head starts as before (head_init=zero, or a mode that trains the head alone)."""
-    if cfg.strategy.head_init != "probe":
+    Returns the Probe, or None where the head starts as before (head_init=zero, or a mode that trains the head
+    alone)."""
+    if cfg.strategy.head_init != "probe" and not force:
         return None
     if mode not in BACKBONE_MODES:
         _logger.info("strategy.head_init=probe applies when backbone groups train; mode %s trains the head alone, "
@@ -47,7 +58,7 @@ def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *,
     if resumed:
         saved = distributed.from_main(lambda: json.loads(path.read_text()) if path.is_file() else {"kind": "probe"})
         _logger.info("strategy.head_init=probe: resumed run, the restored weights win (no new probe)")
-        return {**saved, "resumed": True}
+        return Probe({**saved, "resumed": True})
     start = time.perf_counter()
     # Only the backbone's own pre-logits feed its classifier: other features.depths need the cached linear probe
     # and were rejected already for these modes (features/fit.py use_cached_path).
@@ -57,11 +68,12 @@ def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *,
     val_x, val_y = feats["val"]["features"].numpy(), feats["val"]["labels"].numpy()
     with torch.random.fork_rng(devices=[]):  # the seeded head leaves the fine-tune's random streams as they were
         head = train_head(cfg, x, y, val_x, val_y, len(splits.classes), class_weights, init_bias,
-                          standardize=cfg.features.head == "logistic")  # as fit_cached does for the plain head
+                          standardize=False)  # as fit_cached does for the plain head (logistic: standardised)
     install_head(model, [HEAD], head["weight"], head["bias"])  # copied to the classifier's device and dtype
     monitor = cfg.trainer.monitor
-    score = head["history"][head["best_epoch"] - 1][f"val_{monitor}"]
-    info = {"kind": "probe", "head": cfg.features.head, f"val_{monitor}": score, "best_epoch": head["best_epoch"],
+    best_row = head["history"][head["best_epoch"] - 1]
+    score = best_row[f"val_{monitor}"]
+    info = {"kind": "probe", "head": head["head"], f"val_{monitor}": score, "best_epoch": head["best_epoch"],
             "epochs": len(head["history"]), "seconds": round(time.perf_counter() - start, 2),
             "cache": {s: "hit" if feats[s]["hit"] else "miss" for s in ("train", "val")}}
     _logger.info("strategy.head_init=probe: the fine-tune starts from a linear probe with val %s %.4f (best epoch "
@@ -69,7 +81,7 @@ def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *,
                  info["seconds"])
     if distributed.is_main():
         write_json(path, info)
-    return info
+    return Probe(info, {k[4:]: v for k, v in best_row.items() if k.startswith("val_")}, head["best_val"])
 
 
 def head_init_section(info: dict) -> list[str]:
@@ -77,6 +89,6 @@ def head_init_section(info: dict) -> list[str]:
     score = next((f"{k} {v:.4f}" for k, v in info.items() if k.startswith("val_")), "val score not recorded")
     resumed = " This run was resumed: it continued from its restored weights." if info.get("resumed") else ""
     epochs = f" after {info['epochs']} epoch(s) (best {info['best_epoch']})" if "epochs" in info else ""
-    return ["## Head initialisation (strategy.head_init=probe)", "",
+    return ["## Head initialisation (linear probe)", "",
             f"The classifier started from a linear probe on cached frozen-backbone features ({score}{epochs})."
             f"{resumed}", ""]

@@ -145,6 +145,11 @@ def calibration_sections(record: dict | None) -> list[list[str]]:
             b, a = record[split]["before"], record[split]["after"]
             lines.append(f"| {split} | " + " | ".join(f"{_fmt(b[k])} | {_fmt(a[k])}" for k in ("ece", "nll", "brier"))
                          + " |")
+    floors = [f"{split} {_fmt(record[split]['after']['ece_floor'])}" for split in ("val", "test")
+              if "ece_floor" in record.get(split, {}).get("after", {})]
+    if floors:
+        lines += ["", "ECE floor (a perfectly calibrated model with these confidences, on this many images, would "
+                  "score about this much ECE from sampling alone): " + ", ".join(floors) + "."]
     return [lines + [""]]
 
 

@@ -64,6 +64,6 @@ def record(history: list[dict], best_epoch: int, monitor: str, mode: str, decay:
     """metrics.json's `weight_averaging`: which weights `best` holds and both candidates' monitor at its epoch."""
     row = history[best_epoch - 1] if best_epoch else {}
     raw, ema = row.get(f"val_{monitor}", float("nan")), row.get(f"ema_val_{monitor}", float("nan"))
-    return {"kind": "ema", "decay": decay, "warmup_power": WARMUP_POWER, "monitor": monitor,
-            "chosen": "ema" if ema_wins(ema, raw, mode) else "raw", "best_epoch": best_epoch,
-            "val_raw": raw, "val_ema": ema}
+    chosen = ("ema" if ema_wins(ema, raw, mode) else "raw") if best_epoch else "probe (no epoch beat auto's probe)"
+    return {"kind": "ema", "decay": decay, "warmup_power": WARMUP_POWER, "monitor": monitor, "chosen": chosen,
+            "best_epoch": best_epoch, "val_raw": raw, "val_ema": ema}

@@ -41,7 +41,7 @@ def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None
 def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device,
         class_weights: torch.Tensor | None = None, resume_state: dict | None = None,
         stop: interrupts.GracefulStop | None = None, accel=None, started: float | None = None,
-        test_images: int = 0) -> dict:
+        test_images: int = 0, baseline=None) -> dict:
     """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
 
     Writes `last.pt` after every epoch (mid-epoch once `stop()` is set by SIGINT/SIGTERM, then raises
@@ -55,7 +55,10 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     `trainer.ema`: a weight average (training/averaging.py) follows every optimizer step and is evaluated on val
     beside the raw weights each epoch (history `ema_val_<metric>` next to the raw `val_<metric>`); the better of
     the two on `trainer.monitor` is the epoch's candidate for `best` (best.json `weights_source`: raw or ema) and
-    the result's `weight_averaging` says which one the best epoch kept."""
+    the result's `weight_averaging` says which one the best epoch kept.
+
+    `baseline` (auto under a time limit, train.py): a probe already saved as `best` at epoch 0, with `.val` (its
+    val metrics) and `.best_val` (its val logits, labels); an epoch replaces it only by beating it on val."""
     t, o = cfg.trainer, cfg.optim
     accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
     prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
@@ -84,6 +87,9 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
         for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
         first, partial, history, best_val = last.restore(resume_state)
+    elif baseline is not None:
+        tracker.update(baseline.val[t.monitor], 0)
+        best_val = baseline.best_val
     with tracking.RunTracker(run_dir, cfg, first_epoch=first) as curves:  # history.csv, TensorBoard, MLflow
         for epoch in range(first, t.epochs + 1):
             if clock is not None and not clock.can_start_epoch(epoch):

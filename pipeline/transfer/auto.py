@@ -102,7 +102,63 @@ def decision_paragraph(d: dict) -> list[str]:
             f"{s['pixel_separability']:.3f}): a gain of {s['gain']:.3f}, so the data is **"
             f"{'similar' if s['similar'] else 'different'}** (threshold {s['similar_gain_threshold']}). "
             f"Rule: {d['rule']}. Chosen: `strategy.mode={d['mode']}`, freeze depth {d['freeze_depth']} of "
-            f"{d['n_groups']} layer groups.", ""]
+            f"{d['n_groups']} layer groups.", *budget_paragraph(d.get("budget")), ""]
+
+
+def budget_record(probe: dict | None, history: list[dict], best_epoch: int, monitor: str, *, mode: str, limit: str,
+                  fit: dict | None) -> dict:
+    """decision.json `budget` (trainer.time_limit): what auto tried in the budget, for how long, what it kept and
+    why. `probe`: the probe's info (features/probe_init.py) when auto fitted one before a fine-tune, else None;
+    `fit`: the fine-tune's budget report (training/budget.py), None on the cached probe's path."""
+    record = {"limit": limit, "mode": mode, "tried": []}
+    if fit is None:  # the cached linear probe: the rule expects nothing from fine-tuning
+        record.update(kept="linear_probe", why="the rule chose the linear probe on frozen features (small + "
+                      "similar data), so no fine-tune was tried; the probe converges in seconds")
+        return record
+    if probe is not None and not probe.get("resumed"):
+        record["tried"].append({"what": "probe", "val": probe.get(f"val_{monitor}"), "seconds": probe.get("seconds"),
+                                "epochs": probe.get("epochs")})
+    record["tried"].append({"what": f"fine-tune ({mode})", "epochs_run": fit.get("epochs_run"),
+                            "planned_epochs": fit.get("planned_epochs"), "stopped": fit.get("stopped"),
+                            "seconds": _fit_seconds(fit), "val_per_epoch": [h.get(f"val_{monitor}") for h in history]})
+    if probe is not None and best_epoch == 0:
+        record.update(kept="probe", why=f"no fine-tune epoch beat the probe's val {monitor} within the budget")
+    elif probe is not None and not probe.get("resumed"):
+        record.update(kept=f"fine-tune epoch {best_epoch}",
+                      why=f"it beat the probe's val {monitor} ({probe.get(f'val_{monitor}'):.4f})")
+    else:
+        record.update(kept=f"fine-tune epoch {best_epoch}", why="best val epoch of the fine-tune")
+    return record
+
+
+def _fit_seconds(fit: dict) -> float | None:
+    if fit.get("loop_end_s") is None or fit.get("spent_before_training_s") is None:
+        return None
+    return round(fit["loop_end_s"] - fit["spent_before_training_s"], 1)
+
+
+def budget_paragraph(record: dict | None) -> list[str]:
+    """summary.md: the time budget's use, after the decision paragraph; [] without a budget."""
+    if not record:
+        return []
+    lines = ["", f"Time budget `trainer.time_limit={record['limit']}`:"]
+    for t in record["tried"]:
+        if t["what"] == "probe":
+            lines.append(f"- tried the linear probe on cached features: val {_num(t['val'])} in {_num(t['seconds'])} s "
+                         f"({t['epochs']} head epochs)")
+        else:
+            lines.append(f"- tried the {t['what']} for the time left: {t['epochs_run']} epoch(s) of "
+                         f"{t['planned_epochs']} planned in {_num(t['seconds'])} s (stopped: {t['stopped']}), val "
+                         f"per epoch {', '.join(_num(v) for v in t['val_per_epoch']) or 'none'}")
+    lines.append(f"- kept: **{record['kept']}**: {record['why']}.")
+    return lines
+
+
+def _num(v) -> str:
+    """Scores with 4 decimals, seconds with 1."""
+    if not isinstance(v, float):
+        return "n/a" if v is None else str(v)
+    return f"{v:.4f}" if abs(v) <= 1.5 else f"{v:.1f}"
 
 
 def write_decision(run_dir: Path, decision: dict) -> None:

@@ -16,7 +16,7 @@ from pipeline.data.augment import build_eval_transform
 from pipeline.data.folder import Split, list_split
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.features.cache import load_or_extract, weights_hash
-from pipeline.features.heads import fit_logistic_head, fold_standardization, standardizer
+from pipeline.features.heads import fit_logistic_head, fold_standardization, resolve_head, standardizer
 from pipeline.ship import export, loading
 from pipeline.train import train
 from pipeline.transfer.logme import logme_score
@@ -140,7 +140,7 @@ def test_logistic_head_folded_into_a_linear_layer_gives_sklearns_probabilities(n
 
 def _probe_cfg(cfg_factory, root, *extra):
     return cfg_factory("dataset=folder", f"dataset.root={root}", "backbone=tiny", "backbone.input_size=64",
-                       "strategy=linear_probe", "trainer.epochs=4", "optim.lr=0.05", *extra)
+                       "strategy=linear_probe", "trainer.epochs=4", "optim.lr=0.05", "features.head=linear", *extra)
 
 
 @pytest.mark.parametrize("depths", ["[head]", "[1,head]"])
@@ -154,7 +154,7 @@ def test_cached_probe_predictions_equal_the_exported_full_model(tiny_folder, cfg
     weights = load_file(str(run / "best.safetensors"))
     w, b = (weights["classifier.weight"], weights["classifier.bias"]) if depths == "[head]" else \
         (weights["fc.weight"], weights["fc.bias"])
-    cached_logits = cached_val["features"] @ w.T + b
+    cached_logits = (cached_val["features"] @ w.T + b) / json.loads((run / "best.json").read_text())["temperature"]
     out = export.export_run(run, tmp_path / "export", formats=["safetensors", "onnx"])
     val_paths = [Split(*list_split(tiny_folder / "val", ["blue", "green", "red"])[:2], []).paths[i]
                  for i in cached_val["index"].tolist()]
@@ -209,17 +209,34 @@ def test_bad_feature_options_are_one_line_config_errors(tiny_folder, cfg_factory
         train(cfg)
 
 
-def test_logistic_head_with_a_single_image_class_is_a_config_error(tmp_path, cfg_factory):
-    root = tmp_path / "small"
+def _single_image_class(root: Path) -> Path:
     for name, color, n in (("blue", (20, 40, 200), 6), ("red", (200, 30, 30), 1)):
         for i in range(n):
             write_image(root / "train" / name / f"{i}.png", color, seed=i)
             write_image(root / "val" / name / f"{i}.png", color, seed=50 + i)
-    cfg = cfg_factory("dataset=folder", f"dataset.root={root}", "backbone=tiny", "backbone.input_size=32",
-                      "strategy=linear_probe", "features.head=logistic")
+    return root
+
+
+def test_logistic_head_with_a_single_image_class_is_a_config_error(tmp_path, cfg_factory):
+    cfg = cfg_factory("dataset=folder", f"dataset.root={_single_image_class(tmp_path / 'small')}", "backbone=tiny",
+                      "backbone.input_size=32", "strategy=linear_probe", "features.head=logistic")
     with pytest.raises(ConfigError, match=r"features.head=logistic needs at least 2 train images in every class .*"
                                           r"\{1: 1\}\); use features.head=linear"):
         train(cfg)
+
+
+def test_head_auto_is_logistic_where_its_cv_can_run_else_linear(tmp_path, cfg_factory, tiny_folder):
+    assert resolve_head("auto", np.array([0, 0, 1, 1, 2, 2]), 3) == "logistic"
+    assert resolve_head("auto", np.array([0, 0, 1]), 3) == "linear"  # class 2 absent is fine; class 1 has one
+    assert resolve_head("linear", np.array([0, 0, 1, 1]), 2) == "linear"
+    common = ("dataset=folder", "backbone=tiny", "backbone.input_size=32", "strategy=linear_probe",
+              "features.head=auto", "features.head_epochs=3")
+    single = train(cfg_factory(*common, f"dataset.root={_single_image_class(tmp_path / 'small')}",
+                               f"output_dir={tmp_path / 'single'}"))
+    assert single["features"]["head"] == "linear" and len(single["history"]) == 3
+    plenty = train(cfg_factory(*common, f"dataset.root={tiny_folder}", f"output_dir={tmp_path / 'plenty'}"))
+    assert plenty["features"]["head"] == "logistic" and plenty["features"]["C"] > 0
+    assert plenty["features"]["standardized"] and len(plenty["history"]) == 1
 
 
 def test_a_split_with_no_decodable_image_is_a_one_line_error(tmp_path):
@@ -253,7 +270,7 @@ def test_rank_scores_every_level_and_reports_a_backbone_it_cannot_build(tiny_fol
 def test_cached_head_trains_for_features_head_epochs_not_trainer_epochs(tiny_folder, cfg_factory):
     metrics = train(cfg_factory("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny",
                                 "backbone.input_size=64", "strategy=linear_probe", "trainer.epochs=1",
-                                "features.head_epochs=7", "features.head_patience=0"))
+                                "features.head_epochs=7", "features.head_patience=0", "features.head=linear"))
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 8))
 
 
@@ -264,6 +281,6 @@ def test_cached_head_stops_after_features_head_patience_epochs_without_gain(cfg_
     y, val_y = rng.integers(0, 3, 300), rng.integers(0, 3, 60)
     x, val_x = (rng.normal(size=(n, 8)) + 3 * np.eye(3, 8)[labels] for n, labels in ((300, y), (60, val_y)))
     cfg = cfg_factory("features.head_epochs=100", "features.head_patience=2", "trainer.early_stop_patience=0",
-                      "trainer.epochs=1", "optim.lr=0.05")
+                      "trainer.epochs=1", "optim.lr=0.05", "features.head=linear")
     head = train_head(cfg, x, y, val_x, val_y, 3, None, None, standardize=False)
     assert len(head["history"]) == head["best_epoch"] + 2 < 100

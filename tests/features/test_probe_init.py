@@ -16,7 +16,8 @@ from pipeline.training.metrics import classification_metrics
 
 def _finetune_cfg(cfg_factory, root, *extra):
     return cfg_factory("dataset=folder", f"dataset.root={root}", "backbone=tiny", "backbone.input_size=64",
-                       "strategy=finetune", "optim.lr=0.05", "features.head_epochs=3", "features.head_patience=0",
+                       "strategy=finetune", "optim.lr=0.05", "features.head=linear", "features.head_epochs=3",
+                       "features.head_patience=0",
                        *extra)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from sklearn.datasets import load_sample_image
 
 import pipeline
 from conftest import CLASSES, compose_cfg, write_tiny_folder
@@ -16,6 +18,8 @@ from pipeline.model.checkpoint import load_checkpoint
 from pipeline.ship import predict
 from pipeline.ship.export import export_run
 from pipeline.train import train
+
+PHOTOS = ("china.jpg", "flower.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +32,15 @@ def calibrated(tmp_path_factory) -> tuple[Path, Path, Path]:
                        "trainer.epochs=2", "trainer.max_train_batches=0", "optim.lr=0.01", "trainer.tta=flip",
                        "trainer.calibrate=true"])
     train(cfg)
+    for name in PHOTOS:  # real photos beside the generated PNGs
+        Image.fromarray(load_sample_image(name)).save(base / name, quality=90)
     return data, base / "run", export_run(base / "run", base / "export",
                                           formats=["safetensors", "onnx", "torchscript"])
 
 
 def images(data: Path) -> list[str]:
-    return sorted(str(p) for p in (data / "val").rglob("*.png"))
+    """The run's val PNGs, then sklearn's two sample photos (JPEG)."""
+    return sorted(str(p) for p in (data / "val").rglob("*.png")) + [str(data.parent / n) for n in PHOTOS]
 
 
 def test_every_format_gives_the_calibrated_tta_probabilities(calibrated):
@@ -85,7 +92,7 @@ def test_model_card_states_the_temperature_tta_and_ece(calibrated):
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_predict_csv_probabilities_are_the_softmax_of_the_wrapped_logits(calibrated, tmp_path, backend):
     data, _, out = calibrated
-    paths = images(data)[:5]
+    paths = images(data)[:4] + images(data)[-2:]  # PNGs and the photos
     rows, csv_path = predict.run(str(out), paths, backend=backend, topk=3, csv_path=str(tmp_path / "p.csv"))
     loaded = pipeline.load(out)  # torch: the wrapper built from model.json
     probs = torch.softmax(loaded.logits(torch.stack([loaded.preprocess(p) for p in paths])), 1).numpy()

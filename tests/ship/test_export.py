@@ -67,7 +67,7 @@ def test_export_writes_every_format_checked_against_pytorch(exported):
 
 
 def test_run_without_tta_or_calibration_exports_the_plain_model(exported):
-    """trainer.tta=off, trainer.calibrate=false (the defaults): no keys, no wrapper, the card says so."""
+    """trainer.tta=off, trainer.calibrate=false: no keys, no wrapper, the card says so."""
     _, run, out = exported
     doc = json.loads((out / "model.json").read_text())
     assert not {"tta", "temperature", "calibration"} & set(doc)

@@ -69,6 +69,20 @@ def test_ece_nll_brier_on_hand_computed_cases():
     assert bins["count"].sum() == 1 and bins["count"][int(np.ceil(p * 15)) - 1] == 1 and len(bins["edges"]) == 16
 
 
+def test_ece_floor_is_what_a_calibrated_model_scores_from_sampling_alone():
+    """Labels drawn from the model's own probabilities (calibrated by construction): its measured ECE sits at the
+    floor, which shrinks as the split grows; an over-confident model is far above it."""
+    for n in (150, 600):  # one split's ECE is noisy: averaged over 20 splits it matches the floor
+        runs = [C.calibration_metrics(*overconfident(n, 1.0, seed=seed)) for seed in range(20)]
+        measured, floor = (float(np.mean([m[k] for m in runs])) for k in ("ece", "ece_floor"))
+        assert 0 < floor < 0.12 and measured == pytest.approx(floor, rel=0.25)
+    small, large = (C.calibration_metrics(*overconfident(n, 1.0))["ece_floor"] for n in (150, 4000))
+    assert large < small / 3  # about 1/sqrt(n): 5.2x from 150 to 4000 images
+    assert C.ece_floor(np.ones(50)) == 0.0  # certain and always right: no sampling noise
+    hot = C.calibration_metrics(*overconfident(4000, 3.0))
+    assert hot["ece"] > 5 * hot["ece_floor"]
+
+
 LABELS = np.array([0, 1, 2, 0, 1, 2])
 PLAIN = np.eye(3)[[0, 1, 2, 1, 2, 0]] * 2.0  # the last three wrong: accuracy 0.5
 
@@ -100,8 +114,8 @@ def test_decide_tta_on_loss_compares_nll_not_accuracy():
 
 
 def test_both_off_costs_nothing_and_changes_nothing(cfg_factory, tmp_path):
-    cfg = cfg_factory()
-    assert cfg.trainer.tta == "off" and cfg.trainer.calibrate is False  # the defaults
+    cfg = cfg_factory("trainer.calibrate=false")
+    assert cfg.trainer.tta == "off" and cfg_factory().trainer.calibrate is True  # the defaults: TTA off, calibrated
 
     def no_loader():
         raise AssertionError("a val pass with trainer.tta=off")

@@ -61,7 +61,8 @@ def test_train_writes_imbalance_artifacts_and_stops_early(tmp_path, cfg_factory)
     # lr ~0 with a frozen backbone: val predictions never change, so patience 2 stops after epoch 3 of 6
     cfg = cfg_factory("dataset=folder", f"dataset.root={root}", "backbone=tiny", "strategy=linear_probe",
                       "loss.class_weights=balanced", "loss.prior_bias=auto", "optim.lr=1e-12",
-                      "trainer.epochs=6", "trainer.early_stop_patience=2", "trainer.max_train_batches=0")
+                      "trainer.epochs=6", "trainer.early_stop_patience=2", "trainer.max_train_batches=0",
+                      "features.head=linear")
     metrics = train(cfg)
     run = Path(cfg.output_dir)
     assert len(metrics["history"]) == 3 and metrics["best_epoch"] == 1

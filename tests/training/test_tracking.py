@@ -18,7 +18,8 @@ from pipeline.train import train
 from pipeline.training import tracking
 from pipeline.training.loop import top5
 
-RUN = ("dataset=folder", "backbone=tiny", "backbone.input_size=64", "trainer.epochs=2", "trainer.max_train_batches=0")
+RUN = ("dataset=folder", "backbone=tiny", "backbone.input_size=64", "trainer.epochs=2", "trainer.max_train_batches=0",
+       "features.head=linear")  # the cached path's epoch curves: the linear head (logistic fits once)
 CSV_OF = {"epoch": "epoch", "train_loss": "train_loss", "eval_loss": "val_loss", "eval_top1": "val_accuracy",
           "eval_balanced_accuracy": "val_balanced_accuracy", "eval_macro_f1": "val_macro_f1"}
 

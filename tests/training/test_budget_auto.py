@@ -1,0 +1,117 @@
+"""`strategy=auto` under `trainer.time_limit` spends the budget: the converged probe on cached features first, then
+a probe-initialised fine-tune for the time left; the better on val is `best`, and decision.json says what was
+tried, for how long and what was kept. Without a limit auto runs its mode as before.
+
+The auto thresholds steer the decision on the tiny folder: `similar_gain=5` makes any data "different" (small +
+different -> partial), `similar_gain=-5` makes it "similar" (small + similar -> linear_probe)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.features import probe_init
+from pipeline.model import checkpoint
+from pipeline.train import train
+from pipeline.training import loop
+from pipeline.transfer import auto
+
+DIFFERENT, SIMILAR = "strategy.auto.similar_gain=5", "strategy.auto.similar_gain=-5"
+
+
+def _auto_cfg(cfg_factory, root, *extra):
+    return cfg_factory("dataset=folder", f"dataset.root={root}", "backbone=tiny", "backbone.input_size=64",
+                       "strategy=auto", "optim.lr=0.05", "features.head_epochs=5", "features.head_patience=0",
+                       "trainer.epochs=2", *extra)
+
+
+def _spy_probe_head(monkeypatch, *, val_score: float | None = None) -> list:
+    """Record the probe heads auto fits; `val_score` overwrites the probe's reported val balanced accuracy."""
+    heads, original = [], probe_init.train_head
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if val_score is not None:
+            out["history"][out["best_epoch"] - 1]["val_balanced_accuracy"] = val_score
+        heads.append(out)
+        return out
+
+    monkeypatch.setattr(probe_init, "train_head", spy)
+    return heads
+
+
+def test_the_probe_stays_best_when_no_fine_tune_epoch_beats_it(tiny_folder, cfg_factory, monkeypatch):
+    """Every fine-tune epoch ends with a zeroed head (val balanced accuracy 1/3, chance): the probe, saved as
+    `best` at epoch 0, is what ships; its val metrics are the run's, and the test split is scored with it."""
+    heads, original = _spy_probe_head(monkeypatch), loop.train_one_epoch
+
+    def train_then_zero_head(model, *args, **kwargs):
+        stats = original(model, *args, **kwargs)
+        with torch.no_grad():
+            model.get_classifier().weight.zero_()
+            model.get_classifier().bias.zero_()
+        return stats
+
+    monkeypatch.setattr(loop, "train_one_epoch", train_then_zero_head)
+    cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m")
+    metrics = train(cfg)
+    (probe,) = heads
+    score = probe["history"][probe["best_epoch"] - 1]["val_balanced_accuracy"]
+    assert metrics["mode"] == "partial" and score > 0.34  # the probe beats a zeroed head
+    assert metrics["best_epoch"] == 0 and metrics["val"]["balanced_accuracy"] == pytest.approx(score)
+    assert all(h["val_balanced_accuracy"] == pytest.approx(1 / 3) for h in metrics["history"])
+    run = Path(cfg.output_dir)
+    best = json.loads((run / "best.json").read_text())
+    assert best["epoch"] == 0 and best["weights_source"] == "probe"
+    weights = load_file(str(run / "best.safetensors"))
+    name = next(k for k in weights if k.endswith("weight") and weights[k].shape == probe["weight"].shape)
+    assert torch.allclose(weights[name], torch.as_tensor(probe["weight"]).float(), atol=1e-6)
+    budget = json.loads((run / "decision.json").read_text())["budget"]
+    assert budget["kept"] == "probe" and [t["what"] for t in budget["tried"]] == ["probe", "fine-tune (partial)"]
+    assert budget["tried"][1]["epochs_run"] == 2 and budget["tried"][1]["seconds"] > 0
+    assert metrics["decision"]["budget"] == budget
+    assert "kept: **probe**" in (run / "summary.md").read_text()
+    model, _ = checkpoint.load_checkpoint(run, "best")  # loads as any best checkpoint
+    assert model.get_classifier().weight.any()
+
+
+def test_a_fine_tune_epoch_that_beats_the_probe_replaces_it(tiny_folder, cfg_factory, monkeypatch):
+    """The probe reports val 0 (as if it had failed): the first fine-tune epoch beats it and becomes `best`."""
+    heads = _spy_probe_head(monkeypatch, val_score=0.0)
+    cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m")
+    metrics = train(cfg)
+    assert len(heads) == 1 and metrics["best_epoch"] >= 1 and metrics["head_init"]["kind"] == "probe"
+    run = Path(cfg.output_dir)
+    best = json.loads((run / "best.json").read_text())
+    assert best["epoch"] == metrics["best_epoch"] and "weights_source" not in best
+    budget = metrics["decision"]["budget"]
+    assert budget["kept"] == f"fine-tune epoch {metrics['best_epoch']}" and budget["limit"] == "10m"
+
+
+def test_without_a_limit_auto_fine_tunes_from_a_zero_head_as_before(tiny_folder, cfg_factory, monkeypatch):
+    heads = _spy_probe_head(monkeypatch)
+    metrics = train(_auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.epochs=1"))
+    assert metrics["mode"] == "partial" and not heads and "head_init" not in metrics
+    assert "budget" not in metrics["decision"] and metrics["best_epoch"] == 1
+
+
+def test_when_the_rule_picks_the_probe_the_budget_record_says_no_fine_tune_was_tried(tiny_folder, cfg_factory):
+    metrics = train(_auto_cfg(cfg_factory, tiny_folder, SIMILAR, "trainer.time_limit=10m"))
+    assert metrics["mode"] == "linear_probe"
+    budget = metrics["decision"]["budget"]
+    assert budget["kept"] == "linear_probe" and budget["tried"] == [] and "no fine-tune" in budget["why"]
+
+
+def test_budget_paragraph_lists_what_was_tried():
+    record = auto.budget_record({"val_balanced_accuracy": 0.8, "seconds": 2.5, "epochs": 30},
+                                [{"val_balanced_accuracy": 0.7}, {"val_balanced_accuracy": 0.9}], 2,
+                                "balanced_accuracy", mode="partial", limit="3m",
+                                fit={"epochs_run": 2, "planned_epochs": 3, "stopped": "time_limit",
+                                     "loop_end_s": 100.0, "spent_before_training_s": 10.0})
+    text = "\n".join(auto.budget_paragraph(record))
+    assert record["kept"] == "fine-tune epoch 2" and record["tried"][1]["seconds"] == 90.0
+    assert "val 0.8000 in 2.5 s (30 head epochs)" in text and "2 epoch(s) of 3 planned in 90.0 s" in text
+    assert "0.7000, 0.9000" in text
