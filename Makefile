@@ -64,10 +64,10 @@ hpo: $(STAMP) ## Optuna TPE search + report: make hpo dataset=X [ARGS="hydra.swe
 rank: $(STAMP) ## Rank backbones by LogME per feature level: make rank dataset=X backbones=[a,b,c]
 	$(PY) -m pipeline.rank 'hydra.run.dir=outputs/rank/$${now:%Y-%m-%d_%H-%M-%S}_$${hydra.runtime.choices.dataset}' $(HYDRA_OVERRIDES) $(ARGS)
 
-bench-recipes: $(STAMP) ## Recipe bench (~35 min on 2 cores): defaults vs each technique vs the recipe, 3 seeds
+bench-recipes: $(STAMP) ## Recipe bench (~50 min on 2 cores): defaults vs each technique vs the recipe, 3 seeds
 	$(PY) bench/bench_recipes.py $(ARGS)
 
-bench-budget: $(STAMP) ## Time-budget bench (~45 min on 2 cores): budgeted auto vs fixed modes vs the 5-epoch default
+bench-budget: $(STAMP) ## Time-budget bench (~25 min on 2 cores): budgeted auto vs fixed modes vs the 5-epoch default
 	$(PY) bench/bench_budget.py $(ARGS)
 
 bench: $(STAMP) ## Speed/memory vs bare-PyTorch ceilings (table + outputs/bench/bench.json): make bench [ARGS="--dataset X"]

@@ -20,7 +20,8 @@ temperature (trainer.calibrate=true: it changes probabilities, never the predict
 before and after calibration. Scores are on the test split, which no run sees for any decision.
 
 The baseline is today's defaults (before issue 17) pinned as overrides (BASELINE below), so the comparison does
-not move when conf/ changes. Techniques (each alone on top of the baseline; a technique that does not act on the path auto takes for a dataset,
+not move when conf/ changes. Techniques (each alone on top of the baseline; a technique that does not act on the
+path auto takes for a dataset,
 e.g. EMA on the cached linear probe, is not run there and shows as n/a):
     converged_head  the cached linear head trains 30 epochs (cosine to zero; best val epoch kept), not 5
     logistic_head   the cached head is sklearn's logistic regression, C by stratified CV (features.head=logistic)
@@ -156,7 +157,8 @@ def run(dataset: str, manifest: Path, config: str, overrides: list[str], seed: i
     return {"config": config, "seed": seed, "seconds": seconds, "mode": metrics.get("mode"),
             "path": CACHED if (metrics.get("features") or {}).get("cached") else FINETUNE,
             "balanced_accuracy": metrics["test"]["balanced_accuracy"], "accuracy": metrics["test"]["accuracy"],
-            "ece_before": (test_cal.get("before") or {}).get("ece"), "ece_after": (test_cal.get("after") or {}).get("ece"),
+            "ece_before": (test_cal.get("before") or {}).get("ece"),
+            "ece_after": (test_cal.get("after") or {}).get("ece"),
             "tta": (cal.get("tta") or {}).get("views"), "best_epoch": metrics.get("best_epoch"),
             "overrides": overrides}
 

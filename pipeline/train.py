@@ -100,17 +100,7 @@ def train(cfg: DictConfig) -> dict:
                     train_tf=train_tf, eval_tf=eval_tf, data_cfg=data_cfg, load=load, class_weights=weights,
                     init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
     spend = budget.auto_spends_budget(cfg, strategy_info["mode"])  # auto + time_limit: the probe, then a fine-tune
-    probe = None
-    if not cached_path:  # strategy.head_init=probe (or spend): the fine-tune starts from a linear probe (LP-FT)
-        probe = probe_init.init_head(model, splits, cfg, run_dir, mode=strategy_info["mode"], device=device,
-                                     eval_tf=eval_tf, data_cfg=data_cfg, image_cache=cache, class_weights=weights,
-                                     init_bias=fit_args["init_bias"], resumed=resumed is not None, force=spend)
-        strategy_info.update({"head_init": probe.info} if probe else {})
-    if spend and probe is not None and probe.best_val is not None:  # the probe is `best` until a fine-tune beats it
-        if main:
-            checkpoint.save_checkpoint(run_dir, "best", model, {**meta, "epoch": 0, "val_metrics": probe.val,
-                                                                "weights_source": "probe"})
-        fit_args["baseline"] = probe
+    probe = None if cached_path else start_from_probe(cfg, strategy_info, fit_args, spend=spend, cache=cache)
     result = run_fit(cfg, cached_path, generator, **fit_args)
     if strategy_info.get("decision") and cfg.trainer.time_limit is not None:  # what auto tried with the budget
         strategy_info["decision"]["budget"] = auto.budget_record(
@@ -153,6 +143,26 @@ def train(cfg: DictConfig) -> dict:
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})
     _logger.info("Run dir: %s", run_dir)
     return metrics
+
+
+def start_from_probe(cfg: DictConfig, strategy_info: dict, fit_args: dict, *, spend: bool,
+                     cache) -> probe_init.Probe | None:
+    """`strategy.head_init=probe`, or `spend` (auto under a time limit): the fine-tune's head starts from a linear
+    probe on cached features (LP-FT). With `spend` the probe is also saved as `best` (epoch 0) and passed to the
+    fit as its `baseline`, so that a fine-tune epoch replaces it only by beating it on val."""
+    a = fit_args
+    probe = probe_init.init_head(a["model"], a["splits"], cfg, a["run_dir"], mode=strategy_info["mode"],
+                                 device=a["device"], eval_tf=a["eval_tf"], data_cfg=a["data_cfg"], image_cache=cache,
+                                 class_weights=a["class_weights"], init_bias=a["init_bias"],
+                                 resumed=a["resumed"] is not None, force=spend)
+    strategy_info.update({"head_init": probe.info} if probe else {})
+    if spend and probe is not None and probe.best_val is not None:  # not on resume: the restored state decides
+        if distributed.is_main():
+            checkpoint.save_checkpoint(a["run_dir"], "best", a["model"], {**a["meta"], "epoch": 0,
+                                                                          "val_metrics": probe.val,
+                                                                          "weights_source": "probe"})
+        a["baseline"] = probe
+    return probe
 
 
 def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run_dir: Path, meta: dict, device,

@@ -82,14 +82,14 @@ def extract_all(model, splits, cfg: DictConfig, levels: list, *, eval_tf, train_
 
 
 def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weights, init_bias, *,
-               standardize: bool, on_epoch=None) -> dict:
-    """Train the `features.head` head (auto resolved by heads.resolve_head; on standardised features if
+               standardize: bool, on_epoch=None, head: str | None = None) -> dict:
+    """Train the `head` (default `features.head`; auto resolved by heads.resolve_head; on standardised features if
     `standardize` or logistic, the scaler folded back in): the linear one for `features.head_epochs` /
     `head_patience`; `on_epoch(history)` after each epoch (the logistic head has one).
 
     Returns weight/bias/history/best_epoch/best_val/eval_loss and `head` (the head that trained)."""
     f, t, o = cfg.features, cfg.trainer, cfg.optim  # its own budget (features.head_*), not the fine-tune's epochs
-    head = heads.resolve_head(f.head, y, num_classes)
+    head = heads.resolve_head(head or f.head, y, num_classes)
     standardize = standardize or head == "logistic"  # sklearn's C grid assumes unit-scale features
     mu, sigma = heads.standardizer(x) if standardize else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
     xs, vs = (x - mu) / sigma, (val_x - mu) / sigma

@@ -3,6 +3,7 @@ not below the default when the budget covers the default's time) and its table."
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 from conftest import ROOT
@@ -30,3 +31,30 @@ def test_verdict_compares_auto_with_the_best_fixed_mode_and_the_default():
     table = bench.markdown([short, long])
     assert "| d | 1 min | 82.5 (60) | partial 83.0 | 83.0 / 81.0 / 78.0 | 80.0 (100) |" in table
     assert "OVER LIMIT" in table and "auto MISSES 1 pt" in table and "budget < default's time" in table
+
+
+def test_main_runs_every_configuration_per_budget_and_writes_the_table(tmp_path, monkeypatch, capsys):
+    """The bench's loop with `run` faked (no training): default and probe once, auto/partial/finetune per budget,
+    budgets parsed from their text, the probe counted at every budget, json and md written to --out."""
+    calls = []
+
+    def fake_run(dataset, manifest, overrides, tag, seed, args, work):
+        calls.append(tag)
+        budget = next((o.split("=")[1] for o in overrides if o.startswith("trainer.time_limit=")), None)
+        seconds = {None: 50.0, "1m": 59.0, "3m": 170.0}[budget]
+        score = {"default": 0.80, "probe": 0.78, "auto": 0.84, "partial": 0.83, "finetune": 0.82}[tag.split("_")[0]]
+        return {"seconds": seconds, "balanced_accuracy": score, "mode": "partial", "epochs": 3, "budget": 3,
+                "overrides": overrides}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "dataset_root", lambda name, work: tmp_path)
+    monkeypatch.setattr(bench, "subsample_rows", lambda name, root: [("a.png", "x", "train")])
+    bench.main(["--datasets", "digits", "--budgets", "1m", "3m", "--work", str(tmp_path / "w"),
+                "--out", str(tmp_path / "out")])
+    assert calls == ["default_epochs5", "probe_epochs5", "auto_1m", "partial_1m", "finetune_1m", "auto_3m",
+                     "partial_3m", "finetune_3m"]
+    doc = json.loads((tmp_path / "out" / "bench_budget.json").read_text())
+    assert [(r["budget_s"], r["best_fixed"], r["auto_within_1pt"]) for r in doc["rows"]] == [
+        (60.0, "partial", True), (180.0, "partial", True)]
+    assert doc["rows"][0]["auto_not_below_default"] is True  # 60 s >= the default's 50 s
+    assert "| digits | 3 min | 84.0 (170) |" in (tmp_path / "out" / "bench_budget.md").read_text()

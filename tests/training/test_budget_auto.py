@@ -84,6 +84,7 @@ def test_a_fine_tune_epoch_that_beats_the_probe_replaces_it(tiny_folder, cfg_fac
     cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m")
     metrics = train(cfg)
     assert len(heads) == 1 and metrics["best_epoch"] >= 1 and metrics["head_init"]["kind"] == "probe"
+    assert metrics["head_init"]["head"] == "linear"  # features.head=auto: the init is the linear head (INIT_HEADS)
     run = Path(cfg.output_dir)
     best = json.loads((run / "best.json").read_text())
     assert best["epoch"] == metrics["best_epoch"] and "weights_source" not in best

@@ -163,6 +163,8 @@ def test_run_with_flip_and_temperature_records_and_applies_both(tiny_folder, cfg
         assert (run / name).stat().st_size > 1000, name
     summary = (run / "summary.md").read_text()
     assert "## Calibration" in summary and f"{t:.4f}" in summary and "| test |" in summary.split("## Calibration")[1]
+    floor = record["test"]["after"]["ece_floor"]
+    assert 0 < floor < 1 and f"test {floor:.4f}" in summary.split("ECE floor")[1]
 
     # the test metrics are those of the wrapped model: mean of both views, divided by T
     model, _ = load_checkpoint(run, "best")
