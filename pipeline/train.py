@@ -102,13 +102,7 @@ def train(cfg: DictConfig) -> dict:
     spend = budget.auto_spends_budget(cfg, strategy_info["mode"])  # auto + time_limit: the probe, then a fine-tune
     probe = None if cached_path else start_from_probe(cfg, strategy_info, fit_args, spend=spend, cache=cache)
     result = run_fit(cfg, cached_path, generator, **fit_args)
-    if strategy_info.get("decision") and cfg.trainer.time_limit is not None:  # what auto tried with the budget
-        strategy_info["decision"]["budget"] = auto.budget_record(
-            probe.info if spend and probe else None, result["history"], result["best_epoch"], cfg.trainer.monitor,
-            mode=strategy_info["mode"], limit=cfg.trainer.time_limit,
-            fit=result["budget"].report() if result.get("budget") is not None else None)
-        if main:
-            auto.write_decision(run_dir, strategy_info["decision"])
+    record_budget_use(cfg, strategy_info, probe if spend else None, result, run_dir)
     result["calibration"], result["best_val"] = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
         cfg, run_dir, result["best_val"], lambda: make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load),
         device, accel)
@@ -163,6 +157,21 @@ def start_from_probe(cfg: DictConfig, strategy_info: dict, fit_args: dict, *, sp
                                                                           "weights_source": "probe"})
         a["baseline"] = probe
     return probe
+
+
+def record_budget_use(cfg: DictConfig, strategy_info: dict, probe: probe_init.Probe | None, result: dict,
+                      run_dir: Path) -> None:
+    """auto under `trainer.time_limit`: what it tried with the budget, added to decision.json (and the summary's
+    decision paragraph). `probe`: the one auto fitted before its fine-tune, else None."""
+    decision = strategy_info.get("decision")
+    if not decision or cfg.trainer.time_limit is None:
+        return
+    decision["budget"] = auto.budget_record(
+        probe.info if probe else None, result["history"], result["best_epoch"], cfg.trainer.monitor,
+        mode=strategy_info["mode"], limit=cfg.trainer.time_limit,
+        fit=result["budget"].report() if result.get("budget") is not None else None)
+    if distributed.is_main():
+        auto.write_decision(run_dir, decision)
 
 
 def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run_dir: Path, meta: dict, device,
