@@ -141,21 +141,28 @@ def train(cfg: DictConfig) -> dict:
 
 def start_from_probe(cfg: DictConfig, strategy_info: dict, fit_args: dict, *, spend: bool,
                      cache) -> probe_init.Probe | None:
-    """`strategy.head_init=probe`, or `spend` (auto under a time limit): the fine-tune's head starts from a linear
-    probe on cached features (LP-FT). With `spend` the probe is also saved as `best` (epoch 0) and passed to the
-    fit as its `baseline`, so that a fine-tune epoch replaces it only by beating it on val."""
-    a = fit_args
-    probe = probe_init.init_head(a["model"], a["splits"], cfg, a["run_dir"], mode=strategy_info["mode"],
+    """`strategy.head_init=probe`: the fine-tune's head starts from a linear probe on cached features (LP-FT).
+    `spend` (auto under a time limit): the probe (the `features.head` the linear_probe mode trains) is saved as
+    `best` (epoch 0) and passed to the fit as its `baseline`, so that a fine-tune epoch replaces it only by beating
+    it on val; the fine-tune itself starts from the head `strategy.head_init` gives it, as the fixed mode does
+    (LP-FT lost here: docs/recipe.md; from the probe, budgeted fine-tunes dropped in epoch 1, digits val 0.92 ->
+    0.65, and never beat it)."""
+    a, model = fit_args, fit_args["model"]
+    fallback = spend and cfg.strategy.head_init != "probe"
+    own_head = {k: v.detach().clone() for k, v in model.get_classifier().state_dict().items()} if fallback else None
+    probe = probe_init.init_head(model, a["splits"], cfg, a["run_dir"], mode=strategy_info["mode"],
                                  device=a["device"], eval_tf=a["eval_tf"], data_cfg=a["data_cfg"], image_cache=cache,
                                  class_weights=a["class_weights"], init_bias=a["init_bias"],
-                                 resumed=a["resumed"] is not None, force=spend)
-    strategy_info.update({"head_init": probe.info} if probe else {})
+                                 resumed=a["resumed"] is not None, force=spend, fallback=fallback)
+    if probe is not None and not fallback:
+        strategy_info["head_init"] = probe.info
     if spend and probe is not None and probe.best_val is not None:  # not on resume: the restored state decides
         if distributed.is_main():
-            checkpoint.save_checkpoint(a["run_dir"], "best", a["model"], {**a["meta"], "epoch": 0,
-                                                                          "val_metrics": probe.val,
-                                                                          "weights_source": "probe"})
+            checkpoint.save_checkpoint(a["run_dir"], "best", model, {**a["meta"], "epoch": 0, "val_metrics": probe.val,
+                                                                     "weights_source": "probe"})
         a["baseline"] = probe
+    if own_head is not None:
+        model.get_classifier().load_state_dict(own_head)  # the fine-tune starts as the fixed mode's does
     return probe
 
 

@@ -47,9 +47,13 @@ class Probe:
 
 def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *, mode: str, device: torch.device,
               eval_tf, data_cfg: dict, image_cache=None, class_weights: torch.Tensor | None = None,
-              init_bias: list[float] | None = None, resumed: bool = False, force: bool = False) -> Probe | None:
+              init_bias: list[float] | None = None, resumed: bool = False, force: bool = False,
+              fallback: bool = False) -> Probe | None:
     """Install the probe head into `model` when `strategy.head_init=probe` (or `force`: auto spending a time
     budget, training/budget.py) applies to the resolved `mode`.
+
+    `fallback`: the probe is auto's fallback, not the fine-tune's start (the caller saves it as `best`, then puts
+    the fine-tune's own head back): it is the `features.head` the linear_probe mode trains, not INIT_HEADS's.
 
     Returns the Probe, or None where the head starts as before (head_init=zero, or a mode that trains the head
     alone)."""
@@ -73,17 +77,19 @@ def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *,
     val_x, val_y = feats["val"]["features"].numpy(), feats["val"]["labels"].numpy()
     with torch.random.fork_rng(devices=[]):  # the seeded head leaves the fine-tune's random streams as they were
         head = train_head(cfg, x, y, val_x, val_y, len(splits.classes), class_weights, init_bias, standardize=False,
-                          head=INIT_HEADS[cfg.features.head])
+                          head=cfg.features.head if fallback else INIT_HEADS[cfg.features.head])
     install_head(model, [HEAD], head["weight"], head["bias"])  # copied to the classifier's device and dtype
     monitor = cfg.trainer.monitor
     best_row = head["history"][head["best_epoch"] - 1]
     score = best_row[f"val_{monitor}"]
-    info = {"kind": "probe", "head": head["head"], f"val_{monitor}": score, "best_epoch": head["best_epoch"],
+    info = {"kind": "probe", "role": "fallback" if fallback else "init", "head": head["head"],
+            f"val_{monitor}": score, "best_epoch": head["best_epoch"],
             "epochs": len(head["history"]), "seconds": round(time.perf_counter() - start, 2),
             "cache": {s: "hit" if feats[s]["hit"] else "miss" for s in ("train", "val")}}
-    _logger.info("strategy.head_init=probe: the fine-tune starts from a linear probe with val %s %.4f (best epoch "
-                 "%d of %d, %d train rows, %.1f s)", monitor, score, info["best_epoch"], info["epochs"], len(y),
-                 info["seconds"])
+    _logger.info("%s: val %s %.4f (best epoch %d of %d, %d train rows, %.1f s)",
+                 "Probe on cached features, kept as best unless a fine-tune epoch beats it" if fallback else
+                 "strategy.head_init=probe: the fine-tune starts from a linear probe", monitor, score,
+                 info["best_epoch"], info["epochs"], len(y), info["seconds"])
     if distributed.is_main():
         write_json(path, info)
     return Probe(info, {k[4:]: v for k, v in best_row.items() if k.startswith("val_")}, head["best_val"])

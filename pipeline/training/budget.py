@@ -1,7 +1,10 @@
 """`trainer.time_limit`: a wall-clock budget for the fine-tune fit (training/fit.py) instead of an epoch count.
 
 The run measures its own speed: the first PROBE_STEPS train steps of its first epoch (data loading included) give
-a provisional plan; that epoch in full, its val evaluation and its checkpoint writes give the plan. A plan counts
+a provisional plan; that epoch in full, its val evaluation and its checkpoint writes give the plan, and the second
+epoch, the first with everything warm (model, allocator, loader), remakes it (MEASURED_EPOCHS; a resumed session
+measures its own first two). Epoch 1 ran 1.3-1.9x slower than the next ones, so a plan from it alone left up to a
+quarter of a 2-minute budget unused (chest_xray: 4 epochs in 88 s of 120). A plan counts
 the time spent since the run started (data listing, audit, model build; on resume also the time saved in
 last.pt) and keeps time for the work after the loop: the test evaluation (the measured val evaluation x the
 test/val image ratio) and the reports (RESERVE_S). `trainer.epochs` is the upper bound; at least 1 epoch runs.
@@ -22,6 +25,7 @@ from pipeline.config.checks import parse_duration
 from pipeline.runtime import distributed
 
 PROBE_STEPS = 5  # train steps measured before the provisional plan
+MEASURED_EPOCHS = 2  # epochs of a session whose speed (re)makes the plan: the first, then the first warm one
 RESERVE_S = 5.0  # kept for the reports (plots, galleries, summary) after the loop
 EVAL_PER_TRAIN = 0.5  # until measured: a val image's time as a share of a train image's (forward only)
 
@@ -83,6 +87,7 @@ class TimeBudget:
         self.measured: dict = {}
         self.planned = self.provisional = self.spent_before_training = self.loop_end_s = None
         self.epochs_run, self.stopped, self.stopped_at = 0, None, None
+        self._measured_epochs, self._timed = 0, {}  # this session's; this epoch's eval/checkpoint seconds
         self._epoch, self._t0, self._steps, self._done, self._first_step, self._last_step = 0, 0.0, 0, 0, 0.0, 0.0
 
     def elapsed(self) -> float:
@@ -95,12 +100,16 @@ class TimeBudget:
         return (self._last_step - self._first_step) / (self._steps - 1)
 
     def _estimate(self) -> Speed:
-        """The measured speed, else this epoch's so far (eval: EVAL_PER_TRAIN of the val images' train time)."""
-        if self.speed is not None:
-            return self.speed
+        """The measured speed, else this epoch's so far."""
+        return self.speed if self.speed is not None else self._this_epoch()
+
+    def _this_epoch(self) -> Speed:
+        """This epoch's speed so far (eval before it is timed: EVAL_PER_TRAIN of the val images' train time)."""
         step_s = self._step_s()
-        return Speed(step_s, self.measured.get("eval_s", self.val_steps * step_s * EVAL_PER_TRAIN),
-                     self.measured.get("checkpoint_s", 0.0), max(0.0, self._first_step - self._t0 - step_s))
+        return Speed(step_s, self._timed.get("eval_s", self.measured.get("eval_s", self.val_steps * step_s
+                                                                                   * EVAL_PER_TRAIN)),
+                     self._timed.get("checkpoint_s", self.measured.get("checkpoint_s", 0.0)),
+                     max(0.0, self._first_step - self._t0 - step_s))
 
     def _kept(self, speed: Speed) -> float:
         """Seconds kept for after the loop: the test evaluation and the reports."""
@@ -125,7 +134,7 @@ class TimeBudget:
 
     def start_epoch(self, epoch: int, done_steps: int = 0) -> None:
         """`done_steps`: steps of this epoch trained before a resume."""
-        self._epoch, self._t0, self._steps, self._done = epoch, self.elapsed(), 0, done_steps
+        self._epoch, self._t0, self._steps, self._done, self._timed = epoch, self.elapsed(), 0, done_steps, {}
         if self.spent_before_training is None:
             self.spent_before_training = self._t0
 
@@ -156,20 +165,21 @@ class TimeBudget:
 
     @contextmanager
     def measuring(self, kind: str) -> Iterator[None]:
-        """Time the block as `kind` ("eval", "checkpoint") while the speed is being measured."""
+        """Time the block as `kind` ("eval", "checkpoint"), summed over the epoch (best + last checkpoint)."""
         begin = self.clock()
         yield
-        if self.speed is None:  # the measuring epoch: sum (best + last checkpoint)
-            self.measured[f"{kind}_s"] = self.measured.get(f"{kind}_s", 0.0) + self.clock() - begin
+        self._timed[f"{kind}_s"] = self._timed.get(f"{kind}_s", 0.0) + self.clock() - begin
 
     def end_epoch(self, stats: dict) -> None:
-        """After the epoch's evaluation and checkpoints: the first one measured gives the plan."""
+        """After the epoch's evaluation and checkpoints: the session's first MEASURED_EPOCHS epochs (re)make the
+        plan from their own speed, for the time left now."""
         self.epochs_run += 1
-        if self.speed is None and self._steps:
-            self.speed = self._estimate()
+        if self._measured_epochs < MEASURED_EPOCHS and self._steps:
+            self.speed, self._measured_epochs = self._this_epoch(), self._measured_epochs + 1
             self.measured.update(step_s=self.speed.step_s, overhead_s=self.speed.overhead_s,
-                                 train_img_per_s=stats["train_img_per_s"])
-            self.replan(self.speed, self._t0, self._epoch - 1)
+                                 eval_s=self.speed.eval_s, checkpoint_s=self.speed.checkpoint_s,
+                                 train_img_per_s=stats["train_img_per_s"], from_epoch=self._epoch)
+            self.replan(self.speed, self.elapsed(), self._epoch)
 
     def end_loop(self) -> None:
         self.stopped = self.stopped or "planned_epochs"
@@ -202,7 +212,8 @@ class TimeBudget:
                 "measured": {"train_img_per_s": self.measured.get("train_img_per_s"),
                              "s_per_step": self.measured.get("step_s"), "eval_s": self.measured.get("eval_s"),
                              "checkpoint_s": self.measured.get("checkpoint_s"),
-                             "epoch_overhead_s": self.measured.get("overhead_s")},
+                             "epoch_overhead_s": self.measured.get("overhead_s"),
+                             "from_epoch": self.measured.get("from_epoch")},
                 "kept_for_after_loop_s": self._kept(speed), "spent_before_training_s": self.spent_before_training,
                 "loop_end_s": self.loop_end_s, "after_loop_s": total - (self.loop_end_s or total), "total_s": total}
 

@@ -35,9 +35,9 @@ class FakeClock:
 
 
 def _measure_one_epoch(clock: FakeClock, b: budget.TimeBudget, *, steps: int, step_s: float, eval_s: float,
-                       probe: list | None = None) -> None:
-    """Epoch 1 as the fit drives it: `steps` train steps of `step_s`, an evaluation of `eval_s`, a 0 s save."""
-    b.start_epoch(1)
+                       probe: list | None = None, epoch: int = 1) -> None:
+    """An epoch as the fit drives it: `steps` train steps of `step_s`, an evaluation of `eval_s`, a 0 s save."""
+    b.start_epoch(epoch)
     for i in range(steps):
         clock.t += step_s
         assert not b.after_step()
@@ -62,13 +62,29 @@ def test_plan_from_measured_speed_counts_the_time_spent_before_training():
     assert probe == [9] and b.planned == 8 and plans == [9, 8]
     assert b.speed == budget.Speed(step_s=0.5, eval_s=1.0, checkpoint_s=0.0, overhead_s=0.0)
     assert b.report()["measured"] == {"train_img_per_s": 16.0, "s_per_step": 0.5, "eval_s": 1.0, "checkpoint_s": 0.0,
-                                      "epoch_overhead_s": 0.0}
+                                      "epoch_overhead_s": 0.0, "from_epoch": 1}
     speed = budget.Speed(step_s=0.5, eval_s=1.0, checkpoint_s=0.0)
     plan = {"limit_s": 60.0, "steps_per_epoch": 10, "speed": speed, "max_epochs": 50}
     assert budget.plan_epochs(spent_s=14.0, final_s=0.0, **plan) == 6  # more spent: fewer epochs
     assert budget.plan_epochs(spent_s=2.0, final_s=6.0, **plan) == 7  # test evaluation kept for: fewer epochs
     assert budget.plan_epochs(spent_s=2.0, final_s=0.0, **{**plan, "max_epochs": 3}) == 3  # trainer.epochs caps
     assert budget.plan_epochs(spent_s=59.0, final_s=0.0, **plan) == 1  # at least one epoch
+
+
+def test_the_first_warm_epoch_remakes_the_plan():
+    """Epoch 1 is cold (1 s/step: warm-up, loader start), epoch 2 warm (0.5 s/step). Limit 60 s, 10 steps and a 1 s
+    eval per epoch: epoch 1's plan is (60 - 5) / 11 -> 5 epochs; from epoch 2's start (t = 11 s) the warm speed
+    fits 1 + (60 - 11 - 5) / 6 -> 8, and the schedule re-spans to it. Epoch 3 no longer re-plans."""
+    clock, plans = FakeClock(), []
+    b = budget.TimeBudget("1m", started=0.0, steps_per_epoch=10, max_epochs=50, val_images=16, test_images=0,
+                          images_per_step=8, on_plan=plans.append, clock=clock)
+    _measure_one_epoch(clock, b, steps=10, step_s=1.0, eval_s=1.0)
+    assert b.planned == 5
+    _measure_one_epoch(clock, b, steps=10, step_s=0.5, eval_s=1.0, epoch=2)
+    assert b.planned == 8 and plans[-1] == 8 and b.speed.step_s == 0.5
+    assert b.report()["measured"]["from_epoch"] == 2
+    _measure_one_epoch(clock, b, steps=10, step_s=0.4, eval_s=1.0, epoch=3)
+    assert b.planned == 8 and b.speed.step_s == 0.5 and len(plans) == 3  # provisional, epoch 1, epoch 2
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0), ("0.5s", 0.5)])
@@ -131,7 +147,8 @@ def virtual_time(monkeypatch):
 def test_steps_slower_than_planned_end_the_epoch_at_the_limit(tmp_path, virtual_time):
     """3 steps of 1 s, eval and saves 0 s: (12 s - RESERVE_S) / 3 s plans 2 epochs. From step 4 on a step takes
     2 s: after step 5 (t = 7 s) one more step would eat into the 5 s kept, so epoch 2 ends at step 2 of 3, is
-    evaluated (there is time) and the run finishes normally with a loadable best checkpoint."""
+    evaluated (there is time) and the run finishes normally with a loadable best checkpoint; its re-plan keeps the
+    2 epochs run."""
     virtual_time.seconds = lambda step: 1.0 if step <= 3 else 2.0
     data = write_tiny_folder(tmp_path / "data")
     metrics = train(_cfg(tmp_path / "run", data, "trainer.max_train_batches=3", "trainer.time_limit=12s"))
@@ -139,7 +156,8 @@ def test_steps_slower_than_planned_end_the_epoch_at_the_limit(tmp_path, virtual_
     assert metrics["status"] == "ok" and b["planned_epochs"] == 2 and b["epochs_run"] == 2
     assert b["stopped"] == "time_limit" and b["stopped_at"] == "step 2 of 3, epoch 2"
     assert [h["train_images"] for h in metrics["history"]] == [24, 16]  # the cut epoch: 2 batches of 8
-    assert b["loop_end_s"] == 7.0 and b["measured"]["s_per_step"] == 1.0 and b["spent_before_training_s"] == 0.0
+    assert b["loop_end_s"] == 7.0 and b["spent_before_training_s"] == 0.0
+    assert b["measured"]["s_per_step"] == 2.0 and b["measured"]["from_epoch"] == 2  # the second epoch re-measured
     run = Path(metrics["run_dir"])
     _, meta = checkpoint.load_checkpoint(run, "best")
     assert meta["epoch"] == metrics["best_epoch"] and not (run / "last.pt").exists()
@@ -149,8 +167,9 @@ def test_steps_slower_than_planned_end_the_epoch_at_the_limit(tmp_path, virtual_
 
 def test_resume_continues_within_what_is_left_of_the_budget(tmp_path, virtual_time, monkeypatch):
     """2 steps of 1 s per epoch, limit 13 s: (13 - 5) / 2 plans 4 epochs. SIGINT in step 3 (t = 3 s) saves the
-    time spent; the resumed run plans 1 + (13 - 3 - 5) // 2 = 3 epochs (5 if the spent time were lost) and its
-    schedule anneals to 0 at the last of them."""
+    time spent. The resumed session measures its own first epoch (the 1 step left of epoch 2, ending at t = 4 s)
+    and plans 2 + (13 - 4 - 5) // 2 = 4 epochs (5 if the spent time were lost); its schedule anneals to 0 at the
+    last of them."""
     data, run = write_tiny_folder(tmp_path / "data"), tmp_path / "run"
     original = StepGuard.grads_ok
 
@@ -168,6 +187,6 @@ def test_resume_continues_within_what_is_left_of_the_budget(tmp_path, virtual_ti
     monkeypatch.setattr(StepGuard, "grads_ok", original)  # the virtual_time ticking underneath stays
     metrics = train(_cfg(run, data, "trainer.resume=auto"))
     b = metrics["budget"]
-    assert metrics["resumed_from_epoch"] == 1 and b["planned_epochs"] == 3 and len(metrics["history"]) == 3
+    assert metrics["resumed_from_epoch"] == 1 and b["planned_epochs"] == 4 and len(metrics["history"]) == 4
     assert b["stopped"] == "planned_epochs" and re.fullmatch(r"\d+s", b["limit"])
     assert metrics["history"][-1]["lr_head"] == pytest.approx(0.0, abs=1e-12)

@@ -1,6 +1,7 @@
-"""`strategy=auto` under `trainer.time_limit` spends the budget: the converged probe on cached features first, then
-a probe-initialised fine-tune for the time left; the better on val is `best`, and decision.json says what was
-tried, for how long and what was kept. Without a limit auto runs its mode as before.
+"""`strategy=auto` under `trainer.time_limit` spends the budget: the converged probe on cached features first (saved
+as `best`, epoch 0), then the fine-tune of the resolved mode for the time left, started as the fixed mode starts;
+the better on val is `best`, and decision.json says what was tried, for how long and what was kept. Without a
+limit auto runs its mode as before.
 
 The auto thresholds steer the decision on the tiny folder: `similar_gain=5` makes any data "different" (small +
 different -> partial), `similar_gain=-5` makes it "similar" (small + similar -> linear_probe)."""
@@ -83,13 +84,34 @@ def test_a_fine_tune_epoch_that_beats_the_probe_replaces_it(tiny_folder, cfg_fac
     heads = _spy_probe_head(monkeypatch, val_score=0.0)
     cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m")
     metrics = train(cfg)
-    assert len(heads) == 1 and metrics["best_epoch"] >= 1 and metrics["head_init"]["kind"] == "probe"
-    assert metrics["head_init"]["head"] == "linear"  # features.head=auto: the init is the linear head (INIT_HEADS)
+    assert len(heads) == 1 and metrics["best_epoch"] >= 1
+    assert heads[0]["head"] == "logistic"  # features.head=auto: the probe the linear_probe mode would train
+    assert "head_init" not in metrics  # the probe is the fallback, not the fine-tune's start
     run = Path(cfg.output_dir)
     best = json.loads((run / "best.json").read_text())
     assert best["epoch"] == metrics["best_epoch"] and "weights_source" not in best
     budget = metrics["decision"]["budget"]
     assert budget["kept"] == f"fine-tune epoch {metrics['best_epoch']}" and budget["limit"] == "10m"
+    assert budget["tried"][0]["what"] == "probe"
+
+
+def test_the_fine_tune_after_the_probe_starts_from_the_fixed_modes_head(tiny_folder, cfg_factory, monkeypatch,
+                                                                        tmp_path):
+    """The classifier at the first train step is the one a run without a limit starts from, not the probe's."""
+    heads, starts, original = _spy_probe_head(monkeypatch), [], loop.train_one_epoch
+
+    def record_start(model, *args, **kwargs):
+        if kwargs.get("epoch") == 1:
+            starts.append({k: v.detach().clone() for k, v in model.get_classifier().state_dict().items()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", record_start)
+    train(_auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m", "trainer.epochs=1"))
+    train(_auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.epochs=1", f"output_dir={tmp_path / 'no_limit'}"))
+    (probe,) = heads
+    budgeted, fixed = starts
+    assert all(torch.equal(budgeted[k], fixed[k]) for k in fixed)
+    assert not torch.allclose(budgeted["weight"], torch.as_tensor(probe["weight"]).float())
 
 
 def test_without_a_limit_auto_fine_tunes_from_a_zero_head_as_before(tiny_folder, cfg_factory, monkeypatch):
