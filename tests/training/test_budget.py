@@ -87,6 +87,19 @@ def test_the_first_warm_epoch_remakes_the_plan():
     assert b.planned == 8 and b.speed.step_s == 0.5 and len(plans) == 3  # provisional, epoch 1, epoch 2
 
 
+def test_a_slow_first_step_alone_does_not_end_the_first_epoch():
+    """The first step carries the warm-up (20 s here, then 1 s): judged alone it would leave no time (20 s + a 20 s
+    eval estimate > 60 - 5 s kept), so the epoch goes on; from step 2 the speed is that of the steps after it."""
+    clock = FakeClock()
+    b = budget.TimeBudget("1m", started=0.0, steps_per_epoch=10, max_epochs=50, val_images=32, test_images=0,
+                          images_per_step=8, clock=clock)
+    b.start_epoch(1)
+    for step_s in (20.0, 1.0, 1.0):
+        clock.t += step_s
+        assert not b.after_step()
+    assert b.stopped is None
+
+
 @pytest.mark.parametrize("text, seconds", [("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0), ("0.5s", 0.5)])
 def test_duration_parser_reads_number_and_unit(text, seconds):
     assert parse_duration("trainer.time_limit", text) == seconds
