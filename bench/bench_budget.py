@@ -1,7 +1,8 @@
 """Time-budget bench (issue 20): budgeted `auto` vs the best fixed mode given the same budget vs the 5-epoch default.
 
     .venv/bin/python bench/bench_budget.py [--datasets digits flowers chest_xray] [--budgets 1m 2m]
-        [--seeds 42] [--input-size 160] [--extra key=value ...]        (make bench-budget)
+        [--seeds 42] [--configs auto partial finetune] [--input-size 160] [--extra key=value ...]
+                                                                         (make bench-budget)
 
 The default budgets, 1 and 2 minutes, bracket the 5-epoch default's time on these subsamples (about 15-80 s)
 and keep the whole bench near 25 minutes on 2 CPU cores (each budgeted run spends most of its budget). Budgets
@@ -77,7 +78,7 @@ def verdict_rows(results: list[dict]) -> list[dict]:
         by.setdefault((r["dataset"], r["budget_s"], r["config"]), []).append(r)
     for dataset, budget_s in sorted({(d, b) for d, b, _ in by if b is not None}):
         fixed = {c: mean(by[(dataset, b2, c)], "balanced_accuracy") for (d, b2, c) in by
-                 if d == dataset and c in FIXED and b2 == budget_s}
+                 if d == dataset and c in FIXED and b2 == budget_s}  # the probe at least (--configs auto)
         best_fixed = max(fixed, key=fixed.get)
         auto = by[(dataset, budget_s, "auto")]
         default = by[(dataset, None, "default")]
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--datasets", nargs="+", default=["digits", "flowers", "chest_xray"])
     ap.add_argument("--budgets", nargs="+", default=["1m", "2m"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[42])
+    ap.add_argument("--configs", nargs="+", choices=BUDGETED, default=list(BUDGETED),
+                    help="budgeted runs per budget (auto alone: how auto uses a longer budget)")
     ap.add_argument("--input-size", type=int, default=160)
     ap.add_argument("--work", default=str(ROOT / "outputs" / "bench" / "budget"))
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             record(dataset, manifest, "probe", None, FIXED["probe"], seed)
             for budget in args.budgets:
                 limit = [f"trainer.time_limit={budget}", f"trainer.epochs={EPOCH_CAP}"]
-                for config in BUDGETED:
+                for config in args.configs:
                     record(dataset, manifest, config, budget, (["strategy=auto"] if config == "auto"
                                                                else FIXED[config]) + limit, seed)
     # the probe ignores budgets: its one run counts as the probe at every budget

@@ -58,3 +58,9 @@ def test_main_runs_every_configuration_per_budget_and_writes_the_table(tmp_path,
         (60.0, "partial", True), (180.0, "partial", True)]
     assert doc["rows"][0]["auto_not_below_default"] is True  # 60 s >= the default's 50 s
     assert "| digits | 3 min | 84.0 (170) |" in (tmp_path / "out" / "bench_budget.md").read_text()
+    calls.clear()
+    bench.main(["--datasets", "digits", "--budgets", "3m", "--configs", "auto", "--work", str(tmp_path / "w"),
+                "--out", str(tmp_path / "auto_only")])
+    assert calls == ["default_epochs5", "probe_epochs5", "auto_3m"]  # --configs auto: auto alone per budget
+    (row,) = json.loads((tmp_path / "auto_only" / "bench_budget.json").read_text())["rows"]
+    assert row["best_fixed"] == "probe" and row["fixed"] == {"probe": 0.78}
