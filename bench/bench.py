@@ -244,7 +244,7 @@ def main() -> None:
     a.dataset_overrides = [f"dataset={a.dataset}"] if have else ["dataset=digits"]
     if a.part:
         sys.path.insert(0, str(ROOT))
-        import pipeline  # noqa: F401  (allocator fix unless PIPELINE_MALLOC_TUNE=0)
+        import pipeline  # noqa: F401  (the allocator settings come from the environment: make exports them)
         from pipeline.runtime.process import set_threads
         set_threads(0)
         result = PARTS[a.part](a)

@@ -35,6 +35,7 @@ from pipeline.training.setup import (
     build_data,
     build_image_cache,
     checkpoint_meta,
+    fork_workers_early,
     make_eval_loader,
     make_loader,
     prepare_run,
@@ -201,6 +202,7 @@ def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run
                                          stop=stop)
         loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
                    "val": make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load)}
+        fork_workers_early(loaders["val"])  # before the first train step grows the heap
         return fit(model, loaders, cfg, run_dir, meta, device, class_weights=class_weights, resume_state=resumed,
                    stop=stop, accel=accel, started=started, baseline=baseline,
                    test_images=len(splits.test) if splits.test is not None else 0)

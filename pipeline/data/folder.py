@@ -25,6 +25,7 @@ from pipeline.data.listing import (
     split_plan,
 )
 from pipeline.errors import ConfigError
+from pipeline.runtime.seeding import seed_transform
 
 _logger = logging.getLogger(__name__)
 
@@ -214,7 +215,11 @@ class ImageDataset(torch.utils.data.Dataset):
         path = self.split.paths[i]
         return self.cache(path) if self.cache is not None else load_rgb(path, max_pixels=self.max_pixels)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """`item`: an index, or (index, augmentation seed) from sampler.SeededSampler."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            seed_transform(self.transform, seed)
         try:
             image = self.load(i)
             return self.transform(image=image)["image"], self.split.labels[i]

@@ -1,4 +1,5 @@
-"""Train-set sampling: plain shuffle, or a class-balanced sampler (`dataset.sampler`)."""
+"""Train-set sampling: plain shuffle, or a class-balanced sampler (`dataset.sampler`); one augmentation seed per
+sample (SeededSampler)."""
 from __future__ import annotations
 
 import logging
@@ -109,11 +110,41 @@ class EvalShardSampler(torch.utils.data.Sampler[int]):
 
 def distributed_sampler(n: int, order: torch.utils.data.Sampler | None, *, train: bool, generator=None,
                         rank: int, world: int) -> torch.utils.data.Sampler | None:
-    """The sampler of one rank: train = its ShardSampler of `order` (None = a seeded shuffle drawn from
-    `generator`, exactly what DataLoader(shuffle=True, generator=...) draws); eval = an EvalShardSampler."""
-    if world <= 1:
-        return order
+    """The sampler of one rank. Train: `order` (None = a shuffle drawn from `generator`) with an augmentation
+    seed per sample (SeededSampler), sharded by ShardSampler under torchrun. Eval: None, or an EvalShardSampler."""
     if not train:
-        return EvalShardSampler(n, rank, world)
+        return EvalShardSampler(n, rank, world) if world > 1 else None
     base = order if order is not None else torch.utils.data.RandomSampler(range(n), generator=generator)
-    return ShardSampler(base, rank, world)
+    seeded = SeededSampler(base, generator)
+    return ShardSampler(seeded, rank, world) if world > 1 else seeded
+
+
+class SeededSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """The train order with one augmentation seed per sample: yields (index, seed) for ImageDataset.
+
+    The seeds are drawn in the main process from `generator` at each epoch's start, so an image's augmentation does
+    not depend on which worker loads it, on the worker count, or on workers persisting across epochs (the train
+    loader keeps its workers: re-forking them from a grown process cost 8-17 s per epoch, make bench); a resume
+    that restores `generator` (state_dict) replays them exactly. Under torchrun it seeds the global order before
+    ShardSampler splits it, so every sample gets the seed it gets in a one-process run."""
+
+    def __init__(self, base: torch.utils.data.Sampler, generator: torch.Generator | None):
+        self.base, self.generator = base, generator
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(self.base)
+        seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=self.generator).tolist()
+        return iter(list(zip(order, seeds)))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state() if self.generator is not None else None,
+                "base": self.base.state_dict() if hasattr(self.base, "state_dict") else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
+        if state.get("base") is not None and hasattr(self.base, "load_state_dict"):
+            self.base.load_state_dict(state["base"])

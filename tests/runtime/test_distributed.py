@@ -74,7 +74,7 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.from_main(lambda: 5) == 5 and distributed.any_true(True) and not distributed.any_true(False)
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap_ddp(model, torch.device("cpu")) is model
-    assert distributed_sampler(10, None, train=True, rank=0, world=1) is None
+    assert distributed_sampler(10, None, train=False, rank=0, world=1) is None
     assert distributed.local_batch_size(12) == 12
 
 
