@@ -57,7 +57,9 @@ class StepGuard:
 
     def inputs_ok(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> bool:
         """False (and counted) when the batch holds NaN/inf; raises NonFiniteError at the limit."""
-        if distributed.all_true(bool(torch.isfinite(images).all())):  # DDP: all ranks step, or none
+        # a NaN/inf pixel makes the sum non-finite (pixels are bounded: the sum cannot overflow); 1 ms, where
+        # isfinite(images).all() took 9 ms a batch of 32 at 224 px
+        if distributed.all_true(bool(torch.isfinite(images.sum()))):  # DDP: all ranks step, or none
             return True
         return self._skip(model, optimizer, None, images, "input batch")
 

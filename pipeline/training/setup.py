@@ -1,6 +1,7 @@
 """Run set-up for the train entry point: run dir, data and loaders, caches, imbalance plan and strategy."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -90,7 +91,8 @@ def make_loader(split: folder.Split, transform, cfg: DictConfig, *, train: bool,
         generator = torch.Generator().manual_seed(cfg.seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=distributed.local_batch_size(t.batch_size) if train else t.eval_batch_size,
-        sampler=order, drop_last=False, num_workers=t.num_workers, collate_fn=folder.collate_skip_none,
+        sampler=order, drop_last=False, num_workers=t.num_workers,
+        collate_fn=functools.partial(folder.collate_skip_none, channels_last=t.channels_last),
         generator=generator, worker_init_fn=seed_worker, persistent_workers=t.num_workers > 0,
         pin_memory=torch.cuda.is_available())
 

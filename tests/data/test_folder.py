@@ -1,6 +1,7 @@
 """Data stage: listing, skipping bad files, splitting, run-time skips, decoded-image cache."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -161,6 +162,18 @@ def test_unreadable_file_in_a_worker_is_skipped_and_logged(tmp_path):
     assert len(skips) == 1 and skips[0]["path"] == paths[2] and skips[0]["times"] == 2
     assert skips[0]["reason"] == "at run time: text/HTML, not an image"
     assert collate_skip_none([None, None]) is None
+
+
+def test_channels_last_collate_gives_the_same_batch_in_nhwc_memory(tmp_path):
+    """Through a worker process (shared memory): the same values and labels as the NCHW stack, in the memory
+    format the channels_last model takes without a copy, and a skipped file still dropped."""
+    paths = _photos(tmp_path, 5)
+    Path(paths[1]).write_bytes(b"corrupted after listing")
+    ds = ImageDataset(Split(paths, [0, 1, 0, 1, 1], ["a", "b"]), build_eval_transform(SMALL))
+    plain, nhwc = (next(iter(torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1, collate_fn=functools.partial(
+        collate_skip_none, channels_last=cl)))) for cl in (False, True))
+    assert nhwc[0].is_contiguous(memory_format=torch.channels_last) and plain[0].is_contiguous()
+    assert torch.equal(nhwc[0], plain[0]) and torch.equal(nhwc[1], plain[1]) and len(nhwc[1]) == 4
 
 
 @pytest.mark.parametrize("mode", ["memory", "disk"])
