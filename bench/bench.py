@@ -206,8 +206,8 @@ def measure(a) -> dict:
 def table(r: dict) -> list[dict]:
     step = r["train_step"]["img_per_s"]
     plain = r["train_step_plain"]["img_per_s"]
-    rows = [("1 train img/s: pipeline fine-tune, epochs 2-3 / bare step (same options)", r["finetune"]["img_per_s"], step,
-             ">= 0.95"),
+    rows = [("1 train img/s: pipeline fine-tune, epochs 2-3 / bare step (same options)", r["finetune"]["img_per_s"],
+             step, ">= 0.95"),
             ("1b train img/s: pipeline fine-tune, epoch 1 (model warm-up) / bare step",
              r["finetune"]["first_epoch_img_per_s"], step, ""),
             ("2 inference img/s: pipeline extraction / bare forward (same memory format)", r["extract"]["img_per_s"],
@@ -244,8 +244,8 @@ def main() -> None:
     a.dataset_overrides = [f"dataset={a.dataset}"] if have else ["dataset=digits"]
     if a.part:
         sys.path.insert(0, str(ROOT))
-        import pipeline  # noqa: F401  (the allocator settings come from the environment: make exports them)
-        from pipeline.runtime.process import set_threads
+        from pipeline.runtime.process import set_threads, tune_allocator
+        tune_allocator()  # off for the allocator-off variant (PIPELINE_MALLOC_TUNE=0)
         set_threads(0)
         result = PARTS[a.part](a)
         print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))

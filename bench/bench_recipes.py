@@ -55,9 +55,9 @@ sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-import pipeline  # noqa: E402,F401  (allocator tuning before torch)
 from pipeline.config import register_configs  # noqa: E402
 from pipeline.data.images import IMAGE_EXTENSIONS  # noqa: E402
+from pipeline.runtime.process import tune_allocator  # noqa: E402
 
 DATASETS = ("digits", "hymenoptera", "flowers", "chest_xray")
 CACHED, FINETUNE, BOTH = "cached", "finetune", "both"
@@ -77,6 +77,8 @@ BASELINE = ["augment=light", "features.head_epochs=5", "features.head_patience=0
 # and test from its own test/ split.
 SUBSAMPLE = {"digits": (40, 30, 60), "hymenoptera": (100, 40, None), "flowers": (60, 40, 60)}
 CHEST = {"NORMAL": (100, 50, 120), "PNEUMONIA": (290, 145, 200)}
+
+tune_allocator()  # as the entry points do (runtime/process.py): PyTorch runs 3-5x slower here without it
 
 
 def class_files(folder: Path) -> dict[str, list[Path]]:

@@ -3,8 +3,9 @@
 PyTorch on glibc VMs runs 3-5x slower with the default malloc settings, because
 large activations are mmap'ed and returned to the OS every step. The same fix as
 `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=...` is applied
-with `mallopt` when the package is imported, so it holds for `make`,
-`python -m pipeline.*` and library use alike (and for forked DataLoader workers).
+with `mallopt` when an entry point (`python -m pipeline.*`, the bench scripts) starts, and the Makefile
+exports the variables; forked DataLoader workers inherit it. Importing the package does not apply it: a
+library user calls `tune_allocator()` (or sets the variables).
 """
 from __future__ import annotations
 
