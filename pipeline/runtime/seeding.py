@@ -2,10 +2,11 @@
 
 Random streams of a run and who owns them:
 - python `random`, numpy's global RNG, torch's global RNG (dropout, drop-path): `seed_everything`.
-- the train DataLoader's generator (shuffle order and the base seed of each epoch's workers).
-- the train transform's albumentations RNGs (`seed_transform`); albumentations ignores the global seeds.
+- the train DataLoader's generator: each epoch's order and one augmentation seed per image, drawn in the
+  main process (data/sampler.py SeededSampler); ImageDataset re-seeds the transform with it (`seed_transform`;
+  albumentations ignores the global seeds), so batches do not depend on the workers.
 - in DataLoader workers: `seed_worker` derives python/numpy and the transform's RNGs from the worker's
-  torch seed (base seed + worker id), so workers differ from each other and repeat from run to run.
+  torch seed (base seed + worker id): eval loaders, and anything in a worker outside the transform.
 """
 from __future__ import annotations
 
