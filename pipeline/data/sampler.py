@@ -137,7 +137,7 @@ class SeededSampler(torch.utils.data.Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = list(self.base)
         seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=self.generator).tolist()
-        return iter(list(zip(order, seeds)))
+        return zip(order, seeds)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state() if self.generator is not None else None,

@@ -106,10 +106,9 @@ class TimeBudget:
     def _this_epoch(self) -> Speed:
         """This epoch's speed so far (eval before it is timed: EVAL_PER_TRAIN of the val images' train time)."""
         step_s = self._step_s()
-        return Speed(step_s, self._timed.get("eval_s", self.measured.get("eval_s", self.val_steps * step_s
-                                                                                   * EVAL_PER_TRAIN)),
-                     self._timed.get("checkpoint_s", self.measured.get("checkpoint_s", 0.0)),
-                     max(0.0, self._first_step - self._t0 - step_s))
+        timed = {"eval_s": self.val_steps * step_s * EVAL_PER_TRAIN, "checkpoint_s": 0.0, **self.measured,
+                 **self._timed}  # this epoch's timings, else an earlier epoch's, else the guesses
+        return Speed(step_s, timed["eval_s"], timed["checkpoint_s"], max(0.0, self._first_step - self._t0 - step_s))
 
     def _kept(self, speed: Speed) -> float:
         """Seconds kept for after the loop: the test evaluation and the reports."""
