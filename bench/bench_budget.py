@@ -16,7 +16,8 @@ manifests; scores on their test split). For each dataset and budget B:
     finetune    strategy=finetune trainer.time_limit=B
     probe       strategy=linear_probe (the cached probe: seconds; a budget does not change it)
 
-and once per dataset the default: strategy=auto with trainer.epochs=5 and no limit (today's default). The best fixed
+and once per dataset the 5-epoch default: strategy=auto with trainer.epochs=5 and no limit (the default before
+the 2-minute budget became it; `trainer.epochs` alone turns the limit off). The best fixed
 mode at B is the best of partial, finetune and probe on test balanced accuracy. Wall time is that of the whole
 `train(cfg)` call (the budget's clock starts inside it; the process start-up, ~7 s, is outside both).
 Targets: every budgeted run ends within B + 5%; auto within 1 pt of the best fixed mode at each budget; auto not

@@ -172,12 +172,11 @@ def record_budget_use(cfg: DictConfig, strategy_info: dict, probe: probe_init.Pr
     """auto under `trainer.time_limit`: what it tried with the budget, added to decision.json (and the summary's
     decision paragraph). `probe`: the one auto fitted before its fine-tune, else None."""
     decision = strategy_info.get("decision")
-    if not decision or cfg.trainer.time_limit is None:
+    if not decision or result.get("budget") is None:
         return
     decision["budget"] = auto.budget_record(
         probe.info if probe else None, result["history"], result["best_epoch"], cfg.trainer.monitor,
-        mode=strategy_info["mode"], limit=cfg.trainer.time_limit,
-        fit=result["budget"].report() if result.get("budget") is not None else None)
+        mode=strategy_info["mode"], limit=cfg.trainer.time_limit, fit=result["budget"].report())
     if distributed.is_main():
         auto.write_decision(run_dir, decision)
 

@@ -101,3 +101,7 @@ def check_values(cfg: Any) -> None:
     for group, schema in GROUPS.items():
         if group in cfg:
             check_group(group, schema, cfg[group])
+    trainer = cfg["trainer"] if "trainer" in cfg else {}
+    if "epochs" in trainer and trainer["epochs"] is None and trainer.get("time_limit") is None:
+        raise ConfigError("trainer.epochs and trainer.time_limit are both null: give a wall-clock budget "
+                          "(e.g. trainer.time_limit=2m) or an epoch count (e.g. trainer.epochs=5)")

@@ -164,7 +164,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = number(1, example=5)
+    epochs: Optional[int] = number(1, example=5, optional=True)  # null: the time limit plans the epochs
     time_limit: Optional[str] = value()  # null or a duration: 90s, 10m, 1.5h (checks.py parse_duration)
     batch_size: int = number(1, example=32)
     eval_batch_size: int = number(1, example=64)
@@ -240,10 +240,25 @@ class Config:
     backbones: list = value()
 
 
+def unless_epochs(epochs: int | None, budget: str) -> str | None:
+    """`trainer.time_limit`'s default (`${unless_epochs:${.epochs},2m}`): the budget while `trainer.epochs` is
+    null, and no limit once an epoch count is given, so `trainer.epochs=N` alone trains N epochs as it always has."""
+    return budget if epochs is None else None
+
+
+def if_null(x: Any, fallback: Any) -> Any:
+    """`${if_null:${trainer.epochs},5}`: `x`, or `fallback` where it is null."""
+    return fallback if x is None else x
+
+
 def register_configs() -> None:
+    """The schema as `_config_schema` and the resolvers conf/ uses (idempotent)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="_config_schema", node=Config)
+    OmegaConf.register_new_resolver("unless_epochs", unless_epochs, replace=True)
+    OmegaConf.register_new_resolver("if_null", if_null, replace=True)
 
 
 GROUPS = {"dataset": DatasetConfig, "backbone": BackboneConfig, "strategy": StrategyConfig,

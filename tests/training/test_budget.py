@@ -1,5 +1,5 @@
-"""`trainer.time_limit` (training/budget.py): the duration parser, the plan from measured speed, the LR schedule
-over the planned steps, a clean stop at the limit and a resume within what is left of the budget.
+"""`trainer.time_limit` (training/budget.py): the default budget, the duration parser, the plan from measured
+speed, the LR schedule over the planned steps, a clean stop at the limit and a resume within what is left of it.
 
 Time is virtual: a fake clock (`budget.now`) that only the tests move, by a fixed amount per train step."""
 from __future__ import annotations
@@ -112,7 +112,20 @@ def test_a_bad_duration_is_a_one_line_error_at_start_up(override):
         check_values(compose_cfg([f"trainer.time_limit={override}"]))
     message = str(err.value)
     assert message.startswith("trainer.time_limit=") and "is not a duration" in message and "\n" not in message
-    check_values(compose_cfg(["trainer.time_limit=null"]))  # no limit: the epoch count
+    check_values(compose_cfg(["trainer.time_limit=null", "trainer.epochs=5"]))  # no limit: the epoch count
+
+
+def test_the_default_is_a_time_limit_and_an_epoch_count_alone_trains_that_count():
+    default = compose_cfg([])
+    assert default.trainer.epochs is None and parse_duration("trainer.time_limit", default.trainer.time_limit) == 120
+    counted = compose_cfg(["trainer.epochs=7"])  # as before the budget default: 7 epochs, no limit
+    assert counted.trainer.time_limit is None and counted.features.head_epochs == 7
+    both = compose_cfg(["trainer.epochs=7", "trainer.time_limit=5m"])  # at most 7 epochs within 5 minutes
+    assert (both.trainer.epochs, both.trainer.time_limit) == (7, "5m")
+    assert compose_cfg(["trainer.time_limit=10m"]).features.head_epochs == 5  # the cached linear head's own count
+    with pytest.raises(ConfigError) as err:
+        check_values(compose_cfg(["trainer.time_limit=null"]))
+    assert str(err.value).startswith("trainer.epochs and trainer.time_limit are both null")
 
 
 def test_the_schedule_spans_the_planned_steps():
@@ -176,6 +189,23 @@ def test_steps_slower_than_planned_end_the_epoch_at_the_limit(tmp_path, virtual_
     assert meta["epoch"] == metrics["best_epoch"] and not (run / "last.pt").exists()
     assert json.loads((run / "metrics.json").read_text())["budget"]["stopped"] == "time_limit"
     assert "## Time budget" in (run / "summary.md").read_text()
+
+
+def test_without_an_epoch_count_the_default_budget_plans_the_epochs(tmp_path, virtual_time, monkeypatch):
+    """trainer.epochs=null under the default limit (2m): 2 steps of 10 s per epoch plan 2 + (120 - 40 - 5) // 20
+    = 5 epochs, all run, the last annealed. With 1 s steps the plan stops at UNCAPPED_MAX_EPOCHS (3 here)."""
+    virtual_time.seconds = lambda step: 10.0
+    data = write_tiny_folder(tmp_path / "data")
+    metrics = train(_cfg(tmp_path / "run", data, "trainer.max_train_batches=2", "trainer.epochs=null"))
+    b = metrics["budget"]
+    assert b["limit"] == "2m" and b["max_epochs"] == budget.UNCAPPED_MAX_EPOCHS
+    assert b["planned_epochs"] == 5 and len(metrics["history"]) == 5 and b["stopped"] == "planned_epochs"
+    assert metrics["history"][-1]["lr_head"] == pytest.approx(0.0, abs=1e-12)
+
+    virtual_time.seconds = lambda step: 1.0
+    monkeypatch.setattr(budget, "UNCAPPED_MAX_EPOCHS", 3)
+    metrics = train(_cfg(tmp_path / "capped", data, "trainer.max_train_batches=2", "trainer.epochs=null"))
+    assert metrics["budget"]["planned_epochs"] == 3 and len(metrics["history"]) == 3
 
 
 def test_resume_continues_within_what_is_left_of_the_budget(tmp_path, virtual_time, monkeypatch):

@@ -4,7 +4,8 @@ the better on val is `best`, and decision.json says what was tried, for how long
 limit auto runs its mode as before.
 
 The auto thresholds steer the decision on the tiny folder: `similar_gain=5` makes any data "different" (small +
-different -> partial), `similar_gain=-5` makes it "similar" (small + similar -> linear_probe)."""
+different -> partial), `similar_gain=-5` makes it "similar" (small + similar -> linear_probe; under a limit, the
+probe and then a partial fine-tune)."""
 from __future__ import annotations
 
 import json
@@ -121,11 +122,19 @@ def test_without_a_limit_auto_fine_tunes_from_a_zero_head_as_before(tiny_folder,
     assert "budget" not in metrics["decision"] and metrics["best_epoch"] == 1
 
 
-def test_when_the_rule_picks_the_probe_the_budget_record_says_no_fine_tune_was_tried(tiny_folder, cfg_factory):
-    metrics = train(_auto_cfg(cfg_factory, tiny_folder, SIMILAR, "trainer.time_limit=10m"))
-    assert metrics["mode"] == "linear_probe"
-    budget = metrics["decision"]["budget"]
-    assert budget["kept"] == "linear_probe" and budget["tried"] == [] and "no fine-tune" in budget["why"]
+def test_when_the_rule_picks_the_probe_a_budget_also_tries_a_fine_tune_after_it(tiny_folder, cfg_factory,
+                                                                                 monkeypatch):
+    """small + similar: without a limit the cached probe alone; with one, the probe (saved as `best`), then a
+    partial fine-tune with `similar_freeze_depth` groups frozen, and the record says both were tried."""
+    heads = _spy_probe_head(monkeypatch)
+    metrics = train(_auto_cfg(cfg_factory, tiny_folder, SIMILAR, "trainer.time_limit=10m",
+                              "strategy.auto.similar_freeze_depth=3"))
+    decision = metrics["decision"]
+    assert metrics["mode"] == "partial" and decision["rule_mode"] == "linear_probe" and decision["freeze_depth"] == 3
+    assert len(heads) == 1 and [t["what"] for t in decision["budget"]["tried"]] == ["probe", "fine-tune (partial)"]
+    assert "then a fine-tune with the first 3 generic groups frozen" in decision["rule"]
+    no_limit = train(_auto_cfg(cfg_factory, tiny_folder, SIMILAR, "output_dir=" + str(tiny_folder.parent / "nl")))
+    assert no_limit["mode"] == "linear_probe" and "budget" not in no_limit["decision"]
 
 
 def test_budget_paragraph_lists_what_was_tried():

@@ -18,6 +18,7 @@ from pipeline.training.validate import validate_config
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.epochs=0", "trainer.epochs=0 must be positive (e.g. trainer.epochs=5)"),
+    ("trainer.time_limit=null", "trainer.epochs and trainer.time_limit are both null: give a wall-clock budget"),
     ("trainer.batch_size=0", "trainer.batch_size=0 must be positive"),
     ("trainer.eval_batch_size=-4", "trainer.eval_batch_size=-4 must be positive"),
     ("trainer.num_workers=-1", "trainer.num_workers=-1 must be >= 0"),
