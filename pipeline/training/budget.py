@@ -4,7 +4,8 @@ The run measures its own speed: the first PROBE_STEPS train steps of its first e
 a provisional plan; that epoch in full, its val evaluation and its checkpoint writes give the plan, and the second
 epoch, the first with everything warm (model, allocator, loader), remakes it (MEASURED_EPOCHS; a resumed session
 measures its own first two). Epoch 1 ran 1.3-1.9x slower than the next ones, so a plan from it alone left up to a
-quarter of a 2-minute budget unused (chest_xray: 4 epochs in 88 s of 120). A plan counts
+quarter of a 2-minute budget unused (chest_xray: 4 epochs in 88 s of 120). In the plan's first half a later,
+faster epoch re-plans upward (REPLAN_GAIN; epoch 2 is not always warm). A plan counts
 the time spent since the run started (data listing, audit, model build; on resume also the time saved in
 last.pt) and keeps time for the work after the loop: the test evaluation (the measured val evaluation x the
 test/val image ratio) and the reports (RESERVE_S). `trainer.epochs` is the upper bound (null, the default:
@@ -27,6 +28,7 @@ from pipeline.runtime import distributed
 
 PROBE_STEPS = 5  # train steps measured before the provisional plan
 MEASURED_EPOCHS = 2  # epochs of a session whose speed (re)makes the plan: the first, then the first warm one
+REPLAN_GAIN = 2  # later epochs re-plan (upward, in the plan's first half) when their speed adds this many epochs
 RESERVE_S = 5.0  # kept for the reports (plots, galleries, summary) after the loop
 UNCAPPED_MAX_EPOCHS = 100  # trainer.epochs=null: the most epochs a plan may use (digits in 2 minutes on 2 cores planned 16-19)
 EVAL_PER_TRAIN = 0.5  # until measured: a val image's time as a share of a train image's (forward only)
@@ -88,6 +90,7 @@ class TimeBudget:
         self.speed: Speed | None = None
         self.measured: dict = {}
         self.planned = self.provisional = self.spent_before_training = self.loop_end_s = None
+        self.plans: list[dict] = []  # every plan made after an epoch: {"after_epoch", "epochs"}
         self.epochs_run, self.stopped, self.stopped_at = 0, None, None
         self._measured_epochs, self._timed = 0, {}  # this session's; this epoch's eval/checkpoint seconds
         self._epoch, self._t0, self._steps, self._done, self._first_step, self._last_step = 0, 0.0, 0, 0, 0.0, 0.0
@@ -176,14 +179,31 @@ class TimeBudget:
 
     def end_epoch(self, stats: dict) -> None:
         """After the epoch's evaluation and checkpoints: the session's first MEASURED_EPOCHS epochs (re)make the
-        plan from their own speed, for the time left now."""
+        plan from their own speed, for the time left now. Later, in the plan's first half, an epoch fast enough to
+        add REPLAN_GAIN epochs or more replaces the speed and re-plans upward (a slower one is left to the stop
+        within the epoch): epoch 2 is not always warm (chest_xray partial, 5 minutes: 10.4 s of training
+        against about 8 s in epochs 3-24, which left 63 s of the 300 unused)."""
         self.epochs_run += 1
-        if self._measured_epochs < MEASURED_EPOCHS and self._steps:
-            self.speed, self._measured_epochs = self._this_epoch(), self._measured_epochs + 1
-            self.measured.update(step_s=self.speed.step_s, overhead_s=self.speed.overhead_s,
-                                 eval_s=self.speed.eval_s, checkpoint_s=self.speed.checkpoint_s,
-                                 train_img_per_s=stats["train_img_per_s"], from_epoch=self._epoch)
-            self.replan(self.speed, self.elapsed(), self._epoch)
+        if not self._steps:
+            return
+        speed = self._this_epoch()
+        if self._measured_epochs < MEASURED_EPOCHS:
+            self._measured_epochs += 1
+        elif not (self._done + self._steps == self.steps_per_epoch and 2 * self._epoch <= (self.planned or 0)
+                  and distributed.from_main(lambda: self._plan(speed)) >= self.planned + REPLAN_GAIN):
+            return
+        self.speed = speed
+        self.measured.update(step_s=speed.step_s, overhead_s=speed.overhead_s, eval_s=speed.eval_s,
+                             checkpoint_s=speed.checkpoint_s, train_img_per_s=stats["train_img_per_s"],
+                             from_epoch=self._epoch)
+        self.replan(speed, self.elapsed(), self._epoch)
+        self.plans.append({"after_epoch": self._epoch, "epochs": self.planned})
+
+    def _plan(self, speed: Speed) -> int:
+        """Epochs in all that fit from now at `speed`, this epoch done."""
+        return plan_epochs(limit_s=self.limit_s, spent_s=self.elapsed(), steps_per_epoch=self.steps_per_epoch,
+                           speed=speed, final_s=speed.eval_s * self.test_ratio, max_epochs=self.max_epochs,
+                           done_epochs=self._epoch)
 
     def end_loop(self) -> None:
         self.stopped = self.stopped or "planned_epochs"
@@ -211,7 +231,8 @@ class TimeBudget:
         speed, total = self._estimate(), self.elapsed()
         return {"limit": self.limit, "limit_s": self.limit_s, "max_epochs": self.max_epochs,
                 "steps_per_epoch": self.steps_per_epoch, "provisional_epochs": self.provisional,
-                "planned_epochs": self.planned, "epochs_run": self.epochs_run, "stopped": self.stopped,
+                "planned_epochs": self.planned, "plans": self.plans, "epochs_run": self.epochs_run,
+                "stopped": self.stopped,
                 "stopped_at": self.stopped_at,
                 "measured": {"train_img_per_s": self.measured.get("train_img_per_s"),
                              "s_per_step": self.measured.get("step_s"), "eval_s": self.measured.get("eval_s"),

@@ -87,6 +87,26 @@ def test_the_first_warm_epoch_remakes_the_plan():
     assert b.planned == 8 and b.speed.step_s == 0.5 and len(plans) == 3  # provisional, epoch 1, epoch 2
 
 
+def test_a_later_faster_epoch_re_plans_upward_in_the_plans_first_half():
+    """Limit 120 s, 10 steps and a 1 s eval per epoch. Epochs 1-2 at 1 s/step plan 10 epochs. Epoch 3 at 0.5 s/step
+    (t = 28 s) fits 3 + (120 - 28 - 5) / 6 -> 17 (>= 10 + REPLAN_GAIN): the plan and the schedule grow. A slower
+    epoch 4 does not shrink it (the stop within an epoch guards the limit), and in the plan's second half even a
+    much faster epoch 9 leaves it (re-spanning the schedule there would raise an annealed LR)."""
+    clock, plans = FakeClock(), []
+    b = budget.TimeBudget("2m", started=0.0, steps_per_epoch=10, max_epochs=100, val_images=16, test_images=0,
+                          images_per_step=8, on_plan=plans.append, clock=clock)
+    for epoch in (1, 2):
+        _measure_one_epoch(clock, b, steps=10, step_s=1.0, eval_s=1.0, epoch=epoch)
+    assert b.planned == 10
+    _measure_one_epoch(clock, b, steps=10, step_s=0.5, eval_s=1.0, epoch=3)
+    assert b.planned == 17 and plans[-1] == 17 and b.report()["plans"][-1] == {"after_epoch": 3, "epochs": 17}
+    _measure_one_epoch(clock, b, steps=10, step_s=1.0, eval_s=1.0, epoch=4)
+    assert b.planned == 17 and b.speed.step_s == 0.5
+    for epoch in range(5, 10):
+        _measure_one_epoch(clock, b, steps=10, step_s=0.5 if epoch < 9 else 0.2, eval_s=1.0, epoch=epoch)
+    assert b.planned == 17 and [p["after_epoch"] for p in b.report()["plans"]] == [1, 2, 3]
+
+
 def test_a_slow_first_step_alone_does_not_end_the_first_epoch():
     """The first step carries the warm-up (20 s here, then 1 s): judged alone it would leave no time (20 s + a 20 s
     eval estimate > 60 - 5 s kept), so the epoch goes on; from step 2 the speed is that of the steps after it."""
