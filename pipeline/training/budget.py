@@ -30,7 +30,7 @@ PROBE_STEPS = 5  # train steps measured before the provisional plan
 MEASURED_EPOCHS = 2  # epochs of a session whose speed (re)makes the plan: the first, then the first warm one
 REPLAN_GAIN = 2  # later epochs re-plan (upward, in the plan's first half) when their speed adds this many epochs
 RESERVE_S = 5.0  # kept for the reports (plots, galleries, summary) after the loop
-UNCAPPED_MAX_EPOCHS = 100  # trainer.epochs=null: the most epochs a plan may use (digits in 2 minutes on 2 cores planned 16-19)
+UNCAPPED_MAX_EPOCHS = 100  # trainer.epochs=null: the most epochs a plan may use (digits, 2 minutes: 16-19)
 EVAL_PER_TRAIN = 0.5  # until measured: a val image's time as a share of a train image's (forward only)
 
 
