@@ -232,8 +232,7 @@ class TimeBudget:
         return {"limit": self.limit, "limit_s": self.limit_s, "max_epochs": self.max_epochs,
                 "steps_per_epoch": self.steps_per_epoch, "provisional_epochs": self.provisional,
                 "planned_epochs": self.planned, "plans": self.plans, "epochs_run": self.epochs_run,
-                "stopped": self.stopped,
-                "stopped_at": self.stopped_at,
+                "stopped": self.stopped, "stopped_at": self.stopped_at,
                 "measured": {"train_img_per_s": self.measured.get("train_img_per_s"),
                              "s_per_step": self.measured.get("step_s"), "eval_s": self.measured.get("eval_s"),
                              "checkpoint_s": self.measured.get("checkpoint_s"),
@@ -265,6 +264,6 @@ def from_config(t: DictConfig, *, started: float | None, steps_per_epoch: int, v
 
 def auto_spends_budget(cfg: DictConfig, mode: str) -> bool:
     """`strategy.mode=auto` under `trainer.time_limit`, resolved to a mode whose backbone trains: the budget goes
-    to the cheap converged probe on cached features first, then the fine-tune (probe-initialised) for the time
-    left, and the better of the two on val is kept (train.py). Without a limit, auto runs its mode as before."""
+    to the cheap converged probe on cached features first, then the fine-tune (from the fixed mode's head) for the
+    time left, and the better of the two on val is kept (train.py). Without a limit, auto runs its mode as before."""
     return cfg.trainer.time_limit is not None and cfg.strategy.mode == "auto" and mode in BACKBONE_MODES

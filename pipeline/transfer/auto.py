@@ -71,7 +71,8 @@ def spend_budget_on_finetune(decision: dict, similar_freeze_depth: int) -> dict:
     """Under `trainer.time_limit`, small + similar data gets the time left after its probe: auto fits the probe
     (saved as `best`) and then fine-tunes as for large + similar data (the first `similar_freeze_depth` groups
     frozen); an epoch replaces the probe only by beating it on val (train.py). Without a limit the probe alone
-    runs, in seconds. Flowers (2 minutes, seed 42): probe 85.7, partial 86.3, finetune 87.3 test balanced accuracy."""
+    runs, in seconds. Flowers at 2 minutes, 3 seeds: 86.4 +- 2.0 test balanced accuracy against the probe's 86.2 +- 1.0
+    (README "Measured: time budgets")."""
     if decision["mode"] != "linear_probe":
         return decision
     depth = min(similar_freeze_depth, decision["n_groups"])
