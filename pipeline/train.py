@@ -30,6 +30,7 @@ from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import budget, calibration, interrupts, loop, mixing, resume
 from pipeline.training.fit import fit
+from pipeline.training.metrics import val_test_gap
 from pipeline.training.setup import (
     RUNTIME_SKIP_LOG,
     build_data,
@@ -226,6 +227,9 @@ def evaluate_best(cfg: DictConfig, run_dir: Path, result: dict, splits, eval_tf,
         metrics["test"], *test_out = loop.evaluate(best_model.to(device), test_loader, result["eval_loss"], device,
                                                    len(splits.classes), cfg.trainer.progress, "test", accel=accel)
         evals["test"] = tuple(test_out)
+        metrics["val_test_gap"] = val_test_gap(*evals["val"], *evals["test"])
+        if (metrics["val_test_gap"] or {}).get("shifted"):
+            _logger.warning(summary.gap_line(metrics["val_test_gap"]))
     if result.get("calibration"):
         metrics["calibration"] = calibration.add_test_record(result["calibration"], *evals["test"]) \
             if "test" in evals else result["calibration"]

@@ -35,7 +35,9 @@ def model_section(model_info: dict) -> list[str]:
 
 def results_section(metrics: dict) -> list[str]:
     lines = ["## Results", "", f"- best epoch: {metrics['best_epoch']} (by val {metrics['monitor']})",
-             f"- train time: {metrics['train_seconds']:.1f} s", ""]
+             f"- train time: {metrics['train_seconds']:.1f} s"]
+    lines += [f"- {gap_line(metrics['val_test_gap'])}"] if metrics.get("val_test_gap") else []
+    lines += [""]
     names = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
     lines += ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for split in ("val", "test"):
@@ -47,6 +49,16 @@ def results_section(metrics: dict) -> list[str]:
         lines.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {h['val_accuracy']:.4f} "
                      f"| {h['val_balanced_accuracy']:.4f} | {h['train_img_per_s']:.1f} |")
     return lines + [""]
+
+
+def gap_line(gap: dict) -> str:
+    """One line on test vs val balanced accuracy (training/metrics.py val_test_gap)."""
+    line = (f"test vs val: balanced accuracy {gap['test']:.4f} vs {gap['val']:.4f}, {100 * abs(gap['gap']):.1f} "
+            f"points {'lower' if gap['gap'] >= 0 else 'higher'} ({abs(gap['z']):.1f} standard errors)")
+    if gap["shifted"]:
+        return (line + ": SHIFTED TEST SPLIT, more than sampling explains; test is not drawn like val, so val "
+                "(which chose the epoch, temperature and TTA) cannot see it. Put some images like test into val")
+    return line + ": within what the two splits' sampling explains"
 
 
 def imbalance_section(plan: dict) -> list[str]:

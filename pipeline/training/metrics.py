@@ -49,6 +49,36 @@ def report_text(labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str
     return f"{text}\nbalanced accuracy {bal:.4f}\n"
 
 
+SHIFT_SE = 3.0  # test below val by more than this many standard errors of the difference: flagged
+SHIFT_MIN = 0.03  # ... and by at least this much balanced accuracy (val, which picked the epoch, runs a bit high)
+
+
+def balanced_accuracy_se(labels: np.ndarray, preds: np.ndarray) -> tuple[float, float]:
+    """(balanced accuracy, its standard error): the mean of the per-class recalls r_c over the classes present,
+    SE = sqrt(sum_c r_c (1 - r_c) / n_c) / C (binomial per class)."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    classes = np.unique(labels)
+    recalls = np.array([np.mean(preds[labels == c] == c) for c in classes])
+    counts = np.array([np.sum(labels == c) for c in classes])
+    return float(recalls.mean()), float(np.sqrt(np.sum(recalls * (1 - recalls) / counts)) / len(classes))
+
+
+def val_test_gap(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
+                 test_labels: np.ndarray) -> dict | None:
+    """How far test balanced accuracy falls below val's, in points and in standard errors of the difference.
+    `shifted` when the drop is over SHIFT_SE standard errors and SHIFT_MIN: the test split is not drawn like
+    val (another source, time or site), so val, which chose the epoch, the temperature and TTA, cannot see
+    what test measures. None when either split is empty."""
+    if not len(val_labels) or not len(test_labels):
+        return None
+    val, val_se = balanced_accuracy_se(val_labels, np.asarray(val_logits).argmax(1))
+    test, test_se = balanced_accuracy_se(test_labels, np.asarray(test_logits).argmax(1))
+    gap, se = val - test, float(np.hypot(val_se, test_se))
+    z = gap / se if se > 0 else (float("inf") if gap > 0 else 0.0)
+    return {"val": val, "test": test, "gap": gap, "se": se, "z": z,
+            "shifted": bool(gap > SHIFT_MIN and z > SHIFT_SE)}
+
+
 def monitor_direction(name: str) -> str:
     """'max' or 'min' for a `trainer.monitor` value (loss-like metrics: lower is better)."""
     return MONITORS[name]

@@ -12,7 +12,14 @@ from conftest import make_imagefolder
 from pipeline.errors import ConfigError
 from pipeline.reports.plots import plot_curves, read_confusion_csv, write_split_reports
 from pipeline.train import train
-from pipeline.training.metrics import MonitorTracker, classification_metrics, per_class_metrics, report_text
+from pipeline.training.metrics import (
+    MonitorTracker,
+    balanced_accuracy_se,
+    classification_metrics,
+    per_class_metrics,
+    report_text,
+    val_test_gap,
+)
 
 # 8 majority "b", 2 minority "a"; the model says "b" for all but one minority image
 LABELS = np.array([0, 0] + [1] * 8)
@@ -79,6 +86,33 @@ def test_train_writes_imbalance_artifacts_and_stops_early(tmp_path, cfg_factory)
     assert plan["prior_bias"]["bias"] == pytest.approx([np.log(0.5)] * 2)
     summary = (run / "summary.md").read_text()
     assert "## Per-class metrics" in summary and "| blue | 4 | 2.5000 | 0.5000 |" in summary
+    gap = metrics["val_test_gap"]  # val and test both come from the same generator: no shift flagged
+    assert gap["val"] == pytest.approx(metrics["val"]["balanced_accuracy"]) and not gap["shifted"]
+    assert "- test vs val: balanced accuracy" in summary
+
+
+def logits_for(labels: np.ndarray, recalls: list[float]) -> np.ndarray:
+    """One-hot logits of a 2-class model whose recall on class c is recalls[c] (the first images right)."""
+    preds = labels.copy()
+    for c, r in enumerate(recalls):
+        idx = np.flatnonzero(labels == c)
+        preds[idx[round(r * len(idx)):]] = 1 - c
+    return np.eye(2)[preds]
+
+
+def test_val_test_gap_flags_a_shift_only_beyond_sampling_error():
+    big, small = np.repeat([0, 1], 200), np.repeat([0, 1], 10)
+    bal, se = balanced_accuracy_se(big, logits_for(big, [0.9, 0.7]).argmax(1))
+    assert bal == pytest.approx(0.8) and se == pytest.approx(np.sqrt(0.09 / 200 + 0.21 / 200) / 2)
+    # 0.97 on val vs 0.80 on test with 400 images each: ~7 standard errors, a shifted test split
+    shifted = val_test_gap(logits_for(big, [0.97, 0.97]), big, logits_for(big, [0.9, 0.7]), big)
+    assert shifted["gap"] == pytest.approx(0.17) and shifted["z"] > 5 and shifted["shifted"]
+    # the same 0.2 drop on 20 images each is within sampling error (SE ~0.1)
+    noisy = val_test_gap(logits_for(small, [1.0, 0.9]), small, logits_for(small, [0.8, 0.7]), small)
+    assert noisy["gap"] == pytest.approx(0.2) and not noisy["shifted"]
+    # test above val is never a shift
+    assert not val_test_gap(logits_for(big, [0.7, 0.7]), big, logits_for(big, [0.9, 0.9]), big)["shifted"]
+    assert val_test_gap(np.zeros((0, 2)), np.zeros(0, int), logits_for(big, [1, 1]), big) is None
 
 
 def test_unknown_monitor_fails_before_training(cfg_factory, tiny_folder):
