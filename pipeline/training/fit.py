@@ -4,6 +4,7 @@ a clean stop on SIGINT/SIGTERM, `trainer.time_limit` (training/budget.py) and `t
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -114,38 +115,25 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
                 stats = budget.partial_stats(stats["partial"])
             stats = distributed.reduce_train_stats(stats)
             with budget.measure(clock, "eval"):
-                val, *val_out = loop.evaluate(model, loaders["val"], eval_loss, device, meta["num_classes"],
-                                                t.progress, "val", accel=accel)
-                if ema is not None:
-                    ema_val, *ema_out = loop.evaluate(ema.module, loaders["val"], eval_loss, device,
-                                                      meta["num_classes"], t.progress, "val (ema)", accel=accel)
-            history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()},
-                            **({f"ema_val_{k}": v for k, v in ema_val.items()} if ema is not None else {}),
+                ev = evaluate_epoch(model, ema, loaders["val"], eval_loss, device, meta["num_classes"], t, accel,
+                                    tracker.mode)
+            history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in ev.raw.items()},
+                            **({f"ema_val_{k}": v for k, v in ev.ema.items()} if ev.ema is not None else {}),
                             **tracking.group_lrs(optimizer)})  # each group's LR at the epoch's end
             guard.check_weights(model, optimizer, epoch)  # never save non-finite weights as `best` or `last`
-            weights, best_meta, raw_val = model, {}, val  # the epoch's candidate for `best`: raw, or the EMA if better
-            if ema is not None:
-                use_ema = averaging.ema_wins(ema_val[t.monitor], val[t.monitor], tracker.mode)
-                best_meta = {"weights_source": "ema" if use_ema else "raw"}
-                if use_ema:
-                    weights, val, val_out = ema.module, ema_val, ema_out
-            improved = tracker.update(val[t.monitor], epoch)
+            improved = tracker.update(ev.val[t.monitor], epoch)
             with budget.measure(clock, "checkpoint"):
                 if improved:
-                    best_val = tuple(val_out)
+                    best_val = ev.val_out
                     if distributed.is_main():  # the unwrapped model: loads without DDP
-                        checkpoint.save_checkpoint(run_dir, "best", weights,
-                                                   {**meta, "epoch": epoch, "val_metrics": val, **best_meta})
+                        checkpoint.save_checkpoint(run_dir, "best", ev.weights,
+                                                   {**meta, "epoch": epoch, "val_metrics": ev.val, **ev.meta})
                 last.save(epoch, history, best_val)
             if clock is not None:
                 clock.end_epoch(stats)  # the first epoch measured (train, eval, checkpoints) gives the plan
             curves.log(history)
-            _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  lr %.2e  "
-                         "%.1f img/s%s%s", epoch, clock.planned if clock else max_epochs, stats["train_loss"],
-                         raw_val["loss"], raw_val["accuracy"], raw_val["balanced_accuracy"],
-                         history[-1].get("lr_head", float("nan")), stats["train_img_per_s"],
-                         f"  ema val_{t.monitor} {ema_val[t.monitor]:.4f}" if ema is not None else "",
-                         f"  *best*{' (ema)' if best_meta.get('weights_source') == 'ema' else ''}" if improved else "")
+            log_epoch(epoch, clock.planned if clock else max_epochs, stats, ev, history[-1].get("lr_head"), t.monitor,
+                      improved)
             if stop_all():
                 raise stop.interrupted(run_dir, f"at the end of epoch {epoch}")
             if clock is not None and clock.stopped:
@@ -165,3 +153,39 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     if ema is not None:
         result["weight_averaging"] = averaging.record(history, tracker.best_epoch, t.monitor, tracker.mode, ema.decay)
     return result
+
+
+@dataclass
+class EpochEval:
+    """One epoch on val: the raw weights' metrics, the EMA's (None without `trainer.ema`), and the epoch's
+    candidate for `best` (the EMA where it is strictly better on the monitor): its weights, metrics, (logits,
+    labels) and best.json extras (`weights_source`)."""
+    raw: dict
+    ema: dict | None
+    weights: torch.nn.Module
+    val: dict
+    val_out: tuple
+    meta: dict
+
+
+def evaluate_epoch(model, ema: averaging.WeightAverage | None, loader, eval_loss, device: torch.device,
+                   num_classes: int, t: DictConfig, accel, mode: str) -> EpochEval:
+    """Evaluate the raw weights (and the EMA, if kept) on val and pick the epoch's candidate for `best`."""
+    val, *val_out = loop.evaluate(model, loader, eval_loss, device, num_classes, t.progress, "val", accel=accel)
+    if ema is None:
+        return EpochEval(val, None, model, val, tuple(val_out), {})
+    ema_val, *ema_out = loop.evaluate(ema.module, loader, eval_loss, device, num_classes, t.progress, "val (ema)",
+                                      accel=accel)
+    if averaging.ema_wins(ema_val[t.monitor], val[t.monitor], mode):
+        return EpochEval(val, ema_val, ema.module, ema_val, tuple(ema_out), {"weights_source": "ema"})
+    return EpochEval(val, ema_val, model, val, tuple(val_out), {"weights_source": "raw"})
+
+
+def log_epoch(epoch: int, planned: int, stats: dict, ev: EpochEval, lr: float | None, monitor: str,
+              improved: bool) -> None:
+    """The epoch's log line: the raw weights' val, the EMA's monitor value, and *best* when the epoch improved."""
+    _logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bal_acc %.4f  lr %.2e  "
+                 "%.1f img/s%s%s", epoch, planned, stats["train_loss"], ev.raw["loss"], ev.raw["accuracy"],
+                 ev.raw["balanced_accuracy"], float("nan") if lr is None else lr, stats["train_img_per_s"],
+                 f"  ema val_{monitor} {ev.ema[monitor]:.4f}" if ev.ema is not None else "",
+                 f"  *best*{' (ema)' if ev.meta.get('weights_source') == 'ema' else ''}" if improved else "")
