@@ -54,7 +54,8 @@ def results_section(metrics: dict) -> list[str]:
 def gap_line(gap: dict) -> str:
     """One line on test vs val balanced accuracy (training/metrics.py val_test_gap)."""
     line = (f"test vs val: balanced accuracy {gap['test']:.4f} vs {gap['val']:.4f}, {100 * abs(gap['gap']):.1f} "
-            f"points {'lower' if gap['gap'] >= 0 else 'higher'} ({abs(gap['z']):.1f} standard errors)")
+            f"points {'lower' if gap['gap'] >= 0 else 'higher'}"
+            + (f" ({abs(gap['z']):.1f} standard errors)" if gap["z"] is not None else ""))
     if gap["shifted"]:
         return (line + ": SHIFTED TEST SPLIT, more than sampling explains; test is not drawn like val, so val "
                 "(which chose the epoch, temperature and TTA) cannot see it. Put some images like test into val")

@@ -74,9 +74,9 @@ def val_test_gap(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np
     val, val_se = balanced_accuracy_se(val_labels, np.asarray(val_logits).argmax(1))
     test, test_se = balanced_accuracy_se(test_labels, np.asarray(test_logits).argmax(1))
     gap, se = val - test, float(np.hypot(val_se, test_se))
-    z = gap / se if se > 0 else (float("inf") if gap > 0 else 0.0)
+    z = gap / se if se > 0 else None  # None: both splits all right or all wrong per class (no sampling spread)
     return {"val": val, "test": test, "gap": gap, "se": se, "z": z,
-            "shifted": bool(gap > SHIFT_MIN and z > SHIFT_SE)}
+            "shifted": bool(gap > SHIFT_MIN and (z is None or z > SHIFT_SE))}
 
 
 def monitor_direction(name: str) -> str:
