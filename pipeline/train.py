@@ -90,7 +90,8 @@ def train(cfg: DictConfig) -> dict:
     if main:
         write_json(run_dir / "audit.json", audit_report)  # now with the label issues, if looked for
         write_audit_sheets(run_dir, audit_report, cfg.dataset.max_pixels)  # beside audit.json
-    strategy_info = setup_strategy(cfg, model, splits.train, eval_tf, device, run_dir, resumed=resumed is not None)
+    strategy_info = setup_strategy(cfg, model, splits, eval_tf, device, run_dir, accel=accel, started=started,
+                                   resumed=resumed is not None)
     cached_path = cached_fit.use_cached_path(cfg.features, strategy_info["mode"])  # backbone once, head on features
     with distributed.main_first():
         cache, cache_mode = build_image_cache(cfg, splits, data_cfg, repeated=not cached_path)

@@ -103,6 +103,7 @@ class AutoStrategyConfig:
     sample_total: int = number(2, example=300)
     similar_freeze_depth: int = number(0, example=2)
     shallow_unfreeze: int = number(0, example=3)
+    deep_min_steps: int = number(0, example=100)
 
 
 @dataclass

@@ -147,3 +147,47 @@ def test_budget_paragraph_lists_what_was_tried():
     assert record["kept"] == "fine-tune epoch 2" and record["tried"][1]["seconds"] == 90.0
     assert "val 0.8000 in 2.5 s (30 head epochs)" in text and "2 epoch(s) of 3 planned in 90.0 s" in text
     assert "0.7000, 0.9000" in text
+
+
+@pytest.mark.parametrize("min_steps, chosen", [(1, "deep"), (10**6, "shallow")])
+def test_small_different_data_trains_deeper_when_the_budget_fits_enough_steps(tiny_folder, cfg_factory, min_steps,
+                                                                              chosen):
+    """small + different under a limit: a train step at `similar_freeze_depth` is timed and the steps the limit
+    fits at that speed decide between it and the shallow unfreeze; the model trains at the chosen depth and
+    decision.json says why. The tiny backbone has 6 layer groups: shallow (top 2 train) leaves 4 frozen, deep 1."""
+    cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m", "strategy.auto.shallow_unfreeze=2",
+                    "strategy.auto.similar_freeze_depth=1", f"strategy.auto.deep_min_steps={min_steps}")
+    metrics = train(cfg)
+    decision = json.loads((Path(cfg.output_dir) / "decision.json").read_text())
+    record = decision["budget_depth"]
+    assert decision["n_groups"] == 6 and record["chosen"] == chosen and record["min_steps"] == min_steps
+    assert record["timed_step_s"] > 0 and record["timed_forward_s"] > 0 and record["timed_batch"] > 0
+    assert record["fitting_steps"] >= 1 and (record["fitting_steps"] >= min_steps) == (chosen == "deep")
+    depth = {"deep": 1, "shallow": 4}[chosen]
+    assert decision["freeze_depth"] == metrics["freeze_depth"] == depth
+    assert ("so the fine-tune trains all but those" in decision["rule"]) == (chosen == "deep")
+
+
+def test_without_a_limit_small_different_data_keeps_the_shallow_unfreeze(tiny_folder, cfg_factory):
+    metrics = train(_auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "strategy.auto.shallow_unfreeze=2",
+                              "strategy.auto.deep_min_steps=1", "trainer.epochs=1"))
+    assert metrics["freeze_depth"] == 4 and "budget_depth" not in metrics["decision"]
+
+
+def test_depth_record_and_rule_text():
+    decision = {"mode": "partial", "freeze_depth": 5, "n_groups": 8, "rule": "small + different -> shallow",
+                "size": "small", "similarity": {"similar": False}}
+    timing = {"step_s": 0.5, "forward_s": 0.2, "batch": 32}
+    assert auto.deepens_with_budget(decision)
+    deep = auto.size_depth_to_budget(decision, fitting_steps=100, min_steps=100, deep_freeze_depth=2, timing=timing)
+    shallow = auto.size_depth_to_budget(decision, fitting_steps=99, min_steps=100, deep_freeze_depth=2, timing=timing)
+    assert deep["freeze_depth"] == 2 and shallow["freeze_depth"] == 5
+    assert "about 100 train steps fit" in deep["rule"] and "(< 100), so the shallow unfreeze stays" in shallow["rule"]
+    assert deep["budget_depth"] == {"chosen": "deep", "shallow_freeze_depth": 5, "deep_freeze_depth": 2,
+                                    "fitting_steps": 100, "min_steps": 100, "timed_step_s": 0.5,
+                                    "timed_forward_s": 0.2, "timed_batch": 32}
+    # deep is never shallower than the rule's own depth
+    assert auto.size_depth_to_budget({**decision, "freeze_depth": 1}, fitting_steps=10**6, min_steps=1,
+                                     deep_freeze_depth=2, timing=timing)["freeze_depth"] == 1
+    assert not auto.deepens_with_budget({**decision, "similarity": {"similar": True}})
+    assert not auto.deepens_with_budget({**decision, "size": "large"})
