@@ -67,7 +67,8 @@ def run(dataset: str, manifest: Path, overrides: list[str], tag: str, seed: int,
     metrics = train(cfg)
     return {"seconds": time.perf_counter() - start, "balanced_accuracy": metrics["test"]["balanced_accuracy"],
             "mode": metrics.get("mode"), "epochs": len(metrics.get("history") or []),
-            "budget": (metrics.get("budget") or {}).get("planned_epochs"), "overrides": overrides}
+            "planned_epochs": (metrics.get("budget") or {}).get("planned_epochs"),
+            "freeze_depth": metrics.get("freeze_depth"), "overrides": overrides}
 
 
 def verdict_rows(results: list[dict]) -> list[dict]:

@@ -43,7 +43,7 @@ def test_main_runs_every_configuration_per_budget_and_writes_the_table(tmp_path,
         budget = next((o.split("=")[1] for o in overrides if o.startswith("trainer.time_limit=")), None)
         seconds = {None: 50.0, "1m": 59.0, "3m": 170.0}[budget]
         score = {"default": 0.80, "probe": 0.78, "auto": 0.84, "partial": 0.83, "finetune": 0.82}[tag.split("_")[0]]
-        return {"seconds": seconds, "balanced_accuracy": score, "mode": "partial", "epochs": 3, "budget": 3,
+        return {"seconds": seconds, "balanced_accuracy": score, "mode": "partial", "epochs": 3, "planned_epochs": 3,
                 "overrides": overrides}
 
     monkeypatch.setattr(bench, "run", fake_run)
@@ -54,6 +54,7 @@ def test_main_runs_every_configuration_per_budget_and_writes_the_table(tmp_path,
     assert calls == ["default_epochs5", "probe_epochs5", "auto_1m", "partial_1m", "finetune_1m", "auto_3m",
                      "partial_3m", "finetune_3m"]
     doc = json.loads((tmp_path / "out" / "bench_budget.json").read_text())
+    assert {r["budget"] for r in doc["results"]} == {None, "1m", "3m"}  # the budget asked, beside the plan's epochs
     assert [(r["budget_s"], r["best_fixed"], r["auto_within_1pt"]) for r in doc["rows"]] == [
         (60.0, "partial", True), (180.0, "partial", True)]
     assert doc["rows"][0]["auto_not_below_default"] is True  # 60 s >= the default's 50 s

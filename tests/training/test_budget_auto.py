@@ -166,6 +166,7 @@ def test_small_different_data_trains_deeper_when_the_budget_fits_enough_steps(ti
     depth = {"deep": 1, "shallow": 4}[chosen]
     assert decision["freeze_depth"] == metrics["freeze_depth"] == depth
     assert ("so the fine-tune trains all but those" in decision["rule"]) == (chosen == "deep")
+    assert f"about {record['fitting_steps']} train steps" in (Path(cfg.output_dir) / "summary.md").read_text()
 
 
 def test_without_a_limit_small_different_data_keeps_the_shallow_unfreeze(tiny_folder, cfg_factory):
