@@ -155,7 +155,7 @@ def setup_strategy(cfg: DictConfig, model: torch.nn.Module, splits: folder.Datas
             seed=cfg.seed))
         if cfg.trainer.time_limit is not None and not resumed:  # a resumed run keeps its own decision
             decision = auto.spend_budget_on_finetune(decision, s.auto.similar_freeze_depth)
-            if auto.deepens_with_budget(decision):
+            if auto.deepens_with_budget(decision, s.auto.similar_freeze_depth):
                 decision = distributed.from_main(lambda: depth_for_budget(cfg, model, splits, eval_tf, decision,
                                                                           accel=accel, started=started))
         if distributed.is_main():

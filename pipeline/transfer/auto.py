@@ -83,10 +83,11 @@ def spend_budget_on_finetune(decision: dict, similar_freeze_depth: int) -> dict:
                     f"first {depth} generic groups frozen for the time left, kept only where it beats the probe on val"}
 
 
-def deepens_with_budget(decision: dict) -> bool:
-    """small + different data (the shallow unfreeze): under `trainer.time_limit` its depth is sized to the budget
-    (size_depth_to_budget)."""
-    return decision["size"] == "small" and not decision["similarity"]["similar"] and decision["mode"] == "partial"
+def deepens_with_budget(decision: dict, deep_freeze_depth: int) -> bool:
+    """small + different data whose shallow unfreeze keeps more than `deep_freeze_depth` groups frozen: under
+    `trainer.time_limit` its depth is sized to the budget (size_depth_to_budget)."""
+    return (decision["size"] == "small" and not decision["similarity"]["similar"] and decision["mode"] == "partial"
+            and min(deep_freeze_depth, decision["n_groups"]) < decision["freeze_depth"])
 
 
 def size_depth_to_budget(decision: dict, *, fitting_steps: int, min_steps: int, deep_freeze_depth: int,
@@ -99,7 +100,7 @@ def size_depth_to_budget(decision: dict, *, fitting_steps: int, min_steps: int, 
     budget, auto stayed shallow at 1 minute (52-91 steps would fit) and went deep from 2 (130-195): 82.6 +- 3.2
     at 5 minutes, 85.8 at 10 (README "Measured: time budgets")."""
     shallow, deep = decision["freeze_depth"], min(deep_freeze_depth, decision["n_groups"])
-    chosen = deep if fitting_steps >= min_steps and deep < shallow else shallow
+    chosen = deep if fitting_steps >= min_steps else shallow  # deep < shallow: deepens_with_budget
     if chosen == deep:
         why = (f"about {fitting_steps} train steps fit in trainer.time_limit with the first {deep} groups frozen "
                f"(>= {min_steps}), so the fine-tune trains all but those")
