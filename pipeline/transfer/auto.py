@@ -97,8 +97,8 @@ def size_depth_to_budget(decision: dict, *, fitting_steps: int, min_steps: int, 
     groups frozen (`fitting_steps`, from a timed step at that depth: training/budget.py), the middle layers train
     too. On chest_xray the shallow fine-tune beat `partial` (2 groups frozen) at 1 minute (85.2 against 67.5, seed
     42) and lost at 5 (79.3 +- 2.1 against 84.1 +- 3.3, 3 seeds; partial ran about 310 steps). Sized to the
-    budget, auto stayed shallow at 1 minute (52-91 steps would fit) and went deep from 2 (130-195): 82.6 +- 3.2
-    at 5 minutes, 85.8 at 10 (README "Measured: time budgets")."""
+    budget, auto stayed shallow at 1 minute (52-91 steps would fit) and went deep from 2 (130-195): 83.5 +- 3.1
+    at 5 minutes where the fine-tune was kept (4 of 5 seeds), 85.8 at 10 (README "Measured: time budgets")."""
     shallow, deep = decision["freeze_depth"], min(deep_freeze_depth, decision["n_groups"])
     chosen = deep if fitting_steps >= min_steps else shallow  # deep < shallow: deepens_with_budget
     if chosen == deep:
