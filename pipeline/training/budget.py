@@ -20,14 +20,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
-import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from pipeline.config import BACKBONE_MODES
 from pipeline.config.checks import parse_duration
 from pipeline.runtime import distributed
-from pipeline.runtime.devices import Accel, prepare_model
 
 PROBE_STEPS = 5  # train steps measured before the provisional plan
 MEASURED_EPOCHS = 2  # epochs of a session whose speed (re)makes the plan: the first, then the first warm one
@@ -35,7 +32,6 @@ REPLAN_GAIN = 2  # later epochs re-plan (upward, in the plan's first half) when 
 RESERVE_S = 5.0  # kept for the reports (plots, galleries, summary) after the loop
 UNCAPPED_MAX_EPOCHS = 100  # trainer.epochs=null: the most epochs a plan may use (digits, 2 minutes: 16-19)
 EVAL_PER_TRAIN = 0.5  # until measured: a val image's time as a share of a train image's (forward only)
-TIMED_STEPS = 2  # steps timed after a warm-up one to size a fine-tune before it starts (time_train_step)
 
 
 def now() -> float:
@@ -272,44 +268,3 @@ def auto_spends_budget(cfg: DictConfig, mode: str) -> bool:
     time left, and the better of the two on val is kept (train.py). Without a limit, auto runs its mode as before."""
     return cfg.trainer.time_limit is not None and cfg.strategy.mode == "auto" and mode in BACKBONE_MODES
 
-
-def time_train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, accel: Accel,
-                    steps: int = TIMED_STEPS) -> dict:
-    """Seconds of one train step's forward and backward (after a warm-up step) and of one no-grad forward on
-    the batch `images`, with `model`'s trainable layers as they are. Its BatchNorm statistics move and its
-    gradients are cleared (no optimizer step): give it a copy. Compute only: the loader, which runs beside the
-    steps, and the optimizer update are not in it."""
-    prepare_model(model, accel)  # the fit's memory format, so the same kernels run
-    images, labels = accel.images(images), labels.to(accel.device)
-
-    def step() -> None:
-        with accel.autocast():
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    model.train()
-    step()
-    begin = now()
-    for _ in range(steps):
-        step()
-    step_s = (now() - begin) / steps
-    model.eval()
-    begin = now()
-    with torch.no_grad(), accel.autocast():
-        model(images)
-    return {"step_s": step_s, "forward_s": now() - begin, "batch": len(labels)}
-
-
-def steps_that_fit(limit: str, *, spent_s: float, timing: dict, steps_per_epoch: int, train_images: int,
-                   val_images: int, test_images: int, max_epochs: int) -> int:
-    """Train steps a fine-tune at `timing`'s speed (time_train_step) would plan in `limit` from `spent_s` on:
-    first auto's probe (one forward pass over train and val for its features), then epochs of
-    `steps_per_epoch` steps with a val evaluation each, then the test evaluation and the reports."""
-    per_image = timing["forward_s"] / max(timing["batch"], 1)
-    probe_s = (train_images + val_images) * per_image
-    speed = Speed(step_s=timing["step_s"], eval_s=val_images * per_image, checkpoint_s=0.0)
-    epochs = plan_epochs(limit_s=parse_duration("trainer.time_limit", limit), spent_s=spent_s + probe_s,
-                         steps_per_epoch=steps_per_epoch, speed=speed, final_s=test_images * per_image,
-                         max_epochs=max_epochs)
-    return epochs * steps_per_epoch

@@ -1,10 +1,8 @@
 """Run set-up for the train entry point: run dir, data and loaders, caches, imbalance plan and strategy."""
 from __future__ import annotations
 
-import copy
 import functools
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from pipeline.runtime import distributed
 from pipeline.runtime.devices import Accel
 from pipeline.runtime.files import ensure_writable_dir, write_json
 from pipeline.runtime.seeding import seed_worker
-from pipeline.training import budget, loss, resume, validate
+from pipeline.training import budget_depth, loss, resume, validate
 from pipeline.transfer import auto
 
 _logger = logging.getLogger(__name__)
@@ -156,41 +154,13 @@ def setup_strategy(cfg: DictConfig, model: torch.nn.Module, splits: folder.Datas
         if cfg.trainer.time_limit is not None and not resumed:  # a resumed run keeps its own decision
             decision = auto.spend_budget_on_finetune(decision, s.auto.similar_freeze_depth)
             if auto.deepens_with_budget(decision, s.auto.similar_freeze_depth):
-                decision = distributed.from_main(lambda: depth_for_budget(cfg, model, splits, eval_tf, decision,
-                                                                          accel=accel, started=started))
+                decision = distributed.from_main(lambda: budget_depth.depth_for_budget(
+                    cfg, model, splits, eval_tf, decision, accel=accel, started=started))
         if distributed.is_main():
             auto.write_decision(run_dir, decision)
         mode, depth = decision["mode"], decision["freeze_depth"]
     info = freezing.apply_strategy(model, mode=mode, freeze_depth=depth, bn=s.bn)
     return {**info, "decision": decision}
-
-
-def depth_for_budget(cfg: DictConfig, model: torch.nn.Module, splits: folder.DatasetSplits, eval_tf, decision: dict,
-                     *, accel: Accel, started: float) -> dict:
-    """auto.size_depth_to_budget with the train steps the time left fits at the deep depth: one train batch timed
-    (budget.time_train_step, on a copy frozen to that depth), then planned as the fit would plan it."""
-    s, t = cfg.strategy, cfg.trainer
-    deep = min(s.auto.similar_freeze_depth, decision["n_groups"])
-    batch_size = min(distributed.local_batch_size(t.batch_size), len(splits.train))
-    dataset = folder.ImageDataset(splits.train, eval_tf, cfg.dataset.max_pixels)
-    batch = folder.collate_skip_none([dataset[i] for i in range(batch_size)], channels_last=t.channels_last)
-    if batch is None:  # no image of the batch decoded: keep the rule's depth (the fit reports the files)
-        return decision
-    twin = copy.deepcopy(model)  # the model itself stays as it is: timing moves BN statistics
-    freezing.freeze_to_depth(twin, deep, s.bn)
-    timing = budget.time_train_step(twin, batch[0], batch[1], accel)
-    del twin
-    fitting = budget.steps_that_fit(
-        t.time_limit, spent_s=budget.now() - started, timing=timing,
-        steps_per_epoch=min(math.ceil(len(splits.train) / batch_size), t.max_train_batches or math.inf),
-        train_images=len(splits.train), val_images=len(splits.val),
-        test_images=len(splits.test) if splits.test is not None else 0, max_epochs=budget.max_epochs(t))
-    decision = auto.size_depth_to_budget(decision, fitting_steps=fitting, min_steps=s.auto.deep_min_steps,
-                                         deep_freeze_depth=deep, timing=timing)
-    _logger.info("Auto under trainer.time_limit=%s: a train step with %d groups frozen took %.2f s, so about %d "
-                 "steps fit: %s fine-tune (freeze_depth %d)", t.time_limit, deep, timing["step_s"], fitting,
-                 decision["budget_depth"]["chosen"], decision["freeze_depth"])
-    return decision
 
 
 def prepare_run(cfg: DictConfig) -> tuple[dict | None, Path]:

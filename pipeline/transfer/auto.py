@@ -94,7 +94,7 @@ def size_depth_to_budget(decision: dict, *, fitting_steps: int, min_steps: int, 
                          timing: dict) -> dict:
     """small + different under `trainer.time_limit`: the shallow unfreeze (top `shallow_unfreeze` groups) suits a
     short fine-tune; when the budget fits at least `min_steps` train steps with only the first `deep_freeze_depth`
-    groups frozen (`fitting_steps`, from a timed step at that depth: training/budget.py), the middle layers train
+    groups frozen (`fitting_steps`, from a timed step at that depth: training/budget_depth.py), the middle layers train
     too. On chest_xray the shallow fine-tune beat `partial` (2 groups frozen) at 1 minute (85.2 against 67.5, seed
     42) and lost at 5 (79.3 +- 2.1 against 84.1 +- 3.3, 3 seeds; partial ran about 310 steps). Sized to the
     budget, auto stayed shallow at 1 minute (52-91 steps would fit) and went deep from 2 (130-195): 83.5 +- 3.1

@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.model import checkpoint
 from pipeline.runtime.devices import build_accel
 from pipeline.train import train
-from pipeline.training import budget, interrupts
+from pipeline.training import budget, budget_depth, interrupts
 from pipeline.training.guard import StepGuard
 from pipeline.transfer import optim
 
@@ -79,10 +79,10 @@ def test_steps_that_fit_plan_the_probe_epochs_and_test_evaluation_from_a_timed_s
     timing = {"step_s": 1.0, "forward_s": 0.5, "batch": 10}
     args = dict(spent_s=10.0, timing=timing, steps_per_epoch=5, train_images=50, val_images=20, test_images=20,
                 max_epochs=100)
-    assert budget.steps_that_fit("100s", **args) == 65
-    assert budget.steps_that_fit("100s", **{**args, "max_epochs": 4}) == 20  # trainer.epochs caps
-    assert budget.steps_that_fit("100s", **{**args, "timing": {**timing, "step_s": 2.0}}) == 35  # 11 s epochs: 7
-    assert budget.steps_that_fit("10s", **args) == 5  # nothing fits: at least one epoch, as the fit plans
+    assert budget_depth.steps_that_fit("100s", **args) == 65
+    assert budget_depth.steps_that_fit("100s", **{**args, "max_epochs": 4}) == 20  # trainer.epochs caps
+    assert budget_depth.steps_that_fit("100s", **{**args, "timing": {**timing, "step_s": 2.0}}) == 35  # 11 s epochs: 7
+    assert budget_depth.steps_that_fit("10s", **args) == 5  # nothing fits: at least one epoch, as the fit plans
 
 
 def test_a_timed_train_step_leaves_no_gradients_and_times_a_forward():
@@ -91,7 +91,7 @@ def test_a_timed_train_step_leaves_no_gradients_and_times_a_forward():
     images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
     model(images)  # materialise the lazy layer
     accel = build_accel(torch.device("cpu"), amp="off", channels_last=True)
-    timing = budget.time_train_step(model, images, labels, accel)
+    timing = budget_depth.time_train_step(model, images, labels, accel)
     assert timing["step_s"] > 0 and timing["forward_s"] > 0 and timing["batch"] == 4
     assert all(p.grad is None for p in model.parameters())
 
