@@ -30,7 +30,7 @@ from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import budget, calibration, interrupts, loop, mixing, resume
 from pipeline.training.fit import fit
-from pipeline.training.metrics import val_test_gap
+from pipeline.training.metrics import monitor_se, val_test_gap
 from pipeline.training.setup import (
     RUNTIME_SKIP_LOG,
     build_data,
@@ -146,8 +146,8 @@ def start_from_probe(cfg: DictConfig, strategy_info: dict, fit_args: dict, *, sp
                      cache) -> probe_init.Probe | None:
     """`strategy.head_init=probe`: the fine-tune's head starts from a linear probe on cached features (LP-FT).
     `spend` (auto under a time limit): the probe (the `features.head` the linear_probe mode trains) is saved as
-    `best` (epoch 0) and passed to the fit as its `baseline`, so that a fine-tune epoch replaces it only by beating
-    it on val; the fine-tune itself starts from the head `strategy.head_init` gives it, as the fixed mode does
+    `best` (epoch 0) and passed to the fit as its `baseline`, so that a fine-tune epoch replaces it by beating its
+    val less the tie margin (auto.probe_bar); the fine-tune itself starts from the head `strategy.head_init` gives it, as the fixed mode does
     (LP-FT lost here: docs/recipe.md; from the probe, budgeted fine-tunes dropped in epoch 1, digits val 0.92 ->
     0.65, and never beat it)."""
     a, model = fit_args, fit_args["model"]
@@ -160,6 +160,10 @@ def start_from_probe(cfg: DictConfig, strategy_info: dict, fit_args: dict, *, sp
     if probe is not None and not fallback:
         strategy_info["head_init"] = probe.info
     if spend and probe is not None and probe.best_val is not None:  # not on resume: the restored state decides
+        monitor = cfg.trainer.monitor
+        probe.bar = auto.probe_bar(probe.val[monitor], monitor_se(monitor, *probe.best_val),
+                                   cfg.strategy.auto.finetune_tie_se)
+        probe.info["bar"] = probe.bar
         if distributed.is_main():
             checkpoint.save_checkpoint(a["run_dir"], "best", model, {**a["meta"], "epoch": 0, "val_metrics": probe.val,
                                                                      "weights_source": "probe"})

@@ -59,7 +59,8 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     the result's `weight_averaging` says which one the best epoch kept.
 
     `baseline` (auto under a time limit, train.py): a probe already saved as `best` at epoch 0, with `.val` (its
-    val metrics) and `.best_val` (its val logits, labels); an epoch replaces it only by beating it on val."""
+    val metrics), `.best_val` (its val logits, labels) and `.bar`: an epoch replaces it by beating `.bar` on val
+    (its val less auto's tie margin), or its val when `.bar` is None."""
     t, o, max_epochs = cfg.trainer, cfg.optim, budget.max_epochs(cfg.trainer)
     accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
     prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
@@ -89,7 +90,7 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
         first, partial, history, best_val = last.restore(resume_state)
     elif baseline is not None:
-        tracker.update(baseline.val[t.monitor], 0)
+        tracker.update(baseline.val[t.monitor] if baseline.bar is None else baseline.bar, 0)
         best_val = baseline.best_val
     with tracking.RunTracker(run_dir, cfg, first_epoch=first) as curves:  # history.csv, TensorBoard, MLflow
         for epoch in range(first, max_epochs + 1):

@@ -63,6 +63,18 @@ def balanced_accuracy_se(labels: np.ndarray, preds: np.ndarray) -> tuple[float, 
     return float(recalls.mean()), float(np.sqrt(np.sum(recalls * (1 - recalls) / counts)) / len(classes))
 
 
+def monitor_se(monitor: str, logits: np.ndarray, labels: np.ndarray) -> float | None:
+    """The binomial standard error of a `trainer.monitor` value on one split: balanced_accuracy_se, or
+    sqrt(p (1 - p) / n) for accuracy; None for macro_f1 and loss, which have no such closed form."""
+    preds, labels = np.asarray(logits).argmax(1), np.asarray(labels)
+    if monitor == "balanced_accuracy":
+        return balanced_accuracy_se(labels, preds)[1]
+    if monitor == "accuracy" and len(labels):
+        p = float(np.mean(preds == labels))
+        return float(np.sqrt(p * (1 - p) / len(labels)))
+    return None
+
+
 def val_test_gap(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
                  test_labels: np.ndarray) -> dict | None:
     """How far test balanced accuracy falls below val's, in points and in standard errors of the difference.
