@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from pipeline.features import probe_init
 from pipeline.model import checkpoint
 from pipeline.train import train
 from pipeline.training import loop
+from pipeline.training.metrics import monitor_se
 from pipeline.transfer import auto
 
 DIFFERENT, SIMILAR = "strategy.auto.similar_gain=5", "strategy.auto.similar_gain=-5"
@@ -48,16 +50,8 @@ def _spy_probe_head(monkeypatch, *, val_score: float | None = None) -> list:
 def test_the_probe_stays_best_when_no_fine_tune_epoch_beats_it(tiny_folder, cfg_factory, monkeypatch):
     """Every fine-tune epoch ends with a zeroed head (val balanced accuracy 1/3, chance): the probe, saved as
     `best` at epoch 0, is what ships; its val metrics are the run's, and the test split is scored with it."""
-    heads, original = _spy_probe_head(monkeypatch), loop.train_one_epoch
-
-    def train_then_zero_head(model, *args, **kwargs):
-        stats = original(model, *args, **kwargs)
-        with torch.no_grad():
-            model.get_classifier().weight.zero_()
-            model.get_classifier().bias.zero_()
-        return stats
-
-    monkeypatch.setattr(loop, "train_one_epoch", train_then_zero_head)
+    heads = _spy_probe_head(monkeypatch)
+    _zero_head_after_each_epoch(monkeypatch)
     cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m")
     metrics = train(cfg)
     (probe,) = heads
@@ -78,6 +72,50 @@ def test_the_probe_stays_best_when_no_fine_tune_epoch_beats_it(tiny_folder, cfg_
     assert "kept: **probe**" in (run / "summary.md").read_text()
     model, _ = checkpoint.load_checkpoint(run, "best")  # loads as any best checkpoint
     assert model.get_classifier().weight.any()
+
+
+def _zero_head_after_each_epoch(monkeypatch) -> None:
+    """Every fine-tune epoch ends with a zeroed head: val balanced accuracy 1/3 (chance), a known fine-tune val."""
+    original = loop.train_one_epoch
+
+    def train_then_zero_head(model, *args, **kwargs):
+        stats = original(model, *args, **kwargs)
+        with torch.no_grad():
+            model.get_classifier().weight.zero_()
+            model.get_classifier().bias.zero_()
+        return stats
+
+    monkeypatch.setattr(loop, "train_one_epoch", train_then_zero_head)
+
+
+@pytest.mark.parametrize("tie_se, kept_epoch", [(1.0, 1), (0.0, 0)])
+def test_a_fine_tune_epoch_within_the_tie_margin_replaces_the_probe(tiny_folder, cfg_factory, monkeypatch, tie_se,
+                                                                    kept_epoch):
+    """The probe's val is 0.02 above the fine-tune's (1/3) and its standard error is 0.05: within one SE the
+    fine-tune replaces it; with `finetune_tie_se=0` only beating it would, and the probe stays."""
+    _spy_probe_head(monkeypatch, val_score=1 / 3 + 0.02)
+    _zero_head_after_each_epoch(monkeypatch)
+    monkeypatch.setattr("pipeline.train.monitor_se", lambda monitor, logits, labels: 0.05)
+    cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m",
+                    f"strategy.auto.finetune_tie_se={tie_se}")
+    metrics = train(cfg)
+    assert metrics["best_epoch"] == kept_epoch
+    budget = metrics["decision"]["budget"]
+    assert budget["kept"] == ("probe" if kept_epoch == 0 else "fine-tune epoch 1")
+    if tie_se:
+        assert "less the tie margin (0.3533 - 0.0500 = 0.3033" in budget["why"]
+    else:
+        assert budget["why"] == "no fine-tune epoch beat the probe's val balanced_accuracy (0.3533) within the budget"
+
+
+def test_probe_bar_and_monitor_se():
+    assert auto.probe_bar(0.98, 0.012, 1.0) == pytest.approx(0.968)
+    assert auto.probe_bar(0.98, 0.012, 0.0) == 0.98 and auto.probe_bar(0.98, None, 1.0) == 0.98
+    logits = np.eye(2)[[0, 0, 0, 1, 1, 0]]  # class 0: 3/3 right; class 1: 2/3 right
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert monitor_se("balanced_accuracy", logits, labels) == pytest.approx(np.sqrt(2 / 3 * 1 / 3 / 3) / 2)
+    assert monitor_se("accuracy", logits, labels) == pytest.approx(np.sqrt(5 / 6 * 1 / 6 / 6))
+    assert monitor_se("loss", logits, labels) is None and monitor_se("macro_f1", logits, labels) is None
 
 
 def test_a_fine_tune_epoch_that_beats_the_probe_replaces_it(tiny_folder, cfg_factory, monkeypatch):
