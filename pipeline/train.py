@@ -147,9 +147,9 @@ def start_from_probe(cfg: DictConfig, strategy_info: dict, fit_args: dict, *, sp
     """`strategy.head_init=probe`: the fine-tune's head starts from a linear probe on cached features (LP-FT).
     `spend` (auto under a time limit): the probe (the `features.head` the linear_probe mode trains) is saved as
     `best` (epoch 0) and passed to the fit as its `baseline`, so that a fine-tune epoch replaces it by beating its
-    val less the tie margin (auto.probe_bar); the fine-tune itself starts from the head `strategy.head_init` gives it, as the fixed mode does
-    (LP-FT lost here: docs/recipe.md; from the probe, budgeted fine-tunes dropped in epoch 1, digits val 0.92 ->
-    0.65, and never beat it)."""
+    val (less a margin where the rule picked the fine-tune: auto.probe_bar); the fine-tune itself starts from the
+    head `strategy.head_init` gives it, as the fixed mode does (LP-FT lost here: docs/recipe.md; from the probe,
+    budgeted fine-tunes dropped in epoch 1, digits val 0.92 -> 0.65, and never beat it)."""
     a, model = fit_args, fit_args["model"]
     fallback = spend and cfg.strategy.head_init != "probe"
     own_head = {k: v.detach().clone() for k, v in model.get_classifier().state_dict().items()} if fallback else None
@@ -161,8 +161,8 @@ def start_from_probe(cfg: DictConfig, strategy_info: dict, fit_args: dict, *, sp
         strategy_info["head_init"] = probe.info
     if spend and probe is not None and probe.best_val is not None:  # not on resume: the restored state decides
         monitor = cfg.trainer.monitor
-        probe.bar = auto.probe_bar(probe.val[monitor], monitor_se(monitor, *probe.best_val),
-                                   cfg.strategy.auto.finetune_tie_se)
+        probe.bar = auto.probe_bar(strategy_info.get("decision") or {}, probe.val[monitor],
+                                   monitor_se(monitor, *probe.best_val), cfg.strategy.auto.probe_margin_se)
         probe.info["bar"] = probe.bar
         if distributed.is_main():
             checkpoint.save_checkpoint(a["run_dir"], "best", model, {**a["meta"], "epoch": 0, "val_metrics": probe.val,

@@ -104,7 +104,7 @@ class AutoStrategyConfig:
     similar_freeze_depth: int = number(0, example=2)
     shallow_unfreeze: int = number(0, example=3)
     deep_min_steps: int = number(0, example=100)
-    finetune_tie_se: float = number(0, example=1.0)
+    probe_margin_se: float = number(0, example=2.0)
 
 
 @dataclass

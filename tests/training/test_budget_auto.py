@@ -88,29 +88,43 @@ def _zero_head_after_each_epoch(monkeypatch) -> None:
     monkeypatch.setattr(loop, "train_one_epoch", train_then_zero_head)
 
 
-@pytest.mark.parametrize("tie_se, kept_epoch", [(1.0, 1), (0.0, 0)])
-def test_a_fine_tune_epoch_within_the_tie_margin_replaces_the_probe(tiny_folder, cfg_factory, monkeypatch, tie_se,
-                                                                    kept_epoch):
-    """The probe's val is 0.02 above the fine-tune's (1/3) and its standard error is 0.05: within one SE the
-    fine-tune replaces it; with `finetune_tie_se=0` only beating it would, and the probe stays."""
+@pytest.mark.parametrize("margin_se, kept_epoch", [(1.0, 1), (0.0, 0)])
+def test_a_fine_tune_the_rule_picked_keeps_its_margin_over_the_probe(tiny_folder, cfg_factory, monkeypatch, margin_se,
+                                                                      kept_epoch):
+    """small + different (the rule picked a partial fine-tune): the probe's val is 0.02 above the fine-tune's (1/3)
+    and its standard error is 0.05, so within one SE the fine-tune stays; with `probe_margin_se=0` only beating
+    the probe would replace it, and the probe stays."""
     _spy_probe_head(monkeypatch, val_score=1 / 3 + 0.02)
     _zero_head_after_each_epoch(monkeypatch)
     monkeypatch.setattr("pipeline.train.monitor_se", lambda monitor, logits, labels: 0.05)
     cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m",
-                    f"strategy.auto.finetune_tie_se={tie_se}")
+                    f"strategy.auto.probe_margin_se={margin_se}")
     metrics = train(cfg)
     assert metrics["best_epoch"] == kept_epoch
     budget = metrics["decision"]["budget"]
     assert budget["kept"] == ("probe" if kept_epoch == 0 else "fine-tune epoch 1")
-    if tie_se:
-        assert "less the tie margin (0.3533 - 0.0500 = 0.3033" in budget["why"]
+    if margin_se:
+        assert "less the margin the rule's fine-tune gets (0.3533 - 0.0500 = 0.3033" in budget["why"]
     else:
         assert budget["why"] == "no fine-tune epoch beat the probe's val balanced_accuracy (0.3533) within the budget"
 
 
+def test_where_the_rule_picked_the_probe_a_fine_tune_must_beat_it(tiny_folder, cfg_factory, monkeypatch):
+    """small + similar (the rule picked the probe; the budget adds a fine-tune): no margin, the probe stays."""
+    _spy_probe_head(monkeypatch, val_score=1 / 3 + 0.02)
+    _zero_head_after_each_epoch(monkeypatch)
+    monkeypatch.setattr("pipeline.train.monitor_se", lambda monitor, logits, labels: 0.05)
+    metrics = train(_auto_cfg(cfg_factory, tiny_folder, SIMILAR, "trainer.time_limit=10m",
+                              "strategy.auto.probe_margin_se=1"))
+    assert metrics["decision"]["rule_mode"] == "linear_probe" and metrics["best_epoch"] == 0
+
+
 def test_probe_bar_and_monitor_se():
-    assert auto.probe_bar(0.98, 0.012, 1.0) == pytest.approx(0.968)
-    assert auto.probe_bar(0.98, 0.012, 0.0) == 0.98 and auto.probe_bar(0.98, None, 1.0) == 0.98
+    fine_tune_rule, probe_rule = {"mode": "partial"}, {"mode": "partial", "rule_mode": "linear_probe"}
+    assert auto.probe_bar(fine_tune_rule, 0.98, 0.012, 2.0) == pytest.approx(0.956)
+    assert auto.probe_bar(fine_tune_rule, 0.98, 0.012, 0.0) == 0.98
+    assert auto.probe_bar(fine_tune_rule, 0.98, None, 2.0) == 0.98
+    assert auto.probe_bar(probe_rule, 0.98, 0.012, 2.0) == 0.98
     logits = np.eye(2)[[0, 0, 0, 1, 1, 0]]  # class 0: 3/3 right; class 1: 2/3 right
     labels = np.array([0, 0, 0, 1, 1, 1])
     assert monitor_se("balanced_accuracy", logits, labels) == pytest.approx(np.sqrt(2 / 3 * 1 / 3 / 3) / 2)
