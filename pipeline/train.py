@@ -18,7 +18,7 @@ from pipeline.config import check_overrides, register_configs
 from pipeline.data import audit, augment, folder
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.features import fit as cached_fit
-from pipeline.features import label_issues, probe_init
+from pipeline.features import label_issues, probe_fallback, probe_init
 from pipeline.model import backbone, checkpoint
 from pipeline.model.calibrated import wrap_for_inference
 from pipeline.reports import gallery, plots, summary
@@ -30,7 +30,7 @@ from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import budget, calibration, interrupts, loop, mixing, resume
 from pipeline.training.fit import fit
-from pipeline.training.metrics import monitor_se, val_test_gap
+from pipeline.training.metrics import val_test_gap
 from pipeline.training.setup import (
     RUNTIME_SKIP_LOG,
     build_data,
@@ -45,7 +45,6 @@ from pipeline.training.setup import (
     setup_strategy,
     write_split,
 )
-from pipeline.transfer import auto
 
 _logger = logging.getLogger(__name__)
 _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",
@@ -103,9 +102,10 @@ def train(cfg: DictConfig) -> dict:
                     train_tf=train_tf, eval_tf=eval_tf, data_cfg=data_cfg, load=load, class_weights=weights,
                     init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
     spend = budget.auto_spends_budget(cfg, strategy_info["mode"])  # auto + time_limit: the probe, then a fine-tune
-    probe = None if cached_path else start_from_probe(cfg, strategy_info, fit_args, spend=spend, cache=cache)
+    probe = None if cached_path else probe_fallback.start_from_probe(cfg, strategy_info, fit_args, spend=spend,
+                                                                     cache=cache)
     result = run_fit(cfg, cached_path, generator, **fit_args)
-    record_budget_use(cfg, strategy_info, probe if spend else None, result, run_dir)
+    probe_fallback.record_budget_use(cfg, strategy_info, probe if spend else None, result, run_dir)
     result["calibration"], result["best_val"] = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
         cfg, run_dir, result["best_val"], lambda: make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load),
         device, accel)
@@ -140,51 +140,6 @@ def train(cfg: DictConfig) -> dict:
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})
     _logger.info("Run dir: %s", run_dir)
     return metrics
-
-
-def start_from_probe(cfg: DictConfig, strategy_info: dict, fit_args: dict, *, spend: bool,
-                     cache) -> probe_init.Probe | None:
-    """`strategy.head_init=probe`: the fine-tune's head starts from a linear probe on cached features (LP-FT).
-    `spend` (auto under a time limit): the probe (the `features.head` the linear_probe mode trains) is saved as
-    `best` (epoch 0) and passed to the fit as its `baseline`, so that a fine-tune epoch replaces it by beating its
-    val (less a margin where the rule picked the fine-tune: auto.probe_bar); the fine-tune itself starts from the
-    head `strategy.head_init` gives it, as the fixed mode does (LP-FT lost here: docs/recipe.md; from the probe,
-    budgeted fine-tunes dropped in epoch 1, digits val 0.92 -> 0.65, and never beat it)."""
-    a, model = fit_args, fit_args["model"]
-    fallback = spend and cfg.strategy.head_init != "probe"
-    own_head = {k: v.detach().clone() for k, v in model.get_classifier().state_dict().items()} if fallback else None
-    probe = probe_init.init_head(model, a["splits"], cfg, a["run_dir"], mode=strategy_info["mode"],
-                                 device=a["device"], eval_tf=a["eval_tf"], data_cfg=a["data_cfg"], image_cache=cache,
-                                 class_weights=a["class_weights"], init_bias=a["init_bias"],
-                                 resumed=a["resumed"] is not None, force=spend, fallback=fallback)
-    if probe is not None and not fallback:
-        strategy_info["head_init"] = probe.info
-    if spend and probe is not None and probe.best_val is not None:  # not on resume: the restored state decides
-        monitor = cfg.trainer.monitor
-        probe.bar = auto.probe_bar(strategy_info.get("decision") or {}, probe.val[monitor],
-                                   monitor_se(monitor, *probe.best_val), cfg.strategy.auto.probe_margin_se)
-        probe.info["bar"] = probe.bar
-        if distributed.is_main():
-            checkpoint.save_checkpoint(a["run_dir"], "best", model, {**a["meta"], "epoch": 0, "val_metrics": probe.val,
-                                                                     "weights_source": "probe"})
-        a["baseline"] = probe
-    if own_head is not None:
-        model.get_classifier().load_state_dict(own_head)  # the fine-tune starts as the fixed mode's does
-    return probe
-
-
-def record_budget_use(cfg: DictConfig, strategy_info: dict, probe: probe_init.Probe | None, result: dict,
-                      run_dir: Path) -> None:
-    """auto under `trainer.time_limit`: what it tried with the budget, added to decision.json (and the summary's
-    decision paragraph). `probe`: the one auto fitted before its fine-tune, else None."""
-    decision = strategy_info.get("decision")
-    if not decision or result.get("budget") is None:
-        return
-    decision["budget"] = auto.budget_record(
-        probe.info if probe else None, result["history"], result["best_epoch"], cfg.trainer.monitor,
-        mode=strategy_info["mode"], limit=cfg.trainer.time_limit, fit=result["budget"].report())
-    if distributed.is_main():
-        auto.write_decision(run_dir, decision)
 
 
 def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run_dir: Path, meta: dict, device,

@@ -40,7 +40,8 @@ INIT_HEADS = {"auto": "linear", "linear": "linear", "logistic": "logistic"}
 class Probe:
     """The fitted probe: `info` (metrics.json `head_init`), its best epoch's val metrics (loss, accuracy, ...) and
     val (logits, labels); the last two are empty for a resumed run, which fits no new probe. `bar`: as auto's
-    fallback under a time limit, the val monitor value a fine-tune epoch must reach to replace it (train.py)."""
+    fallback under a time limit, the val monitor value a fine-tune epoch must reach to replace it
+    (probe_fallback.py)."""
     info: dict
     val: dict = field(default_factory=dict)
     best_val: tuple | None = None

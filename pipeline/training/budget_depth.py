@@ -90,6 +90,6 @@ def steps_that_fit(limit: str, *, spent_s: float, timing: dict, steps_per_epoch:
     probe_s = (train_images + val_images) * per_image
     speed = budget.Speed(step_s=timing["step_s"], eval_s=val_images * per_image, checkpoint_s=0.0)
     epochs = budget.plan_epochs(limit_s=parse_duration("trainer.time_limit", limit), spent_s=spent_s + probe_s,
-                         steps_per_epoch=steps_per_epoch, speed=speed, final_s=test_images * per_image,
-                         max_epochs=max_epochs)
+                                steps_per_epoch=steps_per_epoch, speed=speed, final_s=test_images * per_image,
+                                max_epochs=max_epochs)
     return epochs * steps_per_epoch

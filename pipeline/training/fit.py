@@ -58,9 +58,9 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     the two on `trainer.monitor` is the epoch's candidate for `best` (best.json `weights_source`: raw or ema) and
     the result's `weight_averaging` says which one the best epoch kept.
 
-    `baseline` (auto under a time limit, train.py): a probe already saved as `best` at epoch 0, with `.val` (its
-    val metrics), `.best_val` (its val logits, labels) and `.bar`: an epoch replaces it by beating `.bar` on val
-    (its val less auto's margin for the rule's fine-tune), or its val when `.bar` is None."""
+    `baseline` (auto under a time limit, features/probe_fallback.py): a probe already saved as `best` at epoch 0,
+    with `.val` (its val metrics), `.best_val` (its val logits, labels) and `.bar`: an epoch replaces it by beating
+    `.bar` on val (its val less auto's margin for the rule's fine-tune), or its val when `.bar` is None."""
     t, o, max_epochs = cfg.trainer, cfg.optim, budget.max_epochs(cfg.trainer)
     accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
     prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")

@@ -73,9 +73,9 @@ def choose_mode(size: str, similar: bool, n_groups: int, *, similar_freeze_depth
 def spend_budget_on_finetune(decision: dict, similar_freeze_depth: int) -> dict:
     """Under `trainer.time_limit`, small + similar data gets the time left after its probe: auto fits the probe
     (saved as `best`) and then fine-tunes as for large + similar data (the first `similar_freeze_depth` groups
-    frozen); an epoch replaces the probe only by beating it on val (train.py). Without a limit the probe alone
-    runs, in seconds. Flowers at 2 minutes, 3 seeds: 86.4 +- 2.0 test balanced accuracy against the probe's
-    86.2 +- 1.0 (README "Measured: time budgets")."""
+    frozen); an epoch replaces the probe only by beating it on val (features/probe_fallback.py). Without a limit
+    the probe alone runs, in seconds. Flowers at 2 minutes, 3 seeds: 86.4 +- 2.0 test balanced accuracy against
+    the probe's 86.2 +- 1.0 (README "Measured: time budgets")."""
     if decision["mode"] != "linear_probe":
         return decision
     depth = min(similar_freeze_depth, decision["n_groups"])
@@ -171,10 +171,11 @@ def decision_paragraph(d: dict) -> list[str]:
 
 
 def budget_record(probe: dict | None, history: list[dict], best_epoch: int, monitor: str, *, mode: str, limit: str,
-                  fit: dict) -> dict:
+                  fit: dict, bar: float | None = None) -> dict:
     """decision.json `budget` (trainer.time_limit): what auto tried in the budget, for how long, what it kept and
     why. `probe`: the probe's info (features/probe_init.py) when auto fitted one before a fine-tune, else None;
-    `fit`: the fine-tune's budget report (training/budget.py)."""
+    `fit`: the fine-tune's budget report (training/budget.py); `bar`: the val a fine-tune epoch had to beat
+    (probe_bar), None when it was the probe's val itself."""
     record = {"limit": limit, "mode": mode, "tried": []}
     if probe is not None and not probe.get("resumed"):
         record["tried"].append({"what": "probe", "val": probe.get(f"val_{monitor}"), "seconds": probe.get("seconds"),
@@ -182,19 +183,19 @@ def budget_record(probe: dict | None, history: list[dict], best_epoch: int, moni
     record["tried"].append({"what": f"fine-tune ({mode})", "epochs_run": fit.get("epochs_run"),
                             "planned_epochs": fit.get("planned_epochs"), "stopped": fit.get("stopped"),
                             "seconds": _fit_seconds(fit), "val_per_epoch": [h.get(f"val_{monitor}") for h in history]})
-    bar = _bar_text(probe, monitor) if probe is not None else ""
+    to_beat = _bar_text(probe, monitor, bar) if probe is not None else ""
     if probe is not None and best_epoch == 0:
-        record.update(kept="probe", why=f"no fine-tune epoch beat {bar} within the budget")
+        record.update(kept="probe", why=f"no fine-tune epoch beat {to_beat} within the budget")
     elif probe is not None and not probe.get("resumed"):
-        record.update(kept=f"fine-tune epoch {best_epoch}", why=f"it beat {bar}")
+        record.update(kept=f"fine-tune epoch {best_epoch}", why=f"it beat {to_beat}")
     else:
         record.update(kept=f"fine-tune epoch {best_epoch}", why="best val epoch of the fine-tune")
     return record
 
 
-def _bar_text(probe: dict, monitor: str) -> str:
+def _bar_text(probe: dict, monitor: str, bar: float | None) -> str:
     """What a fine-tune epoch had to beat: the probe's val, less the margin where the rule picked a fine-tune."""
-    val, bar = probe.get(f"val_{monitor}"), probe.get("bar")
+    val = probe.get(f"val_{monitor}")
     if val is None:
         return f"the probe's val {monitor}"
     if bar is None or bar == val:

@@ -96,7 +96,7 @@ def test_a_fine_tune_the_rule_picked_keeps_its_margin_over_the_probe(tiny_folder
     the probe would replace it, and the probe stays."""
     _spy_probe_head(monkeypatch, val_score=1 / 3 + 0.02)
     _zero_head_after_each_epoch(monkeypatch)
-    monkeypatch.setattr("pipeline.train.monitor_se", lambda monitor, logits, labels: 0.05)
+    monkeypatch.setattr("pipeline.features.probe_fallback.monitor_se", lambda monitor, logits, labels: 0.05)
     cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m",
                     f"strategy.auto.probe_margin_se={margin_se}")
     metrics = train(cfg)
@@ -113,7 +113,7 @@ def test_where_the_rule_picked_the_probe_a_fine_tune_must_beat_it(tiny_folder, c
     """small + similar (the rule picked the probe; the budget adds a fine-tune): no margin, the probe stays."""
     _spy_probe_head(monkeypatch, val_score=1 / 3 + 0.02)
     _zero_head_after_each_epoch(monkeypatch)
-    monkeypatch.setattr("pipeline.train.monitor_se", lambda monitor, logits, labels: 0.05)
+    monkeypatch.setattr("pipeline.features.probe_fallback.monitor_se", lambda monitor, logits, labels: 0.05)
     metrics = train(_auto_cfg(cfg_factory, tiny_folder, SIMILAR, "trainer.time_limit=10m",
                               "strategy.auto.probe_margin_se=1"))
     assert metrics["decision"]["rule_mode"] == "linear_probe" and metrics["best_epoch"] == 0
