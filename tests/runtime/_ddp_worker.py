@@ -72,13 +72,21 @@ def rewrap_worker(rank: int, port: int, out: str) -> None:
     ddp(x).sum().backward()
     model[0].requires_grad_(True)  # a gradual thaw
     same = distributed.wrap_ddp(model, torch.device("cpu"), current=ddp)
+    rewrapped = same is not ddp
+    del ddp  # as in fit(), where the wrapper in use is replaced
     model.zero_grad()
     same(x).sum().backward()
     grads = distributed.all_gather_object(model[0].weight.grad.clone())
     if rank == 0:
-        torch.save({"rewrapped": same is not ddp, "diff": float((grads[0] - grads[1]).abs().max()),
+        torch.save({"rewrapped": rewrapped, "diff": float((grads[0] - grads[1]).abs().max()),
                     "norm": float(grads[0].abs().max())}, out)
+    distributed.barrier()  # neither rank leaves the group while the other still talks to it
     distributed.teardown()
+    # The result is on disk and the group is left. Skip interpreter finalization: the DDP reducer keeps the
+    # gloo group alive until then, and gloo threads racing finalization aborted rank 1 twice in ~130
+    # runs ("terminate called without an active exception", cf. pytorch/pytorch#179291).
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
