@@ -85,7 +85,8 @@ def rewrap_worker(rank: int, port: int, out: str) -> None:
     # The result is on disk and the group is left. Skip interpreter finalization: the DDP reducer keeps the
     # gloo group alive until then, and gloo threads racing finalization aborted rank 1 twice in ~130
     # runs ("terminate called without an active exception", cf. pytorch/pytorch#179291).
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 
