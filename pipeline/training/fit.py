@@ -64,12 +64,8 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     t, o, max_epochs = cfg.trainer, cfg.optim, budget.max_epochs(cfg.trainer)
     accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
     prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
-    groups = optim.build_param_groups(model, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
-                                      layer_decay=o.layer_decay, weight_decay=o.weight_decay)
-    optimizer = optim.build_optimizer(groups, name=o.name, lr=o.lr, momentum=o.momentum, fused=o.fused)
     steps = len(loaders["train"]) if not t.max_train_batches else min(len(loaders["train"]), t.max_train_batches)
-    scheduler = optim.build_scheduler(optimizer, name=o.scheduler, total_steps=steps * max_epochs,
-                                      warmup_steps=int(o.warmup_epochs * steps))
+    optimizer, scheduler = build_optimization(model, o, steps_per_epoch=steps, epochs=max_epochs)
     val_images = len(loaders["val"].dataset) * (2 if t.ema else 1)  # EMA: two val evaluations per epoch
     clock = budget.from_config(t, started=started, steps_per_epoch=steps, val_images=val_images,
                                test_images=test_images,
@@ -89,7 +85,7 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
         for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
         first, partial, history, best_val = last.restore(resume_state)
-    elif baseline is not None:
+    elif baseline is not None:  # the probe is `best` at epoch 0, to beat at its bar
         tracker.update(baseline.val[t.monitor] if baseline.bar is None else baseline.bar, 0)
         best_val = baseline.best_val
     with tracking.RunTracker(run_dir, cfg, first_epoch=first) as curves:  # history.csv, TensorBoard, MLflow
@@ -140,11 +136,25 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
             if clock is not None and clock.stopped:
                 break
             if tracker.should_stop and epoch < max_epochs:
-                _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
-                             t.monitor, tracker.bad_epochs, tracker.best, tracker.best_epoch)
-                if clock is not None:
-                    clock.stopped = "early_stop"
+                stop_early(tracker, clock)
                 break
+    return fit_result(history, tracker, eval_loss, best_val, clock, ema)
+
+
+def build_optimization(model, o: DictConfig, *, steps_per_epoch: int, epochs: int):
+    """The optimizer over the trainable param groups (differential LRs, layer decay) and its LR schedule over
+    `epochs` (a time budget re-spans it over its plan: TimeBudget on_plan)."""
+    groups = optim.build_param_groups(model, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
+                                      layer_decay=o.layer_decay, weight_decay=o.weight_decay)
+    optimizer = optim.build_optimizer(groups, name=o.name, lr=o.lr, momentum=o.momentum, fused=o.fused)
+    scheduler = optim.build_scheduler(optimizer, name=o.scheduler, total_steps=steps_per_epoch * epochs,
+                                      warmup_steps=int(o.warmup_epochs * steps_per_epoch))
+    return optimizer, scheduler
+
+
+def fit_result(history: list[dict], tracker: MonitorTracker, eval_loss, best_val, clock: budget.TimeBudget | None,
+               ema: averaging.WeightAverage | None) -> dict:
+    """fit()'s result (its docstring); closes the budget's accounting and logs how it was spent."""
     if clock is not None:
         clock.end_loop()
         _logger.info("Time budget %s: %d epoch(s) run (planned %s), stopped: %s%s", clock.limit, clock.epochs_run,
@@ -152,8 +162,17 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     result = {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val,
               "budget": clock}
     if ema is not None:
-        result["weight_averaging"] = averaging.record(history, tracker.best_epoch, t.monitor, tracker.mode, ema.decay)
+        result["weight_averaging"] = averaging.record(history, tracker.best_epoch, tracker.name, tracker.mode,
+                                                      ema.decay)
     return result
+
+
+def stop_early(tracker: MonitorTracker, clock: budget.TimeBudget | None) -> None:
+    """Log the early stop (`trainer.early_stop_patience`) and record it as the budget's stop reason."""
+    _logger.info("Early stop: val %s has not improved for %d epoch(s) (best %.4f at epoch %d)",
+                 tracker.name, tracker.bad_epochs, tracker.best, tracker.best_epoch)
+    if clock is not None:
+        clock.stopped = "early_stop"
 
 
 @dataclass
