@@ -49,8 +49,8 @@ test: lint ## Run the import contracts, then the test suite (pytest)
 lint: $(STAMP) ## Check the package layering (import-linter contracts in pyproject.toml)
 	$(VENV)/bin/lint-imports
 
-clean-outputs: ## Delete outputs/ (run dirs)
-	rm -rf outputs
+clean-outputs: $(STAMP) ## Delete the run and sweep dirs under outputs/ (only those the pipeline marked; live runs kept)
+	$(PY) -m pipeline.clean $(if $(OUT),'dir=$(OUT)')
 
 # Sweeps (Hydra multirun; each run in outputs/multirun/<sweep>/<job>_<overrides>/, report.md at the end)
 DEPTHS ?= all,6,4,2,0

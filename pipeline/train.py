@@ -23,7 +23,7 @@ from pipeline.model import backbone, checkpoint
 from pipeline.model.calibrated import wrap_for_inference
 from pipeline.reports import gallery, plots, summary
 from pipeline.reports.audit_report import write_audit_sheets
-from pipeline.runtime import distributed
+from pipeline.runtime import distributed, run_lock
 from pipeline.runtime.devices import build_accel, select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
@@ -54,7 +54,15 @@ _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "tra
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by `cfg`; writes the run dir and returns the metrics dict."""
     start, started = time.perf_counter(), budget.now()  # started: `trainer.time_limit` counts from here
-    resumed, run_dir = prepare_run(cfg)
+    resumed, run_dir = prepare_run(cfg)  # rank 0 holds the run dir's lock (runtime/run_lock.py) until the end
+    try:
+        return run_job(cfg, run_dir, resumed, start=start, started=started)
+    finally:
+        run_lock.release(run_dir)
+
+
+def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: float, started: float) -> dict:
+    """The stages of one run in its claimed `run_dir` (see `train`)."""
     main = distributed.is_main()
     threads = set_threads(distributed.threads_per_rank(cfg.trainer.threads))
     device = distributed.rank_device(select_device(cfg.trainer.device))
@@ -174,7 +182,7 @@ def evaluate_best(cfg: DictConfig, run_dir: Path, result: dict, splits, eval_tf,
     best_epoch = result["best_epoch"]
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": best_epoch}
     if best_epoch == 0 and (run_dir / "best.json").is_file():  # auto's probe (epoch 0) stayed best
-        metrics["val"] = checkpoint.read_meta(run_dir / "best.json")["val_metrics"]
+        metrics["val"] = checkpoint.read_checkpoint_meta(run_dir)["val_metrics"]
     else:
         chosen = "ema_val_" if (result.get("weight_averaging") or {}).get("chosen") == "ema" else "val_"  # ema
         row = result["history"][best_epoch - 1 if best_epoch else -1]
@@ -200,6 +208,9 @@ def record_failure(cfg: DictConfig, error: Exception, seconds: float) -> None:
     """Write `metrics.json` with status=failed and the error, so a sweep report lists the failed run."""
     try:
         run_dir = resolve_run_dir(cfg)
+        if not run_lock.may_record_failure(run_dir):  # a finished run, a live one, or one this command was refused
+            _logger.info("Failure not recorded in %s: it holds a run this command did not own", run_dir)
+            return
         failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "run_dir": str(run_dir),
                    "monitor": cfg.trainer.monitor, "train_seconds": seconds}
         write_json(run_dir / "metrics.json", failure)

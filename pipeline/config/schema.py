@@ -261,6 +261,15 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="_config_schema", node=Config)
     OmegaConf.register_new_resolver("unless_epochs", unless_epochs, replace=True)
     OmegaConf.register_new_resolver("if_null", if_null, replace=True)
+    OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)  # cached: one id per command
+
+
+def run_id() -> str:
+    """A short id unique among runs started in the same second (conf/hydra/default.yaml's run and sweep dirs):
+    the pid (unique among live processes on a host) and 2 random bytes (apart across hosts)."""
+    import os
+    import secrets
+    return f"{os.getpid()}{secrets.token_hex(2)}"
 
 
 GROUPS = {"dataset": DatasetConfig, "backbone": BackboneConfig, "strategy": StrategyConfig,

@@ -20,10 +20,14 @@ from pipeline.runtime.files import staged_dir
 _logger = logging.getLogger(__name__)
 
 
+DIGITS_MARKS = tuple(f".complete_{side}" for side in (32, 64, 128, 224, 256))  # trees of older versions
+
+
 def write_digits_imagefolder(root: str | Path, image_size: int = 64) -> Path:
     """Write sklearn's 8x8 digits (1797 images, ships with scikit-learn) as PNGs in `root/train/<digit>/`.
 
-    Idempotent: a complete tree (marker file present) is left alone.
+    Idempotent: a complete tree (marker file present) is left alone. `root` must be missing, empty or a tree
+    this function wrote: anything else is a one-line error, never replaced (the user forgot `dataset=folder`).
     """
     from sklearn.datasets import load_digits
 
@@ -31,8 +35,10 @@ def write_digits_imagefolder(root: str | Path, image_size: int = 64) -> Path:
     marker = root / f".complete_{image_size}"
     if marker.is_file():
         return root
+    fix = (f"dataset.root={root} is where the digits dataset is generated; for your own images add dataset=folder "
+           "(make train dataset=folder dataset.root=...)")
     digits = load_digits()
-    with staged_dir(root) as tmp:
+    with staged_dir(root, kind="dataset", fix=fix, legacy_marks=DIGITS_MARKS) as tmp:
         for i, (img, label) in enumerate(zip(digits.images, digits.target)):
             pixels = (img * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
             big = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BICUBIC)
@@ -47,7 +53,8 @@ def write_digits_imagefolder(root: str | Path, image_size: int = 64) -> Path:
 def download_and_extract(url: str, root: Path, hint: str = "") -> Path:
     """Fetch an archive (zip/tar) and unpack it so that `root/train` exists (online users)."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root.parent) as tmp, staged_dir(root) as staged:
+    fix = f"dataset.root={root} holds no class folders to use and is not empty: point it at a new dir for the download"
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp, staged_dir(root, kind="dataset", fix=fix) as staged:
         archive = Path(tmp) / Path(url).name
         _logger.info("Downloading %s", url)
         try:

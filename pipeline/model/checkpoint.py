@@ -1,7 +1,9 @@
 """Checkpoints that rebuild the model on their own, and the one reader of weights and model JSON files.
 
-`best` = `best.safetensors` + `best.json` (arch, classes, preprocessing, ...); an export dir holds the same
-pair as `model.safetensors` + `model.json`. `last` = `last.pt`, the full training state for resuming
+`best` = `best.safetensors` + `best.json` (arch, classes, preprocessing, ...), committed as one generation: the
+JSON also sits in the safetensors header, written atomically with the weights (`save_weights`), and
+`read_checkpoint_meta` rewrites a `best.json` left behind by a kill. An export dir holds the same pair as
+`model.safetensors` + `model.json`. `last` = `last.pt`, the full training state for resuming
 (training/resume.py). Every file goes through runtime/files.py: complete or not at all.
 
 Reading is shared by training (best after fit, resume), export and `pipeline.load`: `read_weights` (any
@@ -12,9 +14,11 @@ safetensors, so `pipeline.load` stays light.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import MissingFileError, ModelFileError
@@ -22,19 +26,67 @@ from pipeline.model.multidepth import create_classifier
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_atomic, write_json
 
+_logger = logging.getLogger(__name__)
+
 LAST = "last.pt"
 REQUIRED_KEYS = ("arch", "num_classes", "class_names", "preprocessing")
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")  # timm / Lightning / torchvision checkpoint wrappers
 
 
+META_KEY = "pipeline.meta"  # the JSON, committed with the weights in the safetensors header
+
+
 def save_checkpoint(run_dir: str | Path, name: str, model: torch.nn.Module, meta: dict) -> Path:
     """Write `<name>.safetensors` and `<name>.json` (arch, num_classes, class names, preprocessing, ...)."""
-    run_dir = Path(run_dir)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomic(run_dir / f"{name}.safetensors", lambda p: save_file(weights, str(p)))
-    write_json(run_dir / f"{name}.json", meta)
+    return save_weights(run_dir, name, weights, meta)
+
+
+def save_weights(run_dir: str | Path, name: str, weights: dict[str, torch.Tensor], meta: dict) -> Path:
+    """One generation of a checkpoint: the weights and their JSON go in one atomic write (the JSON in the
+    safetensors header: the commit point), then `<name>.json`, its readable copy. A kill between the two leaves
+    the copy one generation behind; `read_checkpoint_meta` puts it right before anything reads it."""
+    run_dir = Path(run_dir)
+    text = json.dumps(meta, default=str)
+    write_atomic(run_dir / f"{name}.safetensors", lambda p: save_file(weights, str(p), metadata={META_KEY: text}))
+    write_json(run_dir / f"{name}.json", json.loads(text))
     return run_dir / f"{name}.safetensors"
+
+
+def embedded_meta(weights_path: str | Path) -> dict | None:
+    """The JSON committed inside a `save_weights` file's header (read alone, no tensor), or None (older files,
+    exports, an unreadable header: `read_weights` then says what is wrong)."""
+    try:
+        with safe_open(str(weights_path), "pt") as f:
+            text = (f.metadata() or {}).get(META_KEY)
+        return json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - SafetensorError, OSError, JSON: the weights reader reports the damage
+        return None
+
+
+def read_checkpoint_meta(run_dir: str | Path, name: str = "best") -> dict:
+    """`<name>.json` of a run dir, validated, after making it agree with the weights' committed JSON (rewritten
+    from it when a kill came between `save_weights`' two writes)."""
+    meta_path = Path(run_dir) / f"{name}.json"
+    committed = embedded_meta(Path(run_dir) / f"{name}.safetensors")
+    if committed is not None:
+        try:
+            copy = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            copy = None
+        if copy != committed:
+            _logger.info("%s was behind its weights (a run stopped between the two writes): rewritten", meta_path)
+            write_json(meta_path, committed)
+    return read_meta(meta_path)
+
+
+def update_meta(run_dir: str | Path, name: str, **values) -> dict:
+    """Add `values` to a checkpoint's JSON, as a new generation of the pair (weights rewritten with it)."""
+    run_dir = Path(run_dir)
+    meta = {**read_checkpoint_meta(run_dir, name), **values}
+    save_weights(run_dir, name, read_weights(run_dir / f"{name}.safetensors"), meta)
+    return meta
 
 
 def unwrap_state_dict(obj, source: str | Path) -> dict[str, torch.Tensor]:
@@ -127,7 +179,7 @@ def load_checkpoint(run_dir: str | Path, name: str = "best") -> tuple[torch.nn.M
         for p in (meta_path, weights_path):
             if not p.is_file():
                 raise MissingFileError(f"Checkpoint file missing: {p} (is {run_dir} a finished run dir?)")
-        return read_meta(meta_path), read_weights(weights_path)
+        return read_checkpoint_meta(run_dir, name), read_weights(weights_path)
 
     meta, weights = distributed.from_main(read)
     return build_model(meta, weights, run_dir / f"{name}.safetensors"), meta

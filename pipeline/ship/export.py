@@ -27,6 +27,7 @@ from pipeline.config import CONF_DIR, ExportConfig, check_group
 from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.errors import ConfigError, MissingFileError, PipelineError
 from pipeline.model import calibrated, checkpoint
+from pipeline.runtime import owned
 from pipeline.runtime.files import staged_dir, write_json, write_text
 from pipeline.ship import loading, model_card
 from pipeline.ship.predict import collect_images
@@ -189,11 +190,14 @@ def check_formats(model: torch.nn.Module, tmp: Path, paths: list[str], ref_x: to
     return results
 
 
+EXPORT_FIX = "out={out} would be replaced by the export: choose another out=... (a new or empty dir, or an earlier export)"
+
+
 def check_out_dir(run_dir: Path, out_dir: str | Path | None) -> Path:
-    """The export dir; an existing one must be an earlier export (or empty), since it will be replaced."""
+    """The export dir; an existing one must be empty or an earlier export (marked by the pipeline: runtime/owned.py),
+    since it will be replaced. Checked before any work, and again by `staged_dir` when the new export is done."""
     out = Path(out_dir) if out_dir else run_dir / "export"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "model.json").is_file())):
-        raise ConfigError(f"out={out} exists and is not an export dir; choose another out=...")
+    owned.check_replaceable(out, "export", EXPORT_FIX.format(out=out))
     return out
 
 
@@ -212,7 +216,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
     paths, facts = parity_images(run_dir, config, images, int(settings["parity_images"]))
     ref_x, paths = reference_batch(paths, meta["preprocessing"], max_pixels)
     out = check_out_dir(run_dir, out_dir)
-    with staged_dir(out) as tmp:  # the export dir appears complete, or not at all
+    with staged_dir(out, kind="export", fix=EXPORT_FIX.format(out=out)) as tmp:  # complete, or not at all
         weights = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
         save_file(weights, str(tmp / FILES["safetensors"]), metadata={"arch": meta["arch"]})
         os.chmod(tmp / FILES["safetensors"], 0o644)  # safetensors writes 0600; a shipped file is world-readable

@@ -22,7 +22,6 @@ from scipy.optimize import minimize_scalar
 from pipeline.model import checkpoint
 from pipeline.model.calibrated import PLAIN, VIEWS, apply_view
 from pipeline.runtime import distributed
-from pipeline.runtime.files import write_json
 from pipeline.training import loop
 from pipeline.training.metrics import classification_metrics, monitor_direction
 
@@ -152,10 +151,10 @@ def view_logits(model: torch.nn.Module, loader, views: list[str], device, accel,
 
 
 def update_best_meta(run_dir: Path, **values: Any) -> None:
-    """Rewrite best.json with `values` added, every other key kept (DDP: rank 0 alone writes)."""
+    """Add `values` to best's JSON, every other key kept, as a new generation of the weights + JSON pair (DDP:
+    rank 0 alone writes)."""
     if distributed.is_main():
-        meta = checkpoint.read_meta(Path(run_dir) / "best.json")
-        write_json(Path(run_dir) / "best.json", {**meta, **values})
+        checkpoint.update_meta(run_dir, "best", **values)
 
 
 def calibrate_run(cfg: DictConfig, run_dir: Path, best_val: tuple[np.ndarray, np.ndarray],

@@ -14,7 +14,8 @@ resolved config. A resumed CPU run repeats the uninterrupted one exactly: same w
 - `auto`: with `output_dir` set, continue that dir if it holds an unfinished `last.pt`; otherwise the
   newest run dir next to this run's (Hydra: `outputs/runs/`) that has `last.pt`, no `metrics.json`
   (killed or interrupted; finished and failed runs are left alone) and the same `dataset.name` and
-  `dataset.root`. Nothing found: a fresh run.
+  `dataset.root`. Dirs a live run holds (runtime/run_lock.py) are passed over, and the log says so.
+  Nothing found: a fresh run.
 
 The cached linear probe (features/fit.py) saves a small `last.pt` of kind `cached` (its config) when it
 starts: its progress is the feature cache, so a resume re-extracts only the missing entries and re-fits the
@@ -30,9 +31,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import ConfigError, MissingFileError
+from pipeline.errors import ConfigError, MissingFileError, OutputError
 from pipeline.model.checkpoint import LAST, load_state, save_state
-from pipeline.runtime import distributed, seeding
+from pipeline.runtime import distributed, run_lock, seeding
 
 _logger = logging.getLogger(__name__)
 
@@ -60,6 +61,15 @@ def _same_dataset(run_dir: Path, cfg: DictConfig) -> bool:
     return saved.name == cfg.dataset.name and resolve(saved.root) == resolve(cfg.dataset.root)
 
 
+def _passed_over_live(run_dirs: list[Path]) -> list[Path]:
+    """`run_dirs` less those a live run holds (runtime/run_lock.py), which are named in the log."""
+    live = {d: run_lock.live_pid(d) for d in run_dirs}
+    for run_dir, pid in live.items():
+        if pid is not None:
+            _logger.info("trainer.resume=auto: passing over %s, still training (pid %s)", run_dir, pid)
+    return [d for d, pid in live.items() if pid is None]
+
+
 def find_run_to_resume(cfg: DictConfig) -> Path | None:
     """The run dir `trainer.resume` names (see the module doc), or None for a fresh run."""
     value = str(cfg.trainer.resume)
@@ -69,17 +79,21 @@ def find_run_to_resume(cfg: DictConfig) -> Path | None:
         if not (run_dir / LAST).is_file():
             raise MissingFileError(f"trainer.resume={value}: no {LAST} in {run_dir} (give a run dir of a killed or "
                                    "interrupted run, or trainer.resume=auto)")
+        if run_lock.live_pid(run_dir) is not None:
+            raise OutputError(f"trainer.resume={value}: {run_dir} is still training (pid {run_lock.live_pid(run_dir)}"
+                              "); wait for it to end, or stop it first (Ctrl-C / kill: it saves last.pt)")
         return run_dir
     if cfg.output_dir:
         run_dir = Path(cfg.output_dir)
-        return run_dir if (run_dir / LAST).is_file() and not (run_dir / "metrics.json").exists() else None
+        unfinished = (run_dir / LAST).is_file() and not (run_dir / "metrics.json").exists()
+        return run_dir if unfinished and _passed_over_live([run_dir]) else None
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError("trainer.resume=auto is for single runs; in a sweep set trainer.resume=<job dir> per job")
     root = _runs_root(cfg)
-    candidates = [p.parent for p in root.glob(f"*/{LAST}") if not (p.parent / "metrics.json").exists()
-                  and _same_dataset(p.parent, cfg)]
+    candidates = _passed_over_live([p.parent for p in root.glob(f"*/{LAST}") if not (p.parent / "metrics.json")
+                                    .exists() and _same_dataset(p.parent, cfg)])
     return max(candidates, key=lambda d: (d / LAST).stat().st_mtime) if candidates else None
 
 
@@ -150,7 +164,6 @@ def prepare_resume(cfg: DictConfig) -> dict | None:
         raise ConfigError(f"{run_dir / LAST} has format {state.get('format')}, this version reads {FORMAT}; "
                           "start a fresh run")
     adopt_saved_config(cfg, state["config"], run_dir)
-    metrics.unlink(missing_ok=True)  # a stale failure record; written again when this run ends
     _log_to_run_dir(run_dir)
     where = f"step {state['partial']['steps']} of epoch {state['epoch'] + 1}" if state["partial"] else \
         f"the end of epoch {state['epoch']}"
@@ -158,6 +171,13 @@ def prepare_resume(cfg: DictConfig) -> dict | None:
         where = "the feature cache (missing entries are extracted, then the head is fitted)"
     _logger.info("Resuming %s from %s", run_dir, where)
     return state
+
+
+def drop_failure_record(run_dir: Path) -> None:
+    """A resumed run's stale failure record goes (written again when this run ends); a finished run's stays."""
+    metrics = Path(run_dir) / "metrics.json"
+    if metrics.exists() and _status(metrics) != "ok":
+        metrics.unlink()
 
 
 def saved_decision(run_dir: Path) -> dict:

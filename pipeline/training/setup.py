@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.data import augment, folder, image_cache, listing, manifest, sampler, sources
 from pipeline.data.device_decode import DeviceBatches, resolve_decode
 from pipeline.model import freezing
-from pipeline.runtime import distributed
+from pipeline.runtime import distributed, run_lock
 from pipeline.runtime.devices import Accel
-from pipeline.runtime.files import ensure_writable_dir, write_json
+from pipeline.runtime.files import ensure_writable_dir, write_json, write_text
 from pipeline.runtime.seeding import seed_worker
 from pipeline.training import budget_depth, loss, resume, validate
 from pipeline.transfer import auto
@@ -23,13 +24,35 @@ _logger = logging.getLogger(__name__)
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
+    """The run dir: `output_dir`, else Hydra's (conf/hydra/default.yaml), else outputs/runs/<time>_<pid>."""
     if cfg.output_dir:
-        path = Path(cfg.output_dir)
-    else:
-        from hydra.core.hydra_config import HydraConfig
-        path = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else \
-            Path("outputs/runs") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    return ensure_writable_dir(path)
+        return Path(cfg.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else \
+        Path("outputs/runs") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+
+
+def claim_run_dir(cfg: DictConfig, *, resume: bool) -> Path:
+    """Create, check and lock the run dir (runtime/run_lock.py: one live run per dir, a fresh run never in a dir
+    that holds one), then write Hydra's record of this command (`.hydra/`) into it."""
+    run_dir = ensure_writable_dir(resolve_run_dir(cfg))
+    run_lock.claim(run_dir, resume=resume)
+    if not resume:
+        write_hydra_record(run_dir, cfg)
+    return run_dir
+
+
+def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """`.hydra/{config,hydra,overrides}.yaml` as Hydra writes them. conf/hydra/default.yaml sets
+    `hydra.output_subdir: null` so that Hydra itself never rewrites the record of a run whose dir is refused."""
+    from hydra.core.hydra_config import HydraConfig
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
+        return
+    hydra_cfg = HydraConfig.get()
+    record = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+              "overrides.yaml": hydra_cfg.overrides.task}
+    for name, node in record.items():
+        write_text(run_dir / ".hydra" / name, OmegaConf.to_yaml(node))
 
 
 def dataset_root(cfg: DictConfig) -> Path:
@@ -170,7 +193,9 @@ def prepare_run(cfg: DictConfig) -> tuple[dict | None, Path]:
     main = distributed.is_main()
     resumed = resume.prepare_resume(cfg) if main else None  # trainer.resume: adopts the run's config and dir
     validate.validate_config(cfg)  # before any heavy work
-    run_dir = distributed.main_run_dir(lambda: resolve_run_dir(cfg))
+    run_dir = distributed.main_run_dir(lambda: claim_run_dir(cfg, resume=resumed is not None))
+    if resumed is not None:
+        resume.drop_failure_record(run_dir)  # only now that this process holds the dir
     resumed = distributed.broadcast_object(resumed)
     if not main:
         if resumed is not None:

@@ -108,14 +108,27 @@ def test_make_export_takes_run_and_export_overrides(exported, tmp_path):
 
 
 def test_corrupt_best_json_is_a_one_line_error(exported, tmp_path, capsys):
+    """Weights without the JSON committed in their header (older runs): a damaged best.json cannot be put right."""
+    from safetensors.torch import load_file, save_file
+
     _, run, _ = exported
     broken = Path(shutil.copytree(run, tmp_path / "run"))
+    save_file(load_file(broken / "best.safetensors"), broken / "best.safetensors")  # no header JSON
     (broken / "best.json").write_text('{"arch": "test_efficientnet", "num_cla')
     with pytest.raises(SystemExit) as info:
         export_main([f"run={broken}", f"out={tmp_path / 'out'}"])
     line = one_line_error(capsys, info)
     assert "best.json is not valid JSON" in line and "re-run training" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_best_json_left_behind_by_a_kill_is_rewritten_from_its_weights(exported, tmp_path):
+    _, run, _ = exported
+    behind = Path(shutil.copytree(run, tmp_path / "run"))
+    (behind / "best.json").write_text('{"arch": "test_efficientnet", "num_cla')  # the kill came mid-copy
+    export_main([f"run={behind}", f"out={tmp_path / 'out'}"])
+    assert json.loads((behind / "best.json").read_text()) == json.loads((run / "best.json").read_text())
+    assert (tmp_path / "out" / "model.json").is_file()
 
 
 @pytest.mark.parametrize("args, message", [
