@@ -16,6 +16,7 @@ from pipeline.data.audit import input_side, run_audit
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.features import label_issues
 from pipeline.reports.audit_report import audit_section, write_audit_sheets
+from pipeline.runtime import owned
 from pipeline.runtime.cli import split_args
 from pipeline.runtime.devices import select_device
 from pipeline.runtime.files import write_json, write_text
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         validate_values(cfg)
         set_threads(cfg.trainer.threads)
         data, root = build_data(cfg)
-        out = Path(own["out"] or Path("outputs/audit") / cfg.dataset.name)
+        out = owned.prepare_output_dir(own["out"] or Path("outputs/audit") / cfg.dataset.name, "audit",
+                                       "choose another out=... (a new or empty dir, or an earlier audit's)")
         data, report = run_audit(data, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup, checks=cfg.audit,
                                  seed=cfg.seed, min_side=input_side(cfg), out_dir=out)
         report["label_issues"] = find_label_issues(cfg, data)

@@ -13,6 +13,7 @@ from pipeline.data import augment
 from pipeline.errors import exit_on_user_error
 from pipeline.model import backbone
 from pipeline.reports.preview import write_preview
+from pipeline.runtime import owned
 from pipeline.runtime.cli import positive_int, split_args
 from pipeline.runtime.process import tune_allocator
 from pipeline.training.setup import list_data
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         data_cfg = backbone.data_config(timm.create_model(b.name, pretrained=False), b.input_size or d.input_size)
         data_cfg["grayscale_input"] = bool(cfg.augment.grayscale_input)
         transform = augment.train_transform_from_cfg(data_cfg, cfg.augment)
-        out = own["out"] or f"outputs/preview/{d.name}_{cfg.augment.preset}.png"
+        out = owned.prepare_output_file(own["out"] or f"outputs/preview/{d.name}_{cfg.augment.preset}.png",
+                                        "choose another out=... (a new file)")
         path = write_preview(paths, labels, classes, transform, data_cfg, out, n=n, seed=cfg.seed,
                              max_pixels=d.max_pixels)
         print(f"Wrote {path} ({len(classes)} classes, augment preset '{cfg.augment.preset}')")

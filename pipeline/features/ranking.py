@@ -22,7 +22,8 @@ from pipeline.features.fit import extraction_workers, level_columns
 from pipeline.model import backbone
 from pipeline.model.multidepth import HEAD
 from pipeline.runtime.devices import select_device
-from pipeline.runtime.files import ensure_writable_dir, write_json, write_text
+from pipeline.runtime import owned
+from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads
 from pipeline.training.setup import build_data, resolve_run_dir
 from pipeline.transfer.logme import logme_score
@@ -76,7 +77,8 @@ def render(rows: list[dict], skipped: list[dict], dataset: str) -> str:
 def rank(cfg: DictConfig) -> dict:
     """Rank `cfg.backbones` (default: `backbone.name`) on the dataset's train split."""
     names = list(cfg.backbones) or [cfg.backbone.name]
-    run_dir = ensure_writable_dir(resolve_run_dir(cfg))
+    run_dir = owned.prepare_output_dir(resolve_run_dir(cfg), "rank", "choose a new dir (hydra.run.dir=... or "
+                                       "output_dir=...)")
     set_threads(cfg.trainer.threads)
     device = select_device(cfg.trainer.device)
     splits, _ = build_data(cfg)

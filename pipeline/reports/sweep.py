@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import MissingFileError
+from pipeline.runtime import owned
 from pipeline.runtime.files import write_csv, write_text
 
 _logger = logging.getLogger(__name__)
@@ -179,12 +180,22 @@ def markdown_report(rows: list[dict], sweep_dir: Path, plot_name: str | None) ->
     return "\n".join(lines)
 
 
+REPORT_FILES = ("report.csv", "report.png", "report.md")
+
+
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, plot: bool = True) -> list[dict]:
     """Aggregate the sweep into report.md, report.csv and (plot=True) report.png; returns the rows."""
     sweep_dir = Path(sweep_dir).resolve()
     rows = collect_runs(sweep_dir)
-    out = Path(out_dir) if out_dir else sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
+    fix = "choose another out=... (a new or empty dir)"  # a file of the user's is never overwritten
+    if out_dir:
+        out = owned.prepare_output_dir(out_dir, "report", fix)
+    else:  # the sweep dir: marked when the sweep started (reports/sweep_callback.py), or the report's own
+        out = sweep_dir
+        if owned.owner(out) is None:
+            for name in REPORT_FILES:
+                owned.prepare_output_file(out / name, fix)
+            owned.mark(out, "report")
     write_sweep_csv(rows, out / "report.csv")
     plot_name = None
     if plot:

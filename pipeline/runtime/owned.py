@@ -3,7 +3,9 @@
 Every dir the pipeline makes to replace later (a generated dataset, an export, a run or sweep dir) carries a
 `.pipeline-owned` file naming its kind. `check_replaceable` is the one gate before a dir is replaced: a dir
 that is missing, empty or marked with the same kind may go; anything else is the user's, and the answer is a
-one-line `OutputError` naming a file in it and the fix.
+one-line `OutputError` naming a file in it and the fix. Commands that write into a dir (audit, report, rank)
+take it through `prepare_output_dir`, and those that write one file (preview, predict's CSV) through
+`prepare_output_file`: a file of the user's is never overwritten.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from pathlib import Path
 from pipeline.errors import OutputError
 
 MARK = ".pipeline-owned"
-KINDS = ("dataset", "export", "run", "sweep")
+KINDS = ("dataset", "export", "run", "sweep", "audit", "report", "rank", "files")
+HYDRA_FILES = (".hydra",)  # with `*.log`: what Hydra puts in a dir before the command runs
 
 
 def mark(directory: str | Path, kind: str) -> Path:
@@ -62,3 +65,45 @@ def check_replaceable(path: str | Path, kind: str, fix: str, legacy_marks: tuple
         return
     raise OutputError(f"{path} holds files the pipeline did not write (e.g. {first.name}) and would be replaced: "
                       f"{fix}")
+
+
+def _foreign(directory: Path) -> list[str]:
+    """Entries that neither Hydra (its log, `.hydra/`) nor the pipeline's mark account for."""
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name != MARK and p.name not in HYDRA_FILES and not p.name.endswith(".log"))
+
+
+def prepare_output_dir(path: str | Path, kind: str, fix: str, also: tuple[str, ...] = ()) -> Path:
+    """Create `path` (marked `kind`) for a command's output files, or accept it when it is new, holds only
+    Hydra's files, or is marked `kind` (or one of `also`); a dir of the user's is a one-line error."""
+    path = Path(path).expanduser()
+    if path.is_dir() and owner(path) not in (kind, *also):
+        foreign = _foreign(path)
+        if foreign:
+            raise OutputError(f"{path} holds files the pipeline did not write (e.g. {foreign[0]}), which its output "
+                              f"could overwrite: {fix}")
+    elif path.exists() and not path.is_dir():
+        raise OutputError(f"{path} exists and is not a dir: {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"Cannot create {path} ({e.strerror or e}): {fix}") from None
+    if owner(path) is None:
+        mark(path, kind)
+    return path
+
+
+def prepare_output_file(path: str | Path, fix: str) -> Path:
+    """Check that writing `path` overwrites nothing of the user's: a new file, or one in a dir the pipeline
+    made (e.g. outputs/preview/, marked when created). A new parent dir is created and marked."""
+    path = Path(path).expanduser()
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"Cannot create {parent} ({e.strerror or e}): {fix}") from None
+        mark(parent, "files")
+    if (path.exists() or path.is_symlink()) and owner(parent) is None:
+        raise OutputError(f"{path} already exists and the pipeline did not write it: {fix}")
+    return path
