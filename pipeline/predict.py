@@ -10,6 +10,7 @@ import logging
 import sys
 
 from pipeline.errors import ConfigError, exit_on_user_error
+from pipeline.runtime import owned
 from pipeline.runtime.cli import positive_int, require, split_args
 from pipeline.ship.predict import run
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         export_dir = require(own, "run", prog="predict", example="run=outputs/runs/<run>/export")
         if not any(images):
             raise ConfigError("predict needs images=...: e.g. images=photos/ (a file or folder; may repeat)")
+        if own["csv"]:  # a CSV of the user's is never overwritten
+            owned.prepare_output_file(own["csv"], "choose another csv=... (a new file)")
         run(export_dir, images, backend=own["backend"], topk=positive_int(own, "topk", prog="predict"),
             csv_path=own["csv"], batch_size=positive_int(own, "batch_size", prog="predict"))
     return 0
