@@ -209,7 +209,7 @@ def record_failure(cfg: DictConfig, error: Exception, seconds: float) -> None:
     try:
         run_dir = resolve_run_dir(cfg)
         if not run_lock.may_record_failure(run_dir):  # a finished run, a live one, or one this command was refused
-            _logger.info("Failure not recorded in %s: it holds a run this command did not own", run_dir)
+            _logger.debug("Failure not recorded in %s: it holds a run this command did not own", run_dir)
             return
         failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "run_dir": str(run_dir),
                    "monitor": cfg.trainer.monitor, "train_seconds": seconds}

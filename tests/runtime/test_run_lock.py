@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,26 @@ def test_a_failure_is_recorded_only_where_this_process_may_write(tmp_path):
     (mine / "config.yaml").write_text("x")
     run_lock.release(mine)
     assert run_lock.may_record_failure(mine)
+
+
+def test_resume_passes_over_a_live_run_and_refuses_to_join_it(held_elsewhere, tmp_path, monkeypatch, caplog):
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from pipeline.training import resume
+
+    run_dir, child = held_elsewhere
+    (run_dir / "last.pt").write_bytes(b"state")  # killed or still training: no metrics.json
+    OmegaConf.save(OmegaConf.create({"dataset": {"name": "folder", "root": str(tmp_path / "data")}}),
+                   run_dir / "config.yaml")
+    runs = tmp_path / "outputs" / "runs"
+    runs.mkdir(parents=True)
+    run_dir.rename(runs / run_dir.name)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg(["dataset=folder", f"dataset.root={tmp_path / 'data'}", "trainer.resume=auto"])
+    with caplog.at_level("INFO"):
+        assert resume.find_run_to_resume(cfg) is None
+    assert f"passing over {Path('outputs/runs') / run_dir.name}, still training (pid {child.pid})" in caplog.text
+    cfg.trainer.resume = str(runs / run_dir.name)
+    with pytest.raises(OutputError, match=rf"is still training \(pid {child.pid}\); wait for it to end"):
+        resume.find_run_to_resume(cfg)
