@@ -102,8 +102,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _hint(error: BaseException) -> str:
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(error).lower():
+def _nearly_full(directory: Path, margin: int = 4 << 20) -> bool:
+    """Less than `margin` bytes free where `directory` lives: what a writer's own error (torch.save's
+    "unexpected pos", a safetensors error) means when it comes without an errno."""
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
+
+
+def _hint(error: BaseException, full: bool = False) -> str:
+    if full or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(error).lower():
         return "the disk is full: free space or set output_dir=... on another disk"
     return "check that the dir exists and is writable, or set output_dir=..."
 
@@ -119,6 +128,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as e:
+        full = _nearly_full(path.parent)  # before the temp file's space is given back
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
@@ -127,7 +137,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
             raise
         kept = "the previous version is intact" if path.exists() else "no previous version existed"
         reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise FileWriteError(f"Could not write {path} ({reason}); {kept}; {_hint(e)}") from e
+        raise FileWriteError(f"Could not write {path} ({reason}); {kept}; {_hint(e, full)}") from e
     _fsync_dir(path.parent)
     return path
 
