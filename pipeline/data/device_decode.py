@@ -5,10 +5,12 @@ speed of extraction and evaluation.
 The steps are timm's eval transform (data/augment.py `build_eval_transform`): short side to
 floor(size / crop_pct) (torchvision's rounding, `images.resized_shape`), torchvision's center crop, optional grey
 replication, mean/std. JPEGs decode with `torchvision.io.decode_jpeg(device=...)`; any other format, and a JPEG
-the device decoder refuses, goes through the CPU path (`images.load_rgb`), so every file the CPU path reads is
-read. The resize is torch's antialiased interpolation, not PIL's: pixels differ slightly from the CPU path
-(`PARITY_TOLERANCE`, checked by tests/data/test_device_decode.py with the CPU decoder; not yet measured on a GPU,
-which is why `dataset.decode` defaults to cpu).
+the device decoder refuses, goes through the CPU path (`images.decode_rgb`), so every file the CPU path reads is
+read. The CPU path's bounds hold here too, checked before the device decodes: file size (`images.read_bytes`),
+then the header's pixel count and aspect ratio (`images.check_header`), then the resize target
+(`images.resize_target`). The resize is torch's antialiased interpolation, not PIL's: pixels differ slightly
+from the CPU path (`PARITY_TOLERANCE`, checked by tests/data/test_device_decode.py with the CPU decoder; not yet
+measured on a GPU, which is why `dataset.decode` defaults to cpu).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torchvision
 
 from pipeline.data.augment import eval_resize_size
 from pipeline.data.folder import Split, record_skip
-from pipeline.data.images import ImageDecodeError, load_rgb, read_bytes, resized_shape
+from pipeline.data.images import ImageDecodeError, check_header, decode_rgb, read_bytes, resize_target
 
 # max abs difference of a normalised pixel against the CPU path (PIL bicubic vs torch antialiased bicubic, and
 # libjpeg-turbo vs nvJPEG on a GPU): see tests/data/test_device_decode.py
@@ -37,7 +39,9 @@ def resolve_decode(setting: str, device: torch.device) -> str:
 
 
 def _decode(data: bytes, path: str, device: torch.device, max_pixels: int) -> torch.Tensor:
-    """(3, H, W) uint8 on `device`: the device JPEG decoder, else the CPU path (other formats, refused files)."""
+    """(3, H, W) uint8 on `device`: the device JPEG decoder, else the CPU path (other formats, refused files).
+    The header is checked first: a file over a bound (`images.size_problem`) raises before any decode."""
+    check_header(data, path, max_pixels)
     if data[:3] == b"\xff\xd8\xff":
         try:
             image = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
@@ -46,17 +50,18 @@ def _decode(data: bytes, path: str, device: torch.device, max_pixels: int) -> to
                 return image
         except RuntimeError:
             pass  # e.g. CMYK or progressive JPEGs some decoders refuse: the CPU path handles every format
-    rgb = load_rgb(path, max_pixels=max_pixels)  # raises ImageDecodeError for a file that is not an image
+    rgb = decode_rgb(data, path, max_pixels)  # raises ImageDecodeError for a file that is not an image
     return torch.from_numpy(rgb).permute(2, 0, 1).to(device)
 
 
 def preprocess(image: torch.Tensor, data_cfg: dict) -> torch.Tensor:
-    """uint8 (3, H, W) on any device -> the normalised (3, S, S) float eval input."""
+    """uint8 (3, H, W) on any device -> the normalised (3, S, S) float eval input. Raises ImageDecodeError for a
+    resize it will not allocate (`images.resize_target`)."""
     size, short = int(data_cfg["input_size"][-1]), eval_resize_size(data_cfg)
     h, w = image.shape[1:]
+    new_h, new_w = resize_target(h, w, short)  # checked before the float copy
     x = image.float().unsqueeze(0)
     if min(h, w) != short:
-        new_h, new_w = resized_shape(h, w, short)
         mode = _MODES.get(data_cfg.get("interpolation", "bilinear"), "bilinear")
         x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=mode in ("bicubic", "bilinear"),
                           align_corners=False if mode in ("bicubic", "bilinear") else None).clamp_(0, 255)

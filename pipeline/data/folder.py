@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,13 +106,33 @@ def check_layout(root: Path, *, train_split: str, val_split: str, val_fraction: 
                                    {"val": val_split, "test": test_split}))
 
 
+def map_interruptible(fn: Callable, items: list, workers: int) -> list:
+    """`[fn(x) for x in items]` on `workers` threads, at most 8 x workers queued ahead (the queue stays small
+    however many files there are; one slow file does not stall the other threads). Ctrl-C, or an error, cancels
+    what is queued and returns once the calls in progress (one per thread) end, not after the whole list."""
+    workers = max(1, workers)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    results, pending = [], deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 8 * workers:
+                results.append(pending.popleft().result())
+        while pending:
+            results.append(pending.popleft().result())
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
+
+
 def probe_files(paths: list[str], max_pixels: int, workers: int = 8) -> dict[str, dict]:
     """Read every file once (threads; decoders release the GIL): hash, header facts, draft decode.
 
     Returns {path: record} (see images.probe_image); a failed file's record has an "error".
     """
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        records = list(pool.map(lambda p: probe_image(p, max_pixels=max_pixels), paths))
+    records = map_interruptible(lambda p: probe_image(p, max_pixels=max_pixels), paths, workers)
     return dict(zip(paths, records))
 
 

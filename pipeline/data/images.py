@@ -1,28 +1,40 @@
 """Robust image decoding to 8-bit RGB numpy arrays, a header+hash probe, and timm-exact resizing.
 
-Decoding: PIL reads the header (format, mode, size: bomb guard before any pixel is
-decoded). Plain 8-bit JPEG/PNG/BMP/WebP (mode RGB or L) then decode with OpenCV
-(libjpeg-turbo with SIMD; 1.5-2x PIL on the shared datasets, see bench/bench_data.py),
-which applies EXIF orientation itself. Everything else (palette, alpha, CMYK, 16-bit,
-TIFF, GIF, ...) and any file OpenCV refuses goes through PIL. A file that does not decode raises
-ImageDecodeError with a plain reason ("0-byte file", "truncated image file", ...: `plain_reason`).
+Decoding: PIL reads the header (format, mode, size). Plain 8-bit JPEG/PNG/BMP/WebP (mode RGB or L) then decode with
+OpenCV (libjpeg-turbo with SIMD; 1.5-2x PIL on the shared datasets, see bench/bench_data.py), which applies EXIF
+orientation itself. Everything else (palette, alpha, CMYK, 16-bit, TIFF, GIF, ...) and any file OpenCV refuses goes
+through PIL. A file that does not decode raises ImageDecodeError with a plain reason ("0-byte file", "truncated
+image file", ...: `plain_reason`).
+
+Bounds: a file's size is checked (stat) before it is read, its header (dataset.max_pixels, aspect ratio) before a
+pixel is decoded, a resize's target before it allocates; a file over one is unusable (ImageDecodeError: a skip the
+run report lists). PIL's process-wide `Image.MAX_IMAGE_PIXELS` is left as the application set it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import re
+import struct
 import warnings
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from pipeline.data.modes import to_rgb
+
 _logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (dataset.max_pixels in conf/dataset/_base.yaml)
+# What one file may cost, checked before the cost is paid (module docstring). Generous: no photo, scan or X-ray
+# comes near them; a file over one is skipped with the reason.
+MAX_FILE_BYTES = 512 * 2**20  # stat() before reading: an uncompressed 8-bit RGB image at DEFAULT_MAX_PIXELS is 256 MiB
+MAX_ASPECT = 50  # long side / short side: a 60000x1 strip passes max_pixels, its short side resized to 256 is 15M long
+MAX_RESIZED_PIXELS = 50_000_000  # pixels one resize may produce (150 MB as 8-bit RGB)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FAST_FORMATS = {"JPEG", "PNG", "BMP", "WEBP"}  # OpenCV decodes these to the same pixels as PIL
 FAST_MODES = {"RGB", "L"}
@@ -69,36 +81,61 @@ def plain_reason(data: bytes, error: BaseException) -> str:
     return f"damaged {fmt or 'image'} file ({message or type(error).__name__})"
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16/32-bit or float grey: stretch max to 255
-        arr = np.asarray(im, dtype=np.float64)
-        hi = arr.max() if arr.size and arr.max() > 0 else 1.0
-        return Image.fromarray(np.rint(arr * (255.0 / hi)).clip(0, 255).astype(np.uint8)).convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):  # composite transparent pixels on white
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, im).convert("RGB")
-    return im.convert("RGB")  # L, P, CMYK, YCbCr, LAB, 1
-
-
 def open_image(source) -> Image.Image:
-    """`Image.open` under our own size guard (`dataset.max_pixels`), not PIL's fixed one, which would refuse
-    images the config allows. PIL's limit is lifted here, on first use, so importing the package changes nothing."""
-    Image.MAX_IMAGE_PIXELS = None
-    return Image.open(source)
+    """`Image.open` (reads the header only) without PIL's size limit, which stays as the application set it:
+    callers apply their own (`size_problem`, `dataset.max_pixels`). An image PIL refuses for its size is opened
+    by its format's plugin directly, so the config, not PIL's fixed limit, decides."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(source)
+        except Image.DecompressionBombError:
+            return _open_past_pil_limit(source)
+
+
+def _open_past_pil_limit(source) -> Image.Image:
+    """`Image.open`'s format detection without its size check (the caller checks the size)."""
+    is_path = isinstance(source, (str, os.PathLike))
+    with open(source, "rb") if is_path else contextlib.nullcontext(source) as f:
+        f.seek(0)
+        prefix = f.read(16)
+    Image.init()
+    for factory, accept in (Image.OPEN[fmt] for fmt in Image.ID):
+        accepted = accept(prefix) if accept else True
+        if not accepted or isinstance(accepted, str):
+            continue
+        if not is_path:
+            source.seek(0)
+        try:
+            return factory(source)  # a path: the plugin opens (and closes) the file itself
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def size_problem(width: int, height: int, max_pixels: int) -> str | None:
+    """Why an image of this size is not decoded (pixel count, aspect ratio), in plain words; None if it may be."""
+    if width * height > max_pixels:
+        return (f"{width}x{height} exceeds dataset.max_pixels={max_pixels} "
+                "(possible decompression bomb; raise the limit if intended)")
+    return aspect_problem(width, height)
+
+
+def aspect_problem(width: int, height: int) -> str | None:
+    """Why an image this elongated is not used (its resized copy would be huge), None if it may be."""
+    long, short = max(width, height), max(1, min(width, height))
+    if long > MAX_ASPECT * short:
+        return (f"{width}x{height} is a strip, not a picture: aspect ratio {long // short}:1 is over the "
+                f"{MAX_ASPECT}:1 an image may have (images.MAX_ASPECT)")
+    return None
 
 
 def _open_checked(data: bytes, path: str, max_pixels: int) -> Image.Image:
     im = open_image(io.BytesIO(data))
-    w, h = im.size
-    if w * h > max_pixels:
+    problem = size_problem(*im.size, max_pixels)
+    if problem:
         im.close()
-        raise unusable(path, f"{w}x{h} exceeds dataset.max_pixels={max_pixels} "
-                             "(possible decompression bomb; raise the limit if intended)")
+        raise unusable(path, problem)
     return im
 
 
@@ -107,7 +144,7 @@ def _decode_pil(im: Image.Image, draft_size: int | None) -> np.ndarray:
         im.draft("RGB", (draft_size, draft_size))
     im.load()
     im = ImageOps.exif_transpose(im)
-    return np.asarray(_to_rgb(im))
+    return np.asarray(to_rgb(im))
 
 
 def decode_rgb(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -131,12 +168,33 @@ def decode_rgb(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX
     return rgb
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The file's bytes; a file over `max_bytes` is unusable, its size checked (stat) before a byte is read, and
+    the read takes no more than stat's size (+1 byte, to notice a file that is still growing)."""
     try:
+        size = os.stat(path).st_size
+        if size > max_bytes:
+            raise unusable(path, f"file is {size / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB an image "
+                                 "file may have (images.MAX_FILE_BYTES); not read")
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read(size + 1)
     except OSError as e:
         raise unusable(path, f"cannot read file: {e.strerror or e}") from None
+    if len(data) > size:
+        raise unusable(path, "file grew while being read (still being written?)")
+    return data
+
+
+def check_header(data: bytes, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header of encoded `data`, checked as decode_rgb checks it (no pixel decoded).
+    Raises ImageDecodeError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _open_checked(data, path, max_pixels) as im:
+                return im.size
+    except _DECODE_ERRORS as e:
+        raise unusable(path, plain_reason(data, e)) from None
 
 
 def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> np.ndarray:
@@ -215,10 +273,24 @@ def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
     return int(short_side * height / width), short_side
 
 
+def resize_target(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """`resized_shape`, checked before anything is allocated: a strip (over MAX_ASPECT) or a result over
+    MAX_RESIZED_PIXELS raises ImageDecodeError (a skip at run time) instead of filling the memory."""
+    problem = aspect_problem(width, height)
+    new_h, new_w = resized_shape(height, width, short_side)
+    if not problem and new_h * new_w > MAX_RESIZED_PIXELS:
+        problem = (f"{width}x{height} resized to short side {short_side} would be {new_w}x{new_h}, over "
+                   f"images.MAX_RESIZED_PIXELS={MAX_RESIZED_PIXELS}")
+    if problem:
+        raise ImageDecodeError(f"image: {problem}", problem)
+    return new_h, new_w
+
+
 def resize_short_side(img: np.ndarray, short_side: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Resize so the short side is `short_side`, exactly as timm's eval transform does (PIL, antialiased)."""
+    """Resize so the short side is `short_side`, exactly as timm's eval transform does (PIL, antialiased).
+    Raises ImageDecodeError for a target it will not allocate (`resize_target`)."""
     h, w = img.shape[:2]
-    new_h, new_w = resized_shape(h, w, short_side)
+    new_h, new_w = resize_target(h, w, short_side)
     if (new_h, new_w) == (h, w):
         return img
     resample = PIL_RESAMPLE.get(interpolation, Image.BILINEAR)

@@ -8,6 +8,7 @@ data/manifest.py) whose optional split column gives the splits.
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -48,6 +49,30 @@ def find_classes(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _difference(a: str, b: str) -> str:
+    """How two names with the same `check_distinct` key differ, in words (ascii() shows the code points)."""
+    if unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b):
+        return f"Unicode normal form ({ascii(a)} vs {ascii(b)}: the same letters, composed differently)"
+    return "letter case" if a.casefold() == b.casefold() else "letter case and Unicode normal form"
+
+
+def check_distinct(named: list[tuple[str, str]], what: str, fix: str) -> None:
+    """`named`: (class name, how to show it). Two names that differ only in letter case or Unicode normal form
+    (NFC/NFD) would be two classes that a person, or a case-insensitive file system, takes for one: a one-line
+    ConfigError naming both, then `fix`."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name, shown in named:
+        first, first_shown = seen.setdefault(unicodedata.normalize("NFC", name).casefold(), (name, shown))
+        if first != name:
+            raise ConfigError(f"{what} {first_shown} and {shown} differ only in {_difference(first, name)}: "
+                              f"one class spelled two ways; {fix}")
+
+
+def _check_folders(folders: list[Path]) -> None:
+    check_distinct([(p.name, str(p)) for p in folders], "Class folders",
+                   "rename one, or move its images into the other and delete it")
+
+
 def list_split(split_dir: Path, classes: list[str]) -> tuple[list[str], list[int], list[dict]]:
     """All files under `split_dir/<class>/`; hidden ones, those in hidden folders and non-image extensions are
     returned as skipped."""
@@ -74,6 +99,8 @@ def _list_folders(root: Path, train_split: str, val_split: str, test_split: str)
     train_dir = root / train_split
     if train_dir.is_dir():
         classes = find_classes(train_dir)
+        split_dirs = [root / name for name in given.values() if (root / name).is_dir()]
+        _check_folders([train_dir / c for c in classes] + [d / c for d in split_dirs for c in find_classes(d)])
         train_paths, train_labels, skipped = list_split(train_dir, classes)
         splits = {"train": (train_paths, train_labels)}
         for key, name in given.items():
@@ -90,6 +117,7 @@ def _list_folders(root: Path, train_split: str, val_split: str, test_split: str)
     if present:
         raise MissingFileError(f"Dataset root {root} has {present[0]}/ but no {train_split}/ folder: {expected}")
     classes = find_classes(root) if root.is_dir() else []
+    _check_folders([root / c for c in classes])
     paths, labels, skipped = list_split(root, classes)
     if not paths:
         raise MissingFileError(f"No '{train_split}/' folder and no class folders with images in dataset root {root}: "
@@ -101,6 +129,8 @@ def _list_manifest(value: str) -> Listing:
     """The rows of a CSV manifest; the classes are the labels of its train rows (every row without a split column)."""
     rows = manifest_csv.read_manifest(value)
     where = str(manifest_csv.manifest_file(value))
+    check_distinct([(r.label, f"'{r.label}' (line {r.line})") for r in rows], f"dataset.manifest {where}: labels",
+                   "use one spelling of the label in every row")
     classes = sorted({r.label for r in rows if r.split in (None, "train")})
     if not classes:
         raise ConfigError(f"dataset.manifest {where} has no train rows: mark rows split=train, or drop the split "

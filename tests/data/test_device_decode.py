@@ -2,8 +2,11 @@
 with device=cpu: the same code, the CPU JPEG decoder), falls back for other formats, and `gpu` needs CUDA."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
@@ -12,6 +15,7 @@ from pipeline.config import check_values
 from pipeline.data import device_decode
 from pipeline.data.augment import build_eval_transform
 from pipeline.data.folder import Split
+from pipeline.data.images import MAX_FILE_BYTES, ImageDecodeError
 from pipeline.errors import ConfigError
 from pipeline.training.validate import validate_config
 
@@ -101,3 +105,25 @@ def test_a_run_evaluates_on_the_device_path_like_on_the_cpu(tiny_folder, cfg_fac
     on_device = train(cfg_factory(*common, f"output_dir={tmp_path / 'dev'}"))
     assert calls and on_device["val"]["accuracy"] == on_cpu["val"]["accuracy"]
     assert on_device["val"]["loss"] == pytest.approx(on_cpu["val"]["loss"], abs=0.02)
+
+
+def test_the_header_is_checked_before_the_device_decodes(tmp_path, monkeypatch):
+    """A strip, an image over dataset.max_pixels and a file over the size cap are skipped before decode_jpeg."""
+    Image.new("RGB", (60000, 1), (9, 9, 9)).save(tmp_path / "strip.jpg")
+    Image.fromarray(load_sample_image("china.jpg")).save(tmp_path / "big.jpg")  # 640x427 = 273280 px
+    with open(tmp_path / "huge.jpg", "wb") as f:
+        f.write(b"\xff\xd8\xff")
+        f.truncate(MAX_FILE_BYTES + 1)
+    calls = []
+    real = torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    skip_log = tmp_path / "skips.jsonl"
+    paths = [str(tmp_path / name) for name in ("strip.jpg", "big.jpg", "huge.jpg")]
+    batches = list(device_decode.DeviceBatches(Split(paths, [0, 1, 2], ["a", "b", "c"]), PREP, CPU, batch_size=8,
+                                               max_pixels=100_000, skip_log=skip_log))
+    reasons = [json.loads(line)["reason"] for line in skip_log.read_text().splitlines()]
+    assert batches == [None] and not calls
+    assert "is a strip" in reasons[0] and "exceeds dataset.max_pixels=100000" in reasons[1]
+    assert "MAX_FILE_BYTES" in reasons[2]
+    with pytest.raises(ImageDecodeError, match="is a strip"):  # an in-memory strip: the resize refuses it
+        device_decode.preprocess(torch.zeros((3, 1, 60000), dtype=torch.uint8), PREP)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +259,46 @@ def test_fine_tune_uses_the_memory_cache_by_default_and_the_cached_probe_does_no
     tuned = train(cfg_factory(*common, "strategy=finetune", f"output_dir={tmp_path / 'ft'}"))
     probed = train(cfg_factory(*common, "strategy=linear_probe", f"output_dir={tmp_path / 'lp'}"))
     assert tuned["image_cache"] == "memory" and probed["image_cache"] == "none"
+
+
+def test_a_strip_image_is_skipped_by_the_probe_with_its_reason(tmp_path):
+    root = make_imagefolder(tmp_path / "ds", {"blue": 4, "red": 4})
+    Image.new("L", (60000, 1), 90).save(root / "train/red/strip.png")  # ~200 bytes, 256 x 15M px once resized
+    data = load_imagefolder(root, val_fraction=0.25, seed=0)
+    skipped = {Path(s["path"]).name: s["reason"] for s in data.skipped}
+    assert list(skipped) == ["strip.png"] and skipped["strip.png"].startswith("60000x1 is a strip, not a picture")
+    assert "strip.png" not in {Path(p).name for p in data.train.paths + data.val.paths}
+
+
+_SLOW_PROBE = """
+import os, sys, time
+from pipeline.data import folder
+real = folder.probe_image
+def slow(path, max_pixels):
+    os.write(1, b"started\\n")  # one write: the two threads' lines never interleave
+    time.sleep(0.5)
+    return real(path, max_pixels=max_pixels)
+folder.probe_image = slow
+folder.probe_files(sys.argv[1:] * 1000, folder.DEFAULT_MAX_PIXELS, workers=2)
+"""
+
+
+def test_ctrl_c_during_probing_exits_within_2_s(tmp_path):
+    """200 files listed 1000 times: 200000 probes of 0.5 s on 2 threads. SIGINT ends the process once the 2 probes in
+    progress end, also while the files are still being queued (queueing all of them up front took ~1 s here, and an
+    interrupt then ran every file already queued)."""
+    paths = [str(write_image(tmp_path / f"{i}.png", (9, 9, 9), size=8)) for i in range(200)]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_PROBE, *paths], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2], text=True)
+    assert proc.stdout.readline() == "started\n"
+    time.sleep(0.2)  # the first probe runs; queueing all files up front would be about 1/5 done
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    took = time.monotonic() - start
+    assert took < 2.0, f"took {took:.1f} s after SIGINT"
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr.read()

@@ -1,21 +1,32 @@
-"""Robust decoding: every odd file type becomes the right RGB array or a reported error; EXIF; probe."""
+"""Robust decoding: every odd file type becomes the right RGB array or a reported error; EXIF; probe; the bounds
+(file size, pixels, aspect ratio, resize target) and PIL's own limit left alone."""
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from pipeline.data import images
+from pipeline.data.augment import build_eval_transform
 from pipeline.data.images import (
+    DEFAULT_MAX_PIXELS,
+    MAX_ASPECT,
+    MAX_FILE_BYTES,
+    MAX_RESIZED_PIXELS,
     ImageDecodeError,
     decode_rgb,
     load_rgb,
+    open_image,
     plain_reason,
     probe_image,
     resize_short_side,
     resized_shape,
 )
+
+PREP = {"input_size": [3, 96, 96], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875}
 
 
 def _exif_jpeg(arr: np.ndarray, orientation: int, mode: str = "RGB") -> bytes:
@@ -152,3 +163,90 @@ def test_resize_short_side_follows_torchvision_rule():
     assert resize_short_side(img, 256).shape == (256, 383, 3)
     assert resize_short_side(img.transpose(1, 0, 2), 256).shape == (383, 256, 3)
     assert resize_short_side(img, 427) is img  # already the right size: untouched
+
+
+PIL_DEFAULT_LIMIT = int(1024 * 1024 * 1024 // 4 // 3)  # Image.MAX_IMAGE_PIXELS as PIL ships it
+
+
+def _strip_png(path, width: int = 60000, height: int = 1) -> str:
+    Image.new("L", (width, height), 200).save(path)
+    return str(path)
+
+
+def test_a_strip_under_max_pixels_is_refused_at_its_header(tmp_path):
+    path = _strip_png(tmp_path / "strip.png")
+    assert (tmp_path / "strip.png").stat().st_size < 1000 and 60000 < DEFAULT_MAX_PIXELS  # small, under the limit
+    with pytest.raises(ImageDecodeError, match=r"strip\.png: 60000x1 is a strip") as e:
+        load_rgb(path)
+    assert f"over the {MAX_ASPECT}:1" in e.value.reason
+    record = probe_image(path)
+    assert (record["width"], record["height"]) == (60000, 1) and record["error"] == e.value.reason
+    assert load_rgb(_strip_png(tmp_path / "wide.png", 50 * 8, 8)).shape == (8, 400, 3)  # 50:1 is still a picture
+
+
+def test_a_resize_is_checked_before_it_allocates():
+    with pytest.raises(ImageDecodeError, match="is a strip"):  # 256 x 15.36M px if it went ahead
+        resize_short_side(np.zeros((1, 60000, 3), np.uint8), 256)
+    with pytest.raises(ImageDecodeError, match="is a strip"):
+        build_eval_transform(PREP)(image=np.zeros((60000, 1, 3), np.uint8))
+    assert resized_shape(10, 500, 1100)[0] * resized_shape(10, 500, 1100)[1] > MAX_RESIZED_PIXELS
+    with pytest.raises(ImageDecodeError, match="would be 55000x1100, over images.MAX_RESIZED_PIXELS"):
+        resize_short_side(np.zeros((10, 500, 3), np.uint8), 1100)  # 50:1 passes; 60.5M output pixels do not
+    assert resize_short_side(np.zeros((10, 500, 3), np.uint8), 20).shape == (20, 1000, 3)
+
+
+def test_a_file_over_the_size_cap_is_skipped_without_being_read(tmp_path, monkeypatch):
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as f:  # a sparse file: a PNG signature, then MAX_FILE_BYTES of nothing
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.truncate(MAX_FILE_BYTES + 1)
+    opened = []
+    monkeypatch.setattr(images, "open", lambda *a, **k: opened.append(a) or pytest.fail("file was opened"),
+                        raising=False)
+    with pytest.raises(ImageDecodeError, match=r"huge\.png: file is 512 MiB, over the 512 MiB .* not read"):
+        load_rgb(str(big))
+    assert "MAX_FILE_BYTES" in probe_image(str(big))["error"] and not opened
+
+
+def test_16_bit_and_float_grey_are_stretched_without_a_float64_copy(tmp_path):
+    rng = np.random.default_rng(0)
+    g16 = rng.integers(0, 40000, (1000, 1000), dtype=np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    load_rgb(str(tmp_path / "g16.png"))  # first call: imports and caches out of the measurement
+    tracemalloc.start()
+    rgb = load_rgb(str(tmp_path / "g16.png"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(rgb[..., 0], np.rint(g16 * (255.0 / g16.max())).astype(np.uint8))
+    assert peak < 16 * g16.size, peak  # ~8.5 B/px (bytes, uint16, uint8, RGB); float64 temporaries made it 26.5
+    i32 = rng.integers(-5, 2**30, (30, 40), dtype=np.int32)  # 32-bit grey: negative values become 0
+    f32 = (rng.random((30, 40)) * 1000).astype(np.float32)
+    f32[0, 0] = np.nan  # float grey: NaN becomes 0
+    Image.fromarray(i32, "I").save(tmp_path / "i.tif")
+    Image.fromarray(f32, "F").save(tmp_path / "f.tif")
+    for name, arr in (("i.tif", i32), ("f.tif", f32)):
+        out = load_rgb(str(tmp_path / name))[..., 0].astype(int)
+        want = np.rint(np.nan_to_num(arr.astype(np.float64).clip(0), nan=0) * 255 / np.nanmax(arr)).astype(int)
+        assert np.abs(out - want).max() <= 1, name
+    assert load_rgb(str(tmp_path / "f.tif"))[0, 0, 0] == 0
+    with pytest.raises(ImageDecodeError, match="exceeds dataset.max_pixels=4000"):  # checked before converting
+        load_rgb(str(tmp_path / "g16.png"), max_pixels=4000)
+
+
+def test_pil_global_limit_is_left_alone_and_max_pixels_decides(tmp_path, monkeypatch):
+    import pipeline  # noqa: F401
+
+    Image.new("RGB", (100, 100), (1, 2, 3)).save(tmp_path / "a.png")
+    load_rgb(str(tmp_path / "a.png"))
+    probe_image(str(tmp_path / "a.png"))
+    open_image(str(tmp_path / "a.png")).close()
+    assert Image.MAX_IMAGE_PIXELS == PIL_DEFAULT_LIMIT
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # an application's own, stricter limit ...
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "a.png")  # ... still guards its own Image.open calls
+    assert load_rgb(str(tmp_path / "a.png"))[0, 0].tolist() == [1, 2, 3]  # dataset.max_pixels decides here
+    assert probe_image(str(tmp_path / "a.png"))["width"] == 100
+    with pytest.raises(ImageDecodeError, match="exceeds dataset.max_pixels=9999"):
+        load_rgb(str(tmp_path / "a.png"), max_pixels=9999)
+    assert Image.MAX_IMAGE_PIXELS == 1000
