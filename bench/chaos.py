@@ -168,6 +168,7 @@ def kill_runs(work: Path, data: Path, path: str, n: int, rng: random.Random) -> 
             tally.row["injected"] += 1
         problems = check_run_dir(run, finished=False) if run.exists() else []
         problems += finish_as_a_user_would(run, data, work, path, tally)
+        problems += [f"temp file left in a cache: {p.name}" for p in (work / "data").rglob("*") if _SCRATCH.match(p.name)]
         tally.run_dir(problems, run)
     tally.row["lost"] = lost(before, data)
     tally.row["notes"].insert(0, f"an uninterrupted run takes {seconds:.0f} s")

@@ -15,7 +15,7 @@ from pipeline.data.device_decode import DeviceBatches, resolve_decode
 from pipeline.model import freezing
 from pipeline.runtime import distributed, run_lock
 from pipeline.runtime.devices import Accel
-from pipeline.runtime.files import ensure_writable_dir, write_json, write_text
+from pipeline.runtime.files import clean_stale_temps, ensure_writable_dir, write_json, write_text
 from pipeline.runtime.seeding import seed_worker
 from pipeline.training import budget_depth, loss, resume, validate
 from pipeline.transfer import auto
@@ -39,7 +39,15 @@ def claim_run_dir(cfg: DictConfig, *, resume: bool) -> Path:
     run_lock.claim(run_dir, resume=resume)
     if not resume:
         write_hydra_record(run_dir, cfg)
+    clean_cache_temps(cfg)
     return run_dir
+
+
+def clean_cache_temps(cfg: DictConfig) -> None:
+    """Temp files that killed runs left in the feature and image caches (the run dir's own: run_lock.claim)."""
+    dirs = [Path(d) for d in (cfg.features.cache_dir, cfg.dataset.cache_dir) if d]
+    for d in dirs + [sub for d in dirs if d.is_dir() for sub in d.iterdir() if sub.is_dir()]:
+        clean_stale_temps(d)
 
 
 def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
