@@ -71,6 +71,29 @@ def test_staged_dir_keeps_the_old_dir_until_the_new_one_is_in_place(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # the old one gone only after the swap
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_failed_swap_leaves_the_old_dir_whole(tmp_path, monkeypatch, exchange):
+    out = tmp_path / "export"
+    with files.staged_dir(out, kind="export", fix="-") as tmp:
+        (tmp / "v").write_text("1")
+    real_rename = os.rename
+
+    def failing_rename(src, dst):  # the new dir cannot be put in place (e.g. the disk went away)
+        if ".partial" in str(src) and str(dst) == str(out):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False if not exchange else (_ for _ in ()).throw(
+        OSError(errno.EIO, "Input/output error")))
+    monkeypatch.setattr(files.os, "rename", failing_rename)
+    with pytest.raises((files.FileWriteError, OSError)):
+        with files.staged_dir(out, kind="export", fix="-") as tmp:
+            (tmp / "v").write_text("2")
+    monkeypatch.undo()
+    assert (out / "v").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
 @pytest.mark.parametrize("kind", ["export", "dataset"])
 def test_staged_dir_never_replaces_a_dir_the_pipeline_did_not_mark(tmp_path, kind):
     user = tmp_path / "photos"
