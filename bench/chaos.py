@@ -357,9 +357,11 @@ def bomb_files(work: Path, data: Path) -> dict:
                                              f"images={bombs / 'blue'}"], work)
         tally.command((None, err2))
         tally.row["injected"] += 1
-        one_line = rc2 == 2 and err2.strip().splitlines()[-1].startswith("error: ")
+        last = (err2.strip().splitlines() or [""])[-1]
+        one_line = rc2 == 2 and last.startswith("error: ") and "input_size" in last  # names the field at fault
         tally.run_dir([] if one_line else [f"hostile export: exit {rc2}: {err2.strip()[-300:]}"], export)
-        tally.row["notes"].append(f"predict on input_size 100000^2: exit {rc2}, peak RSS {rss2:.0f} MiB, {sec:.1f} s")
+        tally.row["notes"].append(f"predict on input_size 100000^2: exit {rc2}, peak RSS {rss2:.0f} MiB, {sec:.1f} s: "
+                                  f"{(err2.strip().splitlines() or [''])[-1][:160]}")
     tally.row["lost"] = lost(before, bombs)
     return tally.row
 
