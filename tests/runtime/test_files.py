@@ -15,11 +15,15 @@ from pipeline.model import checkpoint
 from pipeline.runtime import files, owned
 
 
-def test_disk_full_between_write_and_rename_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+def tiny_model_and_meta() -> tuple[torch.nn.Module, dict]:
     model = timm.create_model("test_efficientnet", num_classes=3)
-    meta = {"arch": "test_efficientnet", "num_classes": 3, "class_names": ["a", "b", "c"], "epoch": 1,
-            "preprocessing": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
-                              "interpolation": "bicubic", "crop_pct": 0.875}}
+    return model, {"arch": "test_efficientnet", "num_classes": 3, "class_names": ["a", "b", "c"], "epoch": 1,
+                   "preprocessing": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
+                                     "interpolation": "bicubic", "crop_pct": 0.875}}
+
+
+def test_disk_full_between_write_and_rename_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+    model, meta = tiny_model_and_meta()
     checkpoint.save_checkpoint(tmp_path, "best", model, meta)
     checkpoint.save_state(tmp_path, {"epoch": 1, "model": model.state_dict()})
     old = {k: v.clone() for k, v in model.state_dict().items()}
@@ -157,10 +161,7 @@ def test_a_failed_write_leaves_no_temp_file_and_one_error(tmp_path, error):
 
 
 def test_best_is_one_generation_even_when_killed_between_weights_and_json(tmp_path, monkeypatch):
-    model = timm.create_model("test_efficientnet", num_classes=3)
-    meta = {"arch": "test_efficientnet", "num_classes": 3, "class_names": ["a", "b", "c"], "epoch": 1,
-            "preprocessing": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
-                              "interpolation": "bicubic", "crop_pct": 0.875}}
+    model, meta = tiny_model_and_meta()
     checkpoint.save_checkpoint(tmp_path, "best", model, meta)
     with torch.no_grad():
         for p in model.parameters():
