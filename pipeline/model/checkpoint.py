@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import MissingFileError, ModelFileError
+from pipeline.model import meta_check
 from pipeline.model.multidepth import create_classifier
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_atomic, write_json
@@ -122,23 +123,21 @@ def read_weights(path: str | Path, *, what: str = "Weights file") -> dict[str, t
 
 
 def read_meta(path: str | Path) -> dict:
-    """Parse and validate a model.json / best.json (arch, num_classes, class names, preprocessing)."""
+    """Parse and validate a model.json / best.json: size-bounded read, then the type and range of every field
+    inference uses and every file name it holds (model/meta_check.py), before anything is built from it."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path} not found: expected an export dir (make export RUN=<run dir>) or a run dir")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{path} is not valid JSON ({e}); re-export the model, or re-run training") from None
-    missing = [k for k in REQUIRED_KEYS if k not in meta] if isinstance(meta, dict) else list(REQUIRED_KEYS)
-    missing += [f"preprocessing.{k}" for k in PREPROCESSING_KEYS
-                if not missing and k not in (meta["preprocessing"] or {})]
+    meta = meta_check.read_json_bounded(path)
+    if not isinstance(meta, dict):
+        raise meta_check.invalid(str(path), "the JSON", meta, "an object with " + ", ".join(REQUIRED_KEYS))
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if not missing and not isinstance(meta["preprocessing"], dict):
+        raise meta_check.invalid(str(path), "preprocessing", meta["preprocessing"], "an object")
+    missing += [f"preprocessing.{k}" for k in PREPROCESSING_KEYS if not missing and k not in meta["preprocessing"]]
     if missing:
         raise ModelFileError(f"{path} lacks {', '.join(missing)}; re-export the model with `make export`")
-    names, n = meta["class_names"], meta["num_classes"]
-    if not isinstance(n, int) or n < 1 or not isinstance(names, list) or len(names) != n:
-        raise ModelFileError(f"{path}: num_classes={n!r} but {len(names) if isinstance(names, list) else '?'} "
-                             "class_names; the two must agree")
+    meta_check.check_meta(meta, str(path))
     return meta
 
 

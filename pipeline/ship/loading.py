@@ -5,13 +5,17 @@ run dir (`best.json` + `best.safetensors`) or the path of such a `.json` file, a
 the timm model (or an ONNX Runtime session) plus the exact eval preprocessing used at training time
 (`pipeline.data.augment.build_eval_transform`). The JSON's `tta` views and `temperature` (training's
 `trainer.tta` / `trainer.calibrate`) are applied to the torch model (model/calibrated.py); the ONNX graph
-already holds them. Files listed with a sha256 in the JSON are verified first, so
-a truncated or modified file fails with a one-line `ModelFileError` instead of a deep stack trace.
+already holds them. The JSON is validated before anything is allocated from it (size, the type and range of
+every field, file names: model/meta_check.py), every file it leads to must resolve inside the dir (a symlink
+out of it is refused: `inside_dir`), and files listed with a sha256 in the JSON are verified first, so a
+hostile, truncated or modified export fails with a one-line `ModelFileError` instead of a deep stack trace or
+an out-of-memory kill. The sha256 proves integrity (the file is the one exported), not authenticity.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +41,27 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def inside_dir(directory: Path, name: str, field: str) -> Path:
+    """`directory / name`, refused unless it resolves (symlinks followed) to a path inside `directory`."""
+    path = directory / name
+    try:
+        ok = path.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        ok = False
+    if not ok:
+        raise ModelFileError(f"{path} ({field}) points outside {directory} (a symlink or a path out of the dir): "
+                             "an export dir holds its own files; copy the real file in (cp -L) or re-export "
+                             "with `make export RUN=<run dir>`")
+    return path
+
+
+def check_listed_files(directory: Path, meta: dict) -> None:
+    """Every file the JSON's `files` table names that exists here resolves inside `directory`."""
+    for name in meta.get("files") or {}:
+        if os.path.lexists(directory / name):
+            inside_dir(directory, name, f"files.{name}")
 
 
 def verify_file(path: Path, meta: dict) -> None:
@@ -138,13 +163,16 @@ def load(path: str | Path, *, backend: str = "torch", weights: str | Path | None
     """
     check_choice("backend", backend, BACKENDS)
     json_path, weights_path = locate(path)
-    meta = read_meta(json_path)
+    meta = read_meta(json_path)  # validated before anything is allocated from it
+    directory = json_path.parent
+    check_listed_files(directory, meta)
     preprocess = build_preprocess(meta["preprocessing"])
     if backend == "onnx":
-        onnx_path = json_path.parent / (meta.get("onnx") or {}).get("file", "model.onnx")
+        onnx_path = directory / (meta.get("onnx") or {}).get("file", "model.onnx")
         if not onnx_path.is_file():
             raise MissingFileError(f"{onnx_path} not found: export with ONNX (make export RUN=<run> "
                                    "ARGS='--formats safetensors onnx') or use backend=torch")
+        onnx_path = inside_dir(directory, onnx_path.name, "onnx.file")
         verify_file(onnx_path, meta)
         model = OnnxModel(onnx_path, threads)
         check = model.session.get_outputs()[0].shape[-1]
@@ -152,10 +180,11 @@ def load(path: str | Path, *, backend: str = "torch", weights: str | Path | None
             raise ModelFileError(f"{onnx_path} outputs {check} classes but model.json says "
                                  f"num_classes={meta['num_classes']}")
         return LoadedModel(model, preprocess, list(meta["class_names"]), meta, "onnx", "cpu")
-    weights_path = Path(weights) if weights is not None else weights_path
     if weights is None:
+        weights_path = inside_dir(directory, weights_path.name, "weights")
         verify_file(weights_path, meta)
+    else:
+        weights_path = Path(weights)  # the caller's own file: read as given
     model = build_model(meta, read_weights(weights_path), str(weights_path))
     model = wrap_for_inference(model, meta, str(json_path))  # TTA views + temperature, as exported
     return LoadedModel(model.to(device), preprocess, list(meta["class_names"]), meta, "torch", device)
-
