@@ -26,7 +26,7 @@ from pipeline.data import sampler
 from pipeline.data.device_decode import DeviceBatches
 from pipeline.data.folder import ImageDataset, Split, collate_skip_none
 from pipeline.data.images import DEFAULT_MAX_PIXELS
-from pipeline.errors import PipelineError
+from pipeline.errors import OutputError, PipelineError
 from pipeline.model.inference import run_batches
 from pipeline.model.multidepth import pooled_features
 from pipeline.runtime import distributed
@@ -164,12 +164,24 @@ def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: 
     _logger.info("Feature cache miss (%s): extracted %d x %d in %.1f s (%.1f img/s)", name,
                  *out["features"].shape, out["seconds"], out["img_per_s"])
     if path is not None and distributed.is_main():
-        tensors = {k: out[k].contiguous() for k in ("features", "labels", "index")}
-        write_atomic(path, lambda p: save_file(tensors, str(p)))
-        meta = {"name": name, "key_parts": parts, "n": int(len(out["labels"])), "dim": int(out["features"].shape[1]),
-                "seconds": out["seconds"], "img_per_s": out["img_per_s"]}
-        write_json(path.with_suffix(".json"), meta)
+        _write_entry(path, out, {"name": name, "key_parts": parts, "n": int(len(out["labels"])),
+                                 "dim": int(out["features"].shape[1]), "seconds": out["seconds"],
+                                 "img_per_s": out["img_per_s"]})
     return {**out, "hit": False, "key": key, "extracted_seconds": out["seconds"]}
+
+
+def _write_entry(path: Path, out: dict, info: dict) -> None:
+    """Store a cache entry; a failed write (disk full, unwritable dir) is one warning, and the run goes on with
+    the features it has (the next run extracts them again)."""
+    tensors = {k: out[k].contiguous() for k in ("features", "labels", "index")}
+    try:
+        write_atomic(path, lambda p: save_file(tensors, str(p)))
+        write_json(path.with_suffix(".json"), info)
+    except OutputError as e:
+        cause = e.__cause__
+        reason = getattr(cause, "strerror", None) or str(cause or e).splitlines()[0][:160]
+        _logger.warning("Feature cache %s cannot be written (%s): carrying on without caching these features; free "
+                        "space there or set features.cache_dir=... elsewhere", path.parent, reason)
 
 
 def _read_entry(path: Path | None) -> tuple[dict, dict] | None:
