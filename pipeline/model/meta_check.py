@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ MAX_LEVELS = 64
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "area")  # = images.PIL_RESAMPLE
 CROP_MODES = ("center", "squash", "border")
 FIX = "re-export the model with `make export RUN=<run dir>`"
+RUN_FIX = "re-run training (a run dir's best.json is written by the run itself)"
+
+
+def fix_for(source: str | Path) -> str:
+    """The advice for a bad JSON: a run's best.json comes from training, a model.json from an export."""
+    return RUN_FIX if Path(str(source)).name.startswith("best") else FIX
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -40,21 +47,22 @@ def show(value: Any, limit: int = 60) -> str:
 
 def invalid(source: str, field: str, value: Any, expected: str) -> ModelFileError:
     """The one-line error for a bad field: names the file, the field, the value, what it must be and the fix."""
-    return ModelFileError(f"{source}: {field}={show(value)} is not valid ({expected}); {FIX}")
+    return ModelFileError(f"{source}: {field}={show(value)} is not valid ({expected}); {fix_for(source)}")
 
 
 def read_json_bounded(path: Path) -> Any:
     """The parsed JSON of `path`, read only when it is at most `MAX_JSON_BYTES`; one-line error otherwise."""
     with open(path, "rb") as f:
-        data = f.read(MAX_JSON_BYTES + 1)  # never more, even if the file grows after a stat
+        size = os.fstat(f.fileno()).st_size  # read no more than the file holds (a read(n) reserves n bytes)
+        data = f.read(min(size, MAX_JSON_BYTES) + 1)  # and never more than the cap, even if the file grows
     if len(data) > MAX_JSON_BYTES:
         raise ModelFileError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB, far more than a model JSON holds "
-                             f"(a few KB): not a model file; {FIX}")
+                             f"(a few KB): not a model file; {fix_for(path)}")
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an int of 10^5 digits, nesting
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise ModelFileError(f"{path} is not valid JSON ({reason}); {FIX}") from None
+        raise ModelFileError(f"{path} is not valid JSON ({reason}); {fix_for(path)}") from None
 
 
 def _is_int(v: Any) -> bool:
@@ -82,7 +90,7 @@ def check_model_fields(meta: dict, source: str) -> None:
         raise invalid(source, "num_classes", n, f"an int from 1 to {MAX_CLASSES}")
     if not isinstance(names, list) or len(names) != n:
         raise ModelFileError(f"{source}: num_classes={n} but {len(names) if isinstance(names, list) else '?'} "
-                             f"class_names; the two must agree: {FIX}")
+                             f"class_names; the two must agree: {fix_for(source)}")
     bad = next((x for x in names if not isinstance(x, str) or len(x) > 1000), None)
     if bad is not None:
         raise invalid(source, "class_names", bad, "every class name a string")

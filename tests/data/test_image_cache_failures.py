@@ -101,7 +101,7 @@ def test_ctrl_c_during_the_memory_cache_fill_exits_within_2_s(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", CHILD, *paths], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline() == "filling\n"  # the fill has started (imports done)
+        assert child.stdout.readline().startswith("filling")  # the fill has started (two threads may print at once)
         time.sleep(0.3)
         sent = time.monotonic()
         child.send_signal(signal.SIGINT)

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from conftest import CLASSES, make_imagefolder
 from pipeline.data.augment import build_eval_transform
 from pipeline.data.folder import ImageDataset, Split
+from pipeline.model import checkpoint
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.train import train
 from pipeline.training import calibration as C
@@ -130,7 +132,7 @@ def test_calibration_alone_reuses_the_val_logits(cfg_factory, tmp_path):
     meta = {"arch": "test_efficientnet", "num_classes": 3, "class_names": CLASSES, "epoch": 2,
             "preprocessing": {"input_size": [3, 8, 8], "mean": [0] * 3, "std": [1] * 3, "interpolation": "bilinear",
                               "crop_pct": 1.0}}
-    (tmp_path / "best.json").write_text(json.dumps(meta))
+    checkpoint.save_checkpoint(tmp_path, "best", timm.create_model("test_efficientnet", num_classes=3), meta)
     logits, labels = overconfident(600, 3.0)
     cfg = cfg_factory("trainer.calibrate=true")
     record, (out, out_labels) = C.calibrate_run(cfg, tmp_path, (logits, labels), None, torch.device("cpu"), None)
