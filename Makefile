@@ -67,7 +67,7 @@ rank: $(STAMP) ## Rank backbones by LogME per feature level: make rank dataset=X
 bench-recipes: $(STAMP) ## Recipe bench (~50 min on 2 cores): defaults vs each technique vs the recipe, 3 seeds
 	$(PY) bench/bench_recipes.py $(ARGS)
 
-bench-budget: $(STAMP) ## Time-budget bench (~25 min on 2 cores): budgeted auto vs fixed modes vs the 5-epoch default
+bench-budget: $(STAMP) ## Time budgets on full-size data (~10 h on 2 cores; ARGS="--configs auto --budgets 2m 5m" ~1.5 h, ARGS=--smoke ~20 min): auto vs probe vs partial/finetune, 3 seeds
 	$(PY) bench/bench_budget.py $(ARGS)
 
 chaos: $(STAMP) ## Fault injection (~10 min): kill -9, concurrent runs, resume races, full/read-only disk, bomb files
