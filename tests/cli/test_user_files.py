@@ -1,5 +1,13 @@
 """Every command pointed at a folder of the user's leaves every file in it byte-identical (issue: a forgotten
-`dataset=folder` once deleted a photo folder). Each case is the command a user could mistype, run as they run it."""
+`dataset=folder` once deleted a photo folder). Each case is the command a user could mistype, with the arguments
+they would type.
+
+How each case runs: `pipeline.train` and `pipeline.rank` as `python -m` subprocesses (their guards act on the run
+dir Hydra's `@hydra.main` resolves, and Hydra's job logging and run-dir state must not leak into the test
+session); `pipeline.predict` too, so one non-train command is covered end to end through its real CLI (the
+process's stderr and exit code). `export`, `audit`, `preview` and `report` call their `main(argv)` in-process,
+as tests/cli/test_commands.py does: the same guard, the same one `error:` line, the same exit code 2, no
+interpreter start-up."""
 from __future__ import annotations
 
 import hashlib
@@ -8,13 +16,21 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from conftest import make_imagefolder, write_image
+from pipeline.audit import main as audit_main
+from pipeline.export import main as export_main
+from pipeline.preview import main as preview_main
+from pipeline.report import main as report_main
 
 PHOTO = "cats/my_photo.jpg"
+IN_PROCESS = {"pipeline.export": export_main, "pipeline.audit": audit_main, "pipeline.preview": preview_main,
+              "pipeline.report": report_main}  # every other module runs as `python -m` (see the docstring)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -37,6 +53,17 @@ def run(args: list[str], cwd: Path, module: str = "pipeline.train") -> subproces
                           timeout=600)
 
 
+def run_in_process(module: str, args: list[str], capsys) -> subprocess.CompletedProcess:
+    """`module`'s main(args) in this process, its exit code and output as `run` reports a subprocess's."""
+    capsys.readouterr()  # start from empty captures
+    try:
+        code = IN_PROCESS[module](args)
+    except SystemExit as e:  # exit_on_user_error: one `error:` line on stderr, then SystemExit(2)
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code or 0, out, err)
+
+
 def refused(proc: subprocess.CompletedProcess, *words: str) -> None:
     """Exit code 2 and one `error:` line that names the fix; no traceback."""
     err = proc.stderr.strip()
@@ -47,75 +74,76 @@ def refused(proc: subprocess.CompletedProcess, *words: str) -> None:
 TINY = ["backbone=tiny", "trainer.epochs=1", "trainer.num_workers=0", "audit.label_issues=false"]
 
 
-def case_train_digits_root(tmp: Path, exported):  # the default dataset generates digits into dataset.root
-    return user_folder(tmp), "pipeline.train", [f"dataset.root={{mine}}"], ("dataset=folder",)
+# The user's folders that are more than a photo and files named like the command's outputs.
 
-
-def case_train_download_root(tmp: Path, exported):  # dataset.download into a folder with no class folders
-    archive = tmp / "classes.tar"
-    with tarfile.open(archive, "w") as t:
+def loose_photo_beside_an_archive(tmp: Path, exported) -> Path:  # no class folders; {tmp}/classes.tar has some
+    with tarfile.open(tmp / "classes.tar", "w") as t:
         t.add(exported[0] / "train", arcname="train")
-    return user_folder(tmp, "notes.txt", classes=False), "pipeline.train", [
-        "dataset=folder", "dataset.root={mine}", "dataset.download=true", f"dataset.url=file://{archive}", *TINY], \
-        ("point it at a new dir",)
+    return user_folder(tmp, "notes.txt", classes=False)
 
 
-def case_train_output_dir(tmp: Path, exported):
-    return user_folder(tmp, "config.yaml", "summary.md"), "pipeline.train", [
-        "dataset=folder", f"dataset.root={exported[0]}", "output_dir={mine}", *TINY], ("holds a run", "trainer.resume=")
+def finished_run(tmp: Path, exported) -> Path:  # a finished run's dir, given as hydra.run.dir again
+    return Path(shutil.copytree(exported[1], tmp / "mine"))
 
 
-def case_train_finished_run_dir(tmp: Path, exported):  # hydra.run.dir of a finished run, again
-    finished = tmp / "mine"
-    shutil.copytree(exported[1], finished)
-    return finished, "pipeline.train", ["dataset=folder", f"dataset.root={exported[0]}", "hydra.run.dir={mine}",
-                                        *TINY], ("already holds a run", "trainer.resume=")
-
-
-def case_export_out(tmp: Path, exported):
-    return user_folder(tmp, "model.json", "MODEL_CARD.md"), "pipeline.export", [f"run={exported[1]}", "out={mine}"], \
-        ("choose another out=",)
-
-
-def case_audit_out(tmp: Path, exported):
-    return user_folder(tmp, "audit.json", "audit.md"), "pipeline.audit", [
-        "dataset=folder", f"dataset.root={exported[0]}", "audit.label_issues=false", "out={mine}"], \
-        ("choose another out=",)
-
-
-def case_preview_out(tmp: Path, exported):
-    return user_folder(tmp, "preview.png"), "pipeline.preview", [
-        "dataset=folder", f"dataset.root={exported[0]}", "backbone=tiny", "out={mine}/preview.png"], \
-        ("choose another out=",)
-
-
-def case_rank_dir(tmp: Path, exported):
-    return user_folder(tmp, "rank.md", "rank.json"), "pipeline.rank", [
-        "dataset=folder", f"dataset.root={exported[0]}", "backbone=tiny", "hydra.run.dir={mine}"], \
-        ("choose a new dir",)
-
-
-def case_report_sweep(tmp: Path, exported):
+def one_sweep_job_beside_own_reports(tmp: Path, exported) -> Path:
     mine = user_folder(tmp, "report.md", "report.csv")
     shutil.copytree(exported[1], mine / "0_job", ignore=shutil.ignore_patterns("*.safetensors", "*.pt"))
-    return mine, "pipeline.report", ["sweep={mine}"], ("choose another out=",)
+    return mine
 
 
-def case_predict_csv(tmp: Path, exported):
-    return user_folder(tmp, "predictions.csv"), "pipeline.predict", [
-        f"run={exported[2]}", "images={mine}", "csv={mine}/predictions.csv"], ("choose another csv=",)
+@dataclass(frozen=True)
+class Case:
+    module: str
+    args: list[str]  # {mine}: the user's folder; {tmp}: the test's dir; {data}, {run}, {export}: `exported`'s
+    fix: tuple[str, ...]  # words the one `error:` line must name
+    outputs: tuple[str, ...] = ()  # files in the user's folder named like the command's outputs
+    folder: Callable[[Path, tuple], Path] | None = None  # makes the user's folder instead of user_folder(outputs)
 
 
-CASES = {name.removeprefix("case_"): fn for name, fn in dict(globals()).items() if name.startswith("case_")}
+CASES = {
+    # the default dataset generates digits into dataset.root
+    "train_digits_root": Case("pipeline.train", ["dataset.root={mine}"], ("dataset=folder",)),
+    "train_download_root": Case("pipeline.train", [
+        "dataset=folder", "dataset.root={mine}", "dataset.download=true", "dataset.url=file://{tmp}/classes.tar",
+        *TINY], ("point it at a new dir",), folder=loose_photo_beside_an_archive),
+    "train_output_dir": Case("pipeline.train", ["dataset=folder", "dataset.root={data}", "output_dir={mine}", *TINY],
+                             ("holds a run", "trainer.resume="), outputs=("config.yaml", "summary.md")),
+    "train_finished_run_dir": Case("pipeline.train", [
+        "dataset=folder", "dataset.root={data}", "hydra.run.dir={mine}", *TINY],
+        ("already holds a run", "trainer.resume="), folder=finished_run),
+    "export_out": Case("pipeline.export", ["run={run}", "out={mine}"], ("choose another out=",),
+                       outputs=("model.json", "MODEL_CARD.md")),
+    "audit_out": Case("pipeline.audit", ["dataset=folder", "dataset.root={data}", "audit.label_issues=false",
+                                         "out={mine}"], ("choose another out=",), outputs=("audit.json", "audit.md")),
+    "preview_out": Case("pipeline.preview", ["dataset=folder", "dataset.root={data}", "backbone=tiny",
+                                             "out={mine}/preview.png"], ("choose another out=",),
+                        outputs=("preview.png",)),
+    "rank_dir": Case("pipeline.rank", ["dataset=folder", "dataset.root={data}", "backbone=tiny",
+                                       "hydra.run.dir={mine}"], ("choose a new dir",),
+                     outputs=("rank.md", "rank.json")),
+    "report_sweep": Case("pipeline.report", ["sweep={mine}"], ("choose another out=",),
+                         folder=one_sweep_job_beside_own_reports),
+    "predict_csv": Case("pipeline.predict", ["run={export}", "images={mine}", "csv={mine}/predictions.csv"],
+                        ("choose another csv=",), outputs=("predictions.csv",)),
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_a_command_pointed_at_the_users_folder_is_refused_and_changes_nothing(name, tmp_path, exported):
-    mine, module, args, fix_words = CASES[name](tmp_path, exported)
+def test_a_command_pointed_at_the_users_folder_is_refused_and_changes_nothing(name, tmp_path, exported, capsys,
+                                                                              monkeypatch):
+    case = CASES[name]
+    mine = case.folder(tmp_path, exported) if case.folder else user_folder(tmp_path, *case.outputs)
+    paths = {"mine": mine, "tmp": tmp_path, "data": exported[0], "run": exported[1], "export": exported[2]}
+    args = [a.format(**paths) for a in case.args]
     before = snapshot(mine)
-    proc = run([a.replace("{mine}", str(mine)) for a in args], tmp_path, module)
-    refused(proc, *fix_words)
+    if case.module in IN_PROCESS:
+        monkeypatch.chdir(tmp_path)  # where the subprocesses run: a relative default lands in tmp, not the repo
+        proc = run_in_process(case.module, args, capsys)
+    else:
+        proc = run(args, tmp_path, case.module)
+    refused(proc, *case.fix)
     assert snapshot(mine) == before  # byte-identical, nothing deleted, nothing added
 
 
