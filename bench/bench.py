@@ -13,6 +13,9 @@ from another part) on the same arch, batch, resolution and threads:
                 cache) vs the fine-tune step rate                                   target >= 3x
   4. memory:    peak RSS of the fine-tune run vs the bare training step            target <= 1.5x
   5. allocator: bare forward with the glibc allocator fix vs without (expect 3-5x on these VMs)
+  6. partial:   a top-3-group partial fine-tune epoch (train(cfg), strategy=partial, freeze depth n-3) on
+                activations cached at the freeze boundary vs on images      target >= 3x (epochs 2-3);
+                and the whole 3-epoch run, the cache's passes included
   plus speed options on the bare step: channels_last, bf16 autocast, fused/foreach AdamW.
 
 Data: $DATASETS_DIR/<dataset> (default ../shared/datasets), else the embedded digits set.
@@ -122,6 +125,26 @@ def part_pipeline_finetune(a) -> dict:
             "first_epoch_img_per_s": first["train_img_per_s"]}
 
 
+def part_pipeline_partial(a) -> dict:
+    """train(cfg) fine-tuning the top 3 layer groups for 3 epochs of up to `steps` + 2 batches: `--variant boundary`
+    on cached boundary activations (trainer.boundary_cache=always, its default views), else on images."""
+    import timm
+
+    from pipeline.model import freezing
+    from pipeline.train import train
+
+    depth = len(freezing.layer_groups(timm.create_model(ARCH))) - 3
+    cache = "always" if a.variant == "boundary" else "never"
+    cfg = _compose(_overrides(a, "strategy=partial", f"strategy.freeze_depth={depth}", "trainer.epochs=3",
+                              f"trainer.max_train_batches={a.steps + 2}", f"trainer.boundary_cache={cache}",
+                              "trainer.time_limit=null"))
+    start = time.perf_counter()
+    first, *steady = train(cfg)["history"]
+    return {"img_per_s": sum(h["train_images"] for h in steady) / sum(h["train_seconds"] for h in steady),
+            "first_epoch_img_per_s": first["train_img_per_s"], "run_s": time.perf_counter() - start,
+            "freeze_depth": depth}
+
+
 def part_pipeline_extract(a) -> dict:
     """The cached-probe extraction (feature_cache.load_or_extract, no disk cache) over up to 320 train images,
     with the pipeline's extraction settings (features.num_workers, features.channels_last)."""
@@ -168,6 +191,7 @@ def part_loader(a) -> dict:
 
 
 PARTS = {"train_step": part_train_step, "forward": part_forward, "pipeline_finetune": part_pipeline_finetune,
+         "pipeline_partial": part_pipeline_partial,
          "pipeline_extract": part_pipeline_extract, "loader": part_loader}
 
 
@@ -196,6 +220,7 @@ def measure(a) -> dict:
          "train_step_plain": run_part(a, "train_step")}
     r["extract"], r["forward"] = run_part(a, "pipeline_extract"), run_part(a, "forward")
     r["loader"] = run_part(a, "loader")
+    r["partial"], r["partial_boundary"] = run_part(a, "pipeline_partial"), run_part(a, "pipeline_partial", "boundary")
     r["forward_no_allocator_fix"] = run_part(a, "forward", allocator=False)
     r["forward_channels_last"] = run_part(a, "forward", "channels_last")
     for variant in ("channels_last", "fused", "foreach_off", "bf16", "compile"):
@@ -218,6 +243,10 @@ def table(r: dict) -> list[dict]:
              "<= 1.5"),
             ("5 forward img/s: allocator fix on / off", r["forward"]["img_per_s"],
              r["forward_no_allocator_fix"]["img_per_s"], "3-5x here"),
+            ("6 partial top-3 epoch img/s: boundary cache / images (epochs 2-3)", r["partial_boundary"]["img_per_s"],
+             r["partial"]["img_per_s"], ">= 3"),
+            ("6b partial top-3, 3-epoch run s: images / boundary cache (its passes included)", r["partial"]["run_s"],
+             r["partial_boundary"]["run_s"], ""),
             ("forward img/s: channels_last / default", r["forward_channels_last"]["img_per_s"],
              r["forward"]["img_per_s"], "keep if > 1")]
     rows += [(f"train step img/s: {v} / plain fp32", r[f"train_step_{v}"]["img_per_s"], plain, "keep if > 1")

@@ -14,11 +14,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.budgeted import auto_budget
 from pipeline.config import check_overrides, register_configs
 from pipeline.data import audit, augment, folder
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.features import fit as cached_fit
-from pipeline.features import label_issues, probe_fallback, probe_init
+from pipeline.features import label_issues, probe_init
 from pipeline.model import backbone, checkpoint
 from pipeline.model.calibrated import wrap_for_inference
 from pipeline.reports import gallery, plots, summary
@@ -28,6 +29,7 @@ from pipeline.runtime.devices import build_accel, select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
+from pipeline.training import boundary as boundary_module
 from pipeline.training import budget, calibration, interrupts, loop, mixing, resume
 from pipeline.training.fit import fit
 from pipeline.training.metrics import val_test_gap
@@ -37,12 +39,15 @@ from pipeline.training.setup import (
     build_image_cache,
     checkpoint_meta,
     fork_workers_early,
+    boundary_blocker,
+    make_boundary_loaders,
     make_eval_loader,
     make_loader,
     prepare_run,
     resolve_run_dir,
     setup_imbalance,
     setup_strategy,
+    timed_train_batch,
     write_split,
 )
 
@@ -97,8 +102,7 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     if main:
         write_json(run_dir / "audit.json", audit_report)  # now with the label issues, if looked for
         write_audit_sheets(run_dir, audit_report, cfg.dataset.max_pixels)  # beside audit.json
-    strategy_info = setup_strategy(cfg, model, splits, eval_tf, device, run_dir, accel=accel, started=started,
-                                   resumed=resumed is not None)
+    strategy_info = setup_strategy(cfg, model, splits, eval_tf, device, run_dir, resumed=resumed is not None)
     cached_path = cached_fit.use_cached_path(cfg.features, strategy_info["mode"])  # backbone once, head on features
     with distributed.main_first():
         cache, cache_mode = build_image_cache(cfg, splits, data_cfg, repeated=not cached_path)
@@ -109,11 +113,7 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     fit_args = dict(model=model, splits=splits, run_dir=run_dir, meta=meta, device=device, accel=accel,
                     train_tf=train_tf, eval_tf=eval_tf, data_cfg=data_cfg, load=load, class_weights=weights,
                     init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
-    spend = budget.auto_spends_budget(cfg, strategy_info["mode"])  # auto + time_limit: the probe, then a fine-tune
-    probe = None if cached_path else probe_fallback.start_from_probe(cfg, strategy_info, fit_args, spend=spend,
-                                                                     cache=cache)
-    result = run_fit(cfg, cached_path, generator, **fit_args)
-    probe_fallback.record_budget_use(cfg, strategy_info, probe if spend else None, result, run_dir)
+    result = fit_strategy(cfg, strategy_info, cached_path, generator, fit_args)
     result["calibration"], result["best_val"] = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
         cfg, run_dir, result["best_val"], lambda: make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load),
         device, accel)
@@ -150,12 +150,53 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     return metrics
 
 
+def fit_strategy(cfg: DictConfig, strategy_info: dict, cached_path: bool, generator, fit_args: dict) -> dict:
+    """auto under `trainer.time_limit` (budgeted/auto_budget.py: probe, planned fine-tune, paired selection), else
+    the resolved mode's fit, its head from a probe where `strategy.head_init=probe`."""
+    a, mode = fit_args, strategy_info["mode"]
+    if not cached_path and auto_budget.applies(strategy_mode=cfg.strategy.mode, time_limit=cfg.trainer.time_limit,
+                                               mode=mode):
+        job = auto_budget.Budgeted(
+            model=a["model"], splits=a["splits"], run_dir=a["run_dir"], meta=a["meta"], device=a["device"],
+            accel=a["accel"], train_tf=a["train_tf"], eval_tf=a["eval_tf"], data_cfg=a["data_cfg"],
+            image_cache=a["load"]["cache"], class_weights=a["class_weights"], init_bias=a["init_bias"],
+            resumed=a["resumed"], started=a["started"])
+        blocker = boundary_blocker(cfg, "partial")
+        result, update = auto_budget.run(
+            cfg, strategy_info["decision"], job, boundary_allowed=blocker is None,
+            fit_finetune=lambda boundary: run_fit(cfg, False, generator, boundary=boundary, **a),
+            timed_batch=lambda: timed_train_batch(a["splits"], a["train_tf"], cfg, a["load"]["cache"]))
+        strategy_info.update(update)
+        return result
+    if not cached_path:
+        probe = probe_init.init_head(a["model"], a["splits"], cfg, a["run_dir"], mode=mode, device=a["device"],
+                                     eval_tf=a["eval_tf"], data_cfg=a["data_cfg"], image_cache=a["load"]["cache"],
+                                     class_weights=a["class_weights"], init_bias=a["init_bias"],
+                                     resumed=a["resumed"] is not None)
+        if probe is not None:
+            strategy_info["head_init"] = probe.info
+    boundary = None
+    if not cached_path and cfg.trainer.boundary_cache == "always":
+        boundary = boundary_split_for(cfg, mode, a)
+    return run_fit(cfg, cached_path, generator, boundary=boundary, **a)
+
+
+def boundary_split_for(cfg: DictConfig, mode: str, a: dict):
+    """`trainer.boundary_cache=always`: the model's boundary split (training/boundary.py), or None with why."""
+    blocker = boundary_blocker(cfg, mode)
+    got = None if blocker else timed_train_batch(a["splits"], a["eval_tf"], cfg, a["load"]["cache"])
+    split, why = (None, blocker or "no train image decoded") if got is None else \
+        boundary_module.split_at_boundary(a["model"], a["accel"].images(got[0][0][:2]))
+    _logger.info("trainer.boundary_cache=always: %s", why if split is not None else f"not used ({why})")
+    return split
+
+
 def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run_dir: Path, meta: dict, device,
             accel, train_tf, eval_tf, data_cfg: dict, load: dict, class_weights, init_bias, resumed, started,
-            baseline: probe_init.Probe | None = None) -> dict:
+            boundary=None) -> dict:
     """The cached linear probe (features/fit.py) or the fine-tune fit (training/fit.py), under one SIGINT/SIGTERM
-    handler: save last.pt (if not saved already) and say how to resume. `baseline`: the probe already saved as
-    `best` (epoch 0), which an epoch must beat on val to replace."""
+    handler: save last.pt (if not saved already) and say how to resume. `boundary`: a BoundarySplit
+    (training/boundary.py): the fine-tune trains its top on cached activations at that boundary."""
     with interrupts.GracefulStop() as stop:
         if cached_path:
             mixing.log_cached_probe_ignores_mixing(cfg.augment)
@@ -168,11 +209,14 @@ def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run
             return cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf, train_tf=train_tf,
                                          image_cache=load["cache"], class_weights=class_weights, init_bias=init_bias,
                                          stop=stop)
-        loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
-                   "val": make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load)}
-        fork_workers_early(loaders["val"])  # before the first train step grows the heap
+        if boundary is not None:
+            loaders = make_boundary_loaders(boundary, splits, train_tf, eval_tf, cfg, accel=accel, **load)
+        else:
+            loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
+                       "val": make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load)}
+            fork_workers_early(loaders["val"])  # before the first train step grows the heap
         return fit(model, loaders, cfg, run_dir, meta, device, class_weights=class_weights, resume_state=resumed,
-                   stop=stop, accel=accel, started=started, baseline=baseline,
+                   stop=stop, accel=accel, started=started, net=boundary.top if boundary is not None else None,
                    test_images=len(splits.test) if splits.test is not None else 0)
 
 

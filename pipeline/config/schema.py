@@ -27,6 +27,7 @@ BN_POLICIES = ("frozen", "affine", "train")
 PRESETS = ("none", "light", "medium", "heavy", "strong", "custom")
 AUTO_AUGMENT = ("none", "trivial", "randaugment")
 HEAD_INITS = ("zero", "probe")
+BOUNDARY_CACHE = ("auto", "always", "never")  # trainer.boundary_cache (training/boundary.py)
 TTA_MODES = ("off", "auto", "flip")
 LOSSES = ("ce", "focal")
 WEIGHT_MODES = ("none", "balanced", "effective")
@@ -103,8 +104,8 @@ class AutoStrategyConfig:
     sample_total: int = number(2, example=300)
     similar_freeze_depth: int = number(0, example=2)
     shallow_unfreeze: int = number(0, example=3)
-    deep_min_steps: int = number(0, example=100)
-    probe_margin_se: float = number(0, example=2.0)
+    min_epochs: int = number(1, example=3)
+    select_alpha: float = number(0, 1, low_open=True, high_open=True, example=0.05)
 
 
 @dataclass
@@ -189,6 +190,8 @@ class TrainerConfig:
     mlflow: bool = value()  # needs the mlflow package (checked at start-up: training/tracking.py check_mlflow)
     top_losses: int = number(0, example=16)
     ema: bool = value()
+    boundary_cache: str = choice(BOUNDARY_CACHE)
+    boundary_views: int = number(1, example=3)
     ema_decay: float = number(0, 1, low_open=True, high_open=True, example=0.999)
     tta: str = choice(TTA_MODES)
     calibrate: bool = value()

@@ -39,28 +39,19 @@ INIT_HEADS = {"auto": "linear", "linear": "linear", "logistic": "logistic"}
 @dataclass
 class Probe:
     """The fitted probe: `info` (metrics.json `head_init`), its best epoch's val metrics (loss, accuracy, ...) and
-    val (logits, labels); the last two are empty for a resumed run, which fits no new probe. `bar`: as auto's
-    fallback under a time limit, the val monitor value a fine-tune epoch must reach to replace it
-    (probe_fallback.py)."""
+    val (logits, labels); the last two are empty for a resumed run, which fits no new probe."""
     info: dict
     val: dict = field(default_factory=dict)
     best_val: tuple | None = None
-    bar: float | None = None
 
 
 def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *, mode: str, device: torch.device,
               eval_tf, data_cfg: dict, image_cache=None, class_weights: torch.Tensor | None = None,
-              init_bias: list[float] | None = None, resumed: bool = False, force: bool = False,
-              fallback: bool = False) -> Probe | None:
-    """Install the probe head into `model` when `strategy.head_init=probe` (or `force`: auto spending a time
-    budget, training/budget.py) applies to the resolved `mode`.
-
-    `fallback`: the probe is auto's fallback, not the fine-tune's start (the caller saves it as `best`, then puts
-    the fine-tune's own head back): it is the `features.head` the linear_probe mode trains, not INIT_HEADS's.
-
-    Returns the Probe, or None where the head starts as before (head_init=zero, or a mode that trains the head
-    alone)."""
-    if cfg.strategy.head_init != "probe" and not force:
+              init_bias: list[float] | None = None, resumed: bool = False) -> Probe | None:
+    """`strategy.head_init=probe` for a resolved `mode` whose backbone trains: install the probe head (INIT_HEADS
+    of `features.head`) into `model`. None where the head starts as before (head_init=zero, or a mode that trains
+    the head alone). A resumed run keeps its restored weights (the saved summary, no new probe)."""
+    if cfg.strategy.head_init != "probe":
         return None
     if mode not in BACKBONE_MODES:
         _logger.info("strategy.head_init=probe applies when backbone groups train; mode %s trains the head alone, "
@@ -71,6 +62,21 @@ def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *,
         saved = distributed.from_main(lambda: json.loads(path.read_text()) if path.is_file() else {"kind": "probe"})
         _logger.info("strategy.head_init=probe: resumed run, the restored weights win (no new probe)")
         return Probe({**saved, "resumed": True})
+    probe = fit_probe(model, splits, cfg, device=device, eval_tf=eval_tf, data_cfg=data_cfg, image_cache=image_cache,
+                      class_weights=class_weights, init_bias=init_bias, head=INIT_HEADS[cfg.features.head])
+    probe.info["role"] = "init"
+    _logger.info("strategy.head_init=probe: the fine-tune starts from a linear probe (val %s)",
+                 {k: round(v, 4) for k, v in probe.val.items() if isinstance(v, float)})
+    if distributed.is_main():
+        write_json(path, probe.info)
+    return probe
+
+
+def fit_probe(model: torch.nn.Module, splits, cfg: DictConfig, *, device: torch.device, eval_tf, data_cfg: dict,
+              image_cache=None, class_weights: torch.Tensor | None = None, init_bias: list[float] | None = None,
+              head: str) -> Probe:
+    """Fit a `head` ("linear" | "logistic" | "auto": features/heads.py) on cached features of the frozen pretrained
+    backbone (train and val under the eval transform) and install it as `model`'s classifier."""
     start = time.perf_counter()
     # Only the backbone's own pre-logits feed its classifier: other features.depths need the cached linear probe
     # and were rejected already for these modes (features/fit.py use_cached_path).
@@ -79,23 +85,18 @@ def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *,
     x, y = feats["train"]["features"].numpy(), feats["train"]["labels"].numpy()
     val_x, val_y = feats["val"]["features"].numpy(), feats["val"]["labels"].numpy()
     with torch.random.fork_rng(devices=[]):  # the seeded head leaves the fine-tune's random streams as they were
-        head = train_head(cfg, x, y, val_x, val_y, len(splits.classes), class_weights, init_bias, standardize=False,
-                          head=cfg.features.head if fallback else INIT_HEADS[cfg.features.head])
-    install_head(model, [HEAD], head["weight"], head["bias"])  # copied to the classifier's device and dtype
+        fitted = train_head(cfg, x, y, val_x, val_y, len(splits.classes), class_weights, init_bias, standardize=False,
+                            head=head)
+    install_head(model, [HEAD], fitted["weight"], fitted["bias"])  # copied to the classifier's device and dtype
     monitor = cfg.trainer.monitor
-    best_row = head["history"][head["best_epoch"] - 1]
-    score = best_row[f"val_{monitor}"]
-    info = {"kind": "probe", "role": "fallback" if fallback else "init", "head": head["head"],
-            f"val_{monitor}": score, "best_epoch": head["best_epoch"],
-            "epochs": len(head["history"]), "seconds": round(time.perf_counter() - start, 2),
+    best_row = fitted["history"][fitted["best_epoch"] - 1]
+    info = {"kind": "probe", "head": fitted["head"], f"val_{monitor}": best_row[f"val_{monitor}"],
+            "best_epoch": fitted["best_epoch"], "epochs": len(fitted["history"]),
+            "seconds": round(time.perf_counter() - start, 2),
             "cache": {s: "hit" if feats[s]["hit"] else "miss" for s in ("train", "val")}}
-    _logger.info("%s: val %s %.4f (best epoch %d of %d, %d train rows, %.1f s)",
-                 "Probe on cached features, kept as best unless a fine-tune epoch beats it" if fallback else
-                 "strategy.head_init=probe: the fine-tune starts from a linear probe", monitor, score,
-                 info["best_epoch"], info["epochs"], len(y), info["seconds"])
-    if distributed.is_main():
-        write_json(path, info)
-    return Probe(info, {k[4:]: v for k, v in best_row.items() if k.startswith("val_")}, head["best_val"])
+    _logger.info("Probe on cached features: val %s %.4f (best epoch %d of %d, %d train rows, %.1f s)", monitor,
+                 info[f"val_{monitor}"], info["best_epoch"], info["epochs"], len(y), info["seconds"])
+    return Probe(info, {k[4:]: v for k, v in best_row.items() if k.startswith("val_")}, fitted["best_val"])
 
 
 def head_init_section(info: dict) -> list[str]:

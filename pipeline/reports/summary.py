@@ -93,9 +93,11 @@ def per_class_section(metrics: dict) -> list[str]:
 
 def strategy_sections(info: dict) -> list[list[str]]:
     """The auto decision paragraph (if any) and the per-layer-group parameter table."""
+    from pipeline.budgeted.auto_budget import budget_paragraph
     from pipeline.transfer.auto import decision_paragraph
 
-    sections = [decision_paragraph(info["decision"])] if info.get("decision") else []
+    decision = info.get("decision")
+    sections = [decision_paragraph(decision)[:-1] + budget_paragraph(decision.get("budget")) + [""]] if decision else []
     if info.get("features"):
         from pipeline.features.fit import features_section
         sections.append(features_section(info["features"]))

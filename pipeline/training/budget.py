@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig
 
-from pipeline.config import BACKBONE_MODES
 from pipeline.config.checks import parse_duration
 from pipeline.runtime import distributed
 
@@ -260,11 +259,3 @@ def from_config(t: DictConfig, *, started: float | None, steps_per_epoch: int, v
     return TimeBudget(t.time_limit, started=now() if started is None else started, steps_per_epoch=steps_per_epoch,
                       max_epochs=max_epochs(t), val_images=val_images, test_images=test_images,
                       images_per_step=t.batch_size, on_plan=on_plan)
-
-
-def auto_spends_budget(cfg: DictConfig, mode: str) -> bool:
-    """`strategy.mode=auto` under `trainer.time_limit`, resolved to a mode whose backbone trains: the budget goes
-    to the cheap converged probe on cached features first, then the fine-tune (from the fixed mode's head) for the
-    time left, and the better of the two on val is kept (train.py). Without a limit, auto runs its mode as before."""
-    return cfg.trainer.time_limit is not None and cfg.strategy.mode == "auto" and mode in BACKBONE_MODES
-

@@ -42,7 +42,7 @@ def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None
 def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device,
         class_weights: torch.Tensor | None = None, resume_state: dict | None = None,
         stop: interrupts.GracefulStop | None = None, accel=None, started: float | None = None,
-        test_images: int = 0, baseline=None) -> dict:
+        test_images: int = 0, net: torch.nn.Module | None = None) -> dict:
     """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
 
     Writes `last.pt` after every epoch (mid-epoch once `stop()` is set by SIGINT/SIGTERM, then raises
@@ -58,9 +58,9 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     the two on `trainer.monitor` is the epoch's candidate for `best` (best.json `weights_source`: raw or ema) and
     the result's `weight_averaging` says which one the best epoch kept.
 
-    `baseline` (auto under a time limit, features/probe_fallback.py): a probe already saved as `best` at epoch 0,
-    with `.val` (its val metrics), `.best_val` (its val logits, labels) and `.bar`: an epoch replaces it by beating
-    `.bar` on val (its val less auto's margin for the rule's fine-tune), or its val when `.bar` is None."""
+    `net`: the module a batch goes through when it is not `model` itself: the top of a boundary-cached partial
+    fine-tune (training/boundary.py), whose loaders hold activations. It shares `model`'s parameters, and
+    `model` is what the checkpoints hold."""
     t, o, max_epochs = cfg.trainer, cfg.optim, budget.max_epochs(cfg.trainer)
     accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
     prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
@@ -85,15 +85,12 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
         for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
         first, partial, history, best_val = last.restore(resume_state)
-    elif baseline is not None:  # the probe is `best` at epoch 0, to beat at its bar
-        tracker.update(baseline.val[t.monitor] if baseline.bar is None else baseline.bar, 0)
-        best_val = baseline.best_val
     with tracking.RunTracker(run_dir, cfg, first_epoch=first) as curves:  # history.csv, TensorBoard, MLflow
         for epoch in range(first, max_epochs + 1):
             if clock is not None and not clock.can_start_epoch(epoch):
                 break
             maybe_thaw(model, optimizer, scheduler, cfg, epoch)
-            ddp = distributed.wrap_ddp(model, device, current=ddp)  # new wrapper when a thaw changed trainables
+            ddp = distributed.wrap_ddp(net or model, device, current=ddp)  # new wrapper when a thaw changed trainables
             last.mark_epoch_start()
             if clock is not None:
                 clock.start_epoch(epoch, done_steps=(partial or {}).get("steps", 0))
@@ -113,7 +110,7 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
             stats = distributed.reduce_train_stats(stats)
             with budget.measure(clock, "eval"):
                 ev = evaluate_epoch(model, ema, loaders["val"], eval_loss, device, meta["num_classes"], t, accel,
-                                    tracker.mode)
+                                    tracker.mode, net=net)
             history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in ev.raw.items()},
                             **({f"ema_val_{k}": v for k, v in ev.ema.items()} if ev.ema is not None else {}),
                             **tracking.group_lrs(optimizer)})  # each group's LR at the epoch's end
@@ -189,9 +186,10 @@ class EpochEval:
 
 
 def evaluate_epoch(model, ema: averaging.WeightAverage | None, loader, eval_loss, device: torch.device,
-                   num_classes: int, t: DictConfig, accel, mode: str) -> EpochEval:
-    """Evaluate the raw weights (and the EMA, if kept) on val and pick the epoch's candidate for `best`."""
-    val, *val_out = loop.evaluate(model, loader, eval_loss, device, num_classes, t.progress, "val", accel=accel)
+                   num_classes: int, t: DictConfig, accel, mode: str, net=None) -> EpochEval:
+    """Evaluate the raw weights (and the EMA, if kept) on val and pick the epoch's candidate for `best`. `net`:
+    the module the val batches go through, when not `model` (fit's docstring; no EMA then)."""
+    val, *val_out = loop.evaluate(net or model, loader, eval_loss, device, num_classes, t.progress, "val", accel=accel)
     if ema is None:
         return EpochEval(val, None, model, val, tuple(val_out), {})
     ema_val, *ema_out = loop.evaluate(ema.module, loader, eval_loss, device, num_classes, t.progress, "val (ema)",

@@ -17,7 +17,7 @@ from pipeline.runtime import distributed, run_lock
 from pipeline.runtime.devices import Accel
 from pipeline.runtime.files import clean_stale_temps, ensure_writable_dir, write_json, write_text
 from pipeline.runtime.seeding import seed_worker
-from pipeline.training import budget_depth, loss, resume, validate
+from pipeline.training import boundary, loss, mixing, resume, validate
 from pipeline.transfer import auto
 
 _logger = logging.getLogger(__name__)
@@ -172,9 +172,9 @@ def setup_imbalance(cfg: DictConfig, splits: folder.DatasetSplits, model: torch.
 
 
 def setup_strategy(cfg: DictConfig, model: torch.nn.Module, splits: folder.DatasetSplits, eval_tf, device: torch.device,
-                   run_dir: Path, *, accel: Accel, started: float, resumed: bool = False) -> dict:
+                   run_dir: Path, *, resumed: bool = False) -> dict:
     """Resolve `strategy.mode=auto` (decision.json; a resumed run reuses its own) and freeze the model accordingly.
-    `started`: the time limit's clock start (budget.now()), for sizing the fine-tune's depth to the time left."""
+    Under `trainer.time_limit` the fine-tune's depth is planned later, after the probe (budgeted/auto_budget.py)."""
     s = cfg.strategy
     mode, depth, decision = s.mode, s.freeze_depth, None
     if mode == "auto":  # DDP: rank 0 decides, the others receive its decision
@@ -183,15 +183,65 @@ def setup_strategy(cfg: DictConfig, model: torch.nn.Module, splits: folder.Datas
             model, splits.train, eval_tf, device, n_groups=len(freezing.layer_groups(model)), auto_cfg=s.auto,
             seed=cfg.seed))
         if cfg.trainer.time_limit is not None and not resumed:  # a resumed run keeps its own decision
-            decision = auto.spend_budget_on_finetune(decision, s.auto.similar_freeze_depth)
-            if auto.deepens_with_budget(decision, s.auto.similar_freeze_depth):
-                decision = distributed.from_main(lambda: budget_depth.depth_for_budget(
-                    cfg, model, splits, eval_tf, decision, accel=accel, started=started))
+            decision = auto.mode_under_time_limit(decision, s.auto.similar_freeze_depth)
         if distributed.is_main():
             auto.write_decision(run_dir, decision)
         mode, depth = decision["mode"], decision["freeze_depth"]
     info = freezing.apply_strategy(model, mode=mode, freeze_depth=depth, bn=s.bn)
     return {**info, "decision": decision}
+
+
+def boundary_blocker(cfg: DictConfig, mode: str) -> str | None:
+    """Why a fine-tune in `mode` cannot train on cached boundary activations (training/boundary.py), or None."""
+    t = cfg.trainer
+    reasons = {"trainer.boundary_cache=never": t.boundary_cache == "never",
+               f"strategy mode {mode} (partial and finetune only)": mode not in ("partial", "finetune"),
+               "trainer.ema": t.ema, "trainer.compile": t.compile, "mixup/cutmix": mixing.build_mixer(
+                   cfg.augment, 2) is not None, "torchrun": distributed.world_size() > 1,
+               f"strategy.bn={cfg.strategy.bn} (frozen BN only)": cfg.strategy.bn != "frozen"}
+    return next((why for why, blocked in reasons.items() if blocked), None)
+
+
+def timed_train_batch(splits: folder.DatasetSplits, train_tf, cfg: DictConfig, cache=None):
+    """(one train batch (images, labels), the loader's seconds per image, decode and augmentation included), or
+    None where no image of the batch decodes: what the time-budget plan times a train step on."""
+    t = cfg.trainer
+    dataset = folder.ImageDataset(splits.train, train_tf, cfg.dataset.max_pixels, cache=cache)
+    n = min(distributed.local_batch_size(t.batch_size), len(splits.train))
+    begin = time.perf_counter()
+    batch = folder.collate_skip_none([dataset[i] for i in range(n)], channels_last=t.channels_last)
+    return None if batch is None else ((batch[0], batch[1]), (time.perf_counter() - begin) / max(len(batch[1]), 1))
+
+
+def make_boundary_loaders(split: boundary.BoundarySplit, splits: folder.DatasetSplits, train_tf, eval_tf,
+                          cfg: DictConfig, *, accel: Accel, cache=None, skip_log=None) -> dict:
+    """Train and val loaders over activations at `split`'s boundary: val once under the eval transform, train
+    under `trainer.boundary_views` passes (the eval transform's, then augmented ones with per-image seeds)."""
+    t, views = cfg.trainer, cfg.trainer.boundary_views
+
+    def image_pass(part: folder.Split, transform, view: int):
+        dataset = folder.ImageDataset(part, transform, cfg.dataset.max_pixels, cache=cache, skip_log=skip_log)
+        order = sampler.SeededSampler(torch.utils.data.SequentialSampler(range(len(dataset))),
+                                      torch.Generator().manual_seed(cfg.seed + view)) if view else None
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=t.eval_batch_size, sampler=order, num_workers=t.num_workers,
+            collate_fn=functools.partial(folder.collate_skip_none, channels_last=t.channels_last),
+            worker_init_fn=seed_worker)
+
+    train_passes = [image_pass(splits.train, eval_tf if v == 0 else train_tf, v) for v in range(views)]
+    acts, labels, seconds = boundary.cache_boundary(split, train_passes, accel)
+    val_acts, val_labels, val_seconds = boundary.cache_boundary(split, [image_pass(splits.val, eval_tf, 0)], accel)
+    _logger.info("Boundary cache at %s: %d train images x %d view(s) and %d val images (%.0f MB) in %.1f s",
+                 split.boundary, acts.shape[1], views, val_acts.shape[1],
+                 (acts.numel() + val_acts.numel()) * 2 / 2**20, seconds + val_seconds)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = sampler.distributed_sampler(len(labels), sampler.build_sampler(labels.tolist(), cfg.dataset.sampler,
+                                                                           seed=cfg.seed),
+                                        train=True, generator=generator, rank=0, world=1)
+    train = torch.utils.data.DataLoader(boundary.BoundaryViews(acts, labels), batch_size=t.batch_size,
+                                        sampler=order, generator=generator)
+    val = torch.utils.data.DataLoader(boundary.BoundaryViews(val_acts, val_labels), batch_size=t.eval_batch_size)
+    return {"train": train, "val": val}
 
 
 def prepare_run(cfg: DictConfig) -> tuple[dict | None, Path]:

@@ -20,7 +20,8 @@ from pipeline.errors import ConfigError
 from pipeline.model import checkpoint
 from pipeline.runtime.devices import build_accel
 from pipeline.train import train
-from pipeline.training import budget, budget_depth, interrupts
+from pipeline.budgeted import auto_budget
+from pipeline.training import budget, interrupts
 from pipeline.training.guard import StepGuard
 from pipeline.transfer import optim
 
@@ -72,26 +73,13 @@ def test_plan_from_measured_speed_counts_the_time_spent_before_training():
     assert budget.plan_epochs(spent_s=59.0, final_s=0.0, **plan) == 1  # at least one epoch
 
 
-def test_steps_that_fit_plan_the_probe_epochs_and_test_evaluation_from_a_timed_step():
-    """A timed step of 1 s and a forward of 0.5 s for 10 images (0.05 s an image); 50 train, 20 val, 20 test
-    images, 5 steps an epoch, 10 s spent of 100: the probe's forward pass over train + val (3.5 s), then epochs of
-    5 + 1 (val) = 6 s in 100 - 13.5 - 1 (test) - RESERVE_S (5) = 80.5 s: 13 epochs, 65 steps."""
-    timing = {"step_s": 1.0, "forward_s": 0.5, "batch": 10}
-    args = dict(spent_s=10.0, timing=timing, steps_per_epoch=5, train_images=50, val_images=20, test_images=20,
-                max_epochs=100)
-    assert budget_depth.steps_that_fit("100s", **args) == 65
-    assert budget_depth.steps_that_fit("100s", **{**args, "max_epochs": 4}) == 20  # trainer.epochs caps
-    assert budget_depth.steps_that_fit("100s", **{**args, "timing": {**timing, "step_s": 2.0}}) == 35  # 11 s epochs: 7
-    assert budget_depth.steps_that_fit("10s", **args) == 5  # nothing fits: at least one epoch, as the fit plans
-
-
 def test_a_timed_train_step_leaves_no_gradients_and_times_a_forward():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                 torch.nn.LazyLinear(2))
     images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
     model(images)  # materialise the lazy layer
     accel = build_accel(torch.device("cpu"), amp="off", channels_last=True)
-    timing = budget_depth.time_train_step(model, images, labels, accel)
+    timing = auto_budget.time_train_step(model, images, labels, accel)
     assert timing["step_s"] > 0 and timing["forward_s"] > 0 and timing["batch"] == 4
     assert all(p.grad is None for p in model.parameters())
 

@@ -1,0 +1,1 @@
+"""`strategy=auto` under `trainer.time_limit`: probe, planned fine-tune, paired selection (auto_budget.py)."""

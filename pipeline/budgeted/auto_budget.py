@@ -1,0 +1,406 @@
+"""`strategy=auto` under `trainer.time_limit`: the one home of "auto under a time limit".
+
+    applies(...)       whether a run goes this way (auto, a limit, a mode whose backbone trains: small + similar
+                       data gets one too, transfer/auto.py mode_under_time_limit)
+    plan_finetune(...) which fine-tune can pay in the time left, or none
+    select(...)        probe, fine-tune or their ensemble, by a paired test on the same val images
+    run(...)           the three in order, recorded in decision.json `budget`
+
+1. **The probe first.** The converged linear probe on cached features (features/probe_init.fit_probe) is fitted,
+   saved as `probe` and as `best` (epoch 0), so a run stopped later still ships it.
+2. **Plan only fine-tunes that can pay** (plan_finetune). Candidate depths run from the deepest the rule allows
+   to the shallow unfreeze (`strategy.auto.shallow_unfreeze` top groups); the shallow one trains on activations
+   cached at its freeze boundary where that works and fits in memory (training/boundary.py). One train step of
+   each is timed on a copy of the model, with the loader's time per batch; the deepest candidate that fits at
+   least `strategy.auto.min_epochs` epochs in the time left is planned. None fits: no fine-tune runs and the
+   run ends early: the time is given back, not sat out.
+3. **Selection you can trust** (select). The fine-tune's best epoch replaces the probe only where a paired
+   bootstrap over the val images says it is better (one-sided, `strategy.auto.select_alpha`); "not worse by a
+   margin" is not enough. The probe + fine-tune ensemble (mean of temperature-calibrated probabilities) is
+   measured against the kept model and recorded; it is not shipped (an export holds one model).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import BACKBONE_MODES
+from pipeline.config.checks import parse_duration
+from pipeline.data import folder
+from pipeline.features.probe_init import Probe, fit_probe
+from pipeline.model import checkpoint, freezing
+from pipeline.runtime import distributed
+from pipeline.runtime.devices import Accel, prepare_model
+from pipeline.runtime.files import write_atomic, write_json
+from pipeline.runtime.memory import memory_budget
+from pipeline.training import boundary, budget, loss, paired
+
+_logger = logging.getLogger(__name__)
+
+TIMED_STEPS = 2  # train steps timed after a warm-up one
+CHECKPOINT_S = 1.0  # an epoch's best + last writes, until the fit measures them
+BOUNDARY_MEMORY_SHARE = 0.25 # the boundary cache may take this share of the memory budget
+PROBE_NAME, PROBE_VAL = "probe", "probe_val.npz"  # the probe's checkpoint and val logits in the run dir
+
+
+def applies(*, strategy_mode: str, time_limit: str | None, mode: str) -> bool:
+    """auto under a limit whose resolved `mode` trains the backbone (the rule's fine-tune, or small + similar data
+    whose probe may be followed by one: resolve_mode)."""
+    return strategy_mode == "auto" and time_limit is not None and mode in BACKBONE_MODES
+
+
+def candidate_depths(decision: dict, *, similar_freeze_depth: int, shallow_unfreeze: int) -> list[int]:
+    """Freeze depths to try, deepest (fewest frozen groups) first: the rule's, the similar-data depth (the stem
+    and first stage frozen) and the shallow unfreeze (top `shallow_unfreeze` groups train)."""
+    n = decision["n_groups"]
+    depths = {decision["freeze_depth"], min(similar_freeze_depth, n), max(0, n - shallow_unfreeze)}
+    return sorted(d for d in depths if d < n)
+
+
+@dataclass
+class Candidate:
+    freeze_depth: int
+    boundary: bool  # trains on activations cached at the freeze boundary
+    step_s: float  # one train step, compute and loading
+    setup_s: float  # before the first epoch: the boundary cache's passes
+    epoch_s: float
+    epochs_fit: int
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    chosen: Candidate | None
+    candidates: list[Candidate]
+    time_left_s: float
+    min_epochs: int
+    why: str
+
+    def record(self) -> dict:
+        return {"chosen": asdict(self.chosen) if self.chosen else None, "why": self.why,
+                "time_left_s": round(self.time_left_s, 1), "min_epochs": self.min_epochs,
+                "candidates": [{k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(c).items()}
+                               for c in self.candidates]}
+
+
+def time_train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, accel: Accel,
+                    steps: int = TIMED_STEPS) -> dict:
+    """Seconds of one train step's forward and backward (after a warm-up step) and of one no-grad forward on
+    `images`, with `model`'s trainable layers as they are. BatchNorm statistics move and gradients are cleared
+    (no optimizer step): give it a copy. The loader and the optimizer update are not in it."""
+    images, labels = accel.images(images), labels.to(accel.device)
+
+    def step() -> None:
+        with accel.autocast():
+            loss_value = F.cross_entropy(model(images), labels)
+        loss_value.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train()
+    step()
+    begin = budget.now()
+    for _ in range(steps):
+        step()
+    step_s = (budget.now() - begin) / steps
+    model.eval()
+    begin = budget.now()
+    with torch.no_grad(), accel.autocast():
+        model(images)
+    return {"step_s": step_s, "forward_s": budget.now() - begin, "batch": len(labels)}
+
+
+@dataclass
+class Sizes:
+    """What the plan counts: images per split, steps per epoch, views of the boundary cache, the epoch cap."""
+    train: int
+    val: int
+    test: int
+    steps_per_epoch: int
+    views: int
+    max_epochs: int
+
+
+def epochs_that_fit(time_left_s: float, *, setup_s: float, epoch_s: float, final_s: float, max_epochs: int) -> int:
+    """Whole epochs in `time_left_s` after `setup_s`, keeping `final_s` + the budget's reserve for after the loop."""
+    left = time_left_s - setup_s - final_s - budget.RESERVE_S
+    return max(0, min(max_epochs, math.floor(left / max(epoch_s, 1e-9)))) if left > 0 else 0
+
+
+def plan_finetune(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], *, depths: list[int], bn: str,
+                  accel: Accel, sizes: Sizes, time_left_s: float, load_s_per_image: float, min_epochs: int,
+                  boundary_cache: str, memory_bytes: int) -> Plan:
+    """Time each candidate depth (module doc, step 2) and plan the deepest that fits `min_epochs` epochs.
+    `batch`: one train batch (images, labels); `load_s_per_image`: the loader's seconds per train image."""
+    images, labels = batch
+    per_batch_load = load_s_per_image * len(labels)
+    twin = copy.deepcopy(model)  # timing moves BN statistics: the model itself stays as it is
+    prepare_model(twin, accel)
+    candidates, final_s = [], 0.0
+    for depth in depths:
+        freezing.freeze_to_depth(twin, depth, bn)
+        t = time_train_step(twin, images, labels, accel)
+        per_image = t["forward_s"] / t["batch"]
+        final_s = sizes.test * per_image
+        step_s = t["step_s"] + per_batch_load
+        epoch_s = sizes.steps_per_epoch * step_s + sizes.val * per_image + CHECKPOINT_S
+        candidates.append(Candidate(depth, False, step_s, 0.0, epoch_s, epochs_that_fit(
+            time_left_s, setup_s=0.0, epoch_s=epoch_s, final_s=final_s, max_epochs=sizes.max_epochs)))
+        if boundary_cache == "never" or depth == 0:
+            continue
+        split, why = boundary.split_at_boundary(twin, accel.images(images[:2]))
+        need = 0 if split is None else split.bytes_per_image() * (sizes.train * sizes.views + sizes.val)
+        if split is None or (need > BOUNDARY_MEMORY_SHARE * memory_bytes and boundary_cache == "auto"):
+            candidates[-1].note = why if split is None else (
+                f"boundary cache not used: {need / 2**20:.0f} MB > {BOUNDARY_MEMORY_SHARE:.0%} of the memory budget")
+            continue
+        twin.eval()
+        begin = budget.now()
+        acts = split.capture(accel.images(images))
+        capture_s = (budget.now() - begin) / len(labels)
+        top = time_train_step(split.top, acts, labels, accel)
+        setup_s = (sizes.train * sizes.views + sizes.val) * (capture_s + load_s_per_image)
+        top_epoch_s = (sizes.steps_per_epoch * top["step_s"] + sizes.val * top["forward_s"] / top["batch"]
+                       + CHECKPOINT_S)
+        candidates.append(Candidate(depth, True, top["step_s"], setup_s, top_epoch_s, epochs_that_fit(
+            time_left_s, setup_s=setup_s, epoch_s=top_epoch_s, final_s=final_s, max_epochs=sizes.max_epochs),
+            note=why))
+    del twin
+    return choose(candidates, time_left_s, min(min_epochs, sizes.max_epochs))
+
+
+def choose(candidates: list[Candidate], time_left_s: float, min_epochs: int) -> Plan:
+    """The deepest candidate fitting `min_epochs` (at one depth, the variant that fits more epochs; `trainer.epochs`
+    below `min_epochs` lowers it to that count)."""
+    fitting = [c for c in candidates if c.epochs_fit >= min_epochs]
+    if not fitting:
+        most = max(candidates, key=lambda c: c.epochs_fit, default=None)
+        why = (f"no fine-tune fits {min_epochs} epochs in the {time_left_s:.0f} s left"
+               + (f" (at most {most.epochs_fit} at freeze depth {most.freeze_depth})" if most else "")
+               + ": the probe is kept and the rest of the budget is given back")
+        return Plan(None, candidates, time_left_s, min_epochs, why)
+    depth = min(c.freeze_depth for c in fitting)
+    chosen = max((c for c in fitting if c.freeze_depth == depth), key=lambda c: c.epochs_fit)
+    why = (f"freeze depth {chosen.freeze_depth}{' on cached boundary activations' if chosen.boundary else ''}: "
+           f"about {chosen.epochs_fit} epochs fit in the {time_left_s:.0f} s left (>= {min_epochs}), the deepest "
+           f"candidate that does")
+    return Plan(chosen, candidates, time_left_s, min_epochs, why)
+
+
+@dataclass
+class Selection:
+    kept: str  # "probe" | "fine-tune"
+    why: str
+    finetune_vs_probe: dict | None
+    ensemble: dict | None
+
+
+def select(probe_val: tuple[np.ndarray, np.ndarray], finetune_val: tuple[np.ndarray, np.ndarray] | None, *,
+           monitor: str, alpha: float, seed: int = 0) -> Selection:
+    """The fine-tune replaces the probe only where the paired test says it is better (module doc, step 3).
+    Each of `probe_val`, `finetune_val`: (val logits, labels) in the val split's order."""
+    probe_logits, labels = probe_val
+    if finetune_val is None or not len(labels):
+        return Selection("probe", "no fine-tune epoch was evaluated", None, None)
+    finetune_logits, ft_labels = finetune_val
+    if not np.array_equal(labels, ft_labels):  # an image one path read and the other skipped: not paired
+        return Selection("probe", f"the probe and the fine-tune were scored on different val images ({len(labels)} "
+                         f"vs {len(ft_labels)}), so no paired test can replace the probe", None, None)
+    test = paired.paired_test(labels, probe_logits, finetune_logits, monitor, seed=seed)
+    better = test.better(alpha)
+    kept_logits = finetune_logits if better else probe_logits
+    ensemble = paired.paired_test(labels, kept_logits, paired.mean_probabilities(labels, probe_logits,
+                                                                                   finetune_logits), monitor, seed=seed)
+    direction = "better" if better else "not better"
+    why = (f"the fine-tune is {direction} than the probe on val by a paired bootstrap: {monitor} "
+           f"{test.challenger:.4f} vs {test.incumbent:.4f}, difference {test.difference:+.4f} (90% interval "
+           f"{test.low:+.4f}..{test.high:+.4f}), p = {test.p_not_better:.3f} against strategy.auto.select_alpha="
+           f"{alpha}")
+    return Selection("fine-tune" if better else "probe", why, test.record(),
+                     {**ensemble.record(), "better_than_kept": ensemble.better(alpha), "shipped": False})
+
+
+def save_probe(run_dir: Path, model: torch.nn.Module, meta: dict, probe: Probe) -> None:
+    """`probe.safetensors` (the candidate a later selection may promote) and `best` = the probe (epoch 0), with
+    its val logits (`probe_val.npz`) for the selection of a resumed run."""
+    probe_meta = {**meta, "epoch": 0, "val_metrics": probe.val, "weights_source": "probe"}
+    checkpoint.save_checkpoint(run_dir, PROBE_NAME, model, probe_meta)
+    checkpoint.save_checkpoint(run_dir, "best", model, probe_meta)
+    logits, labels = probe.best_val
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object: np.savez would add .npz to the temp name
+            np.savez(f, logits=logits, labels=labels)
+
+    write_atomic(Path(run_dir) / PROBE_VAL, save)
+
+
+def load_probe_val(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    path = Path(run_dir) / PROBE_VAL
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return data["logits"], data["labels"]
+
+
+def promote_probe(run_dir: Path) -> None:
+    """`best` := the saved probe (weights and JSON, one generation)."""
+    weights = checkpoint.read_weights(Path(run_dir) / f"{PROBE_NAME}.safetensors", what="probe checkpoint")
+    checkpoint.save_weights(run_dir, "best", weights, checkpoint.read_checkpoint_meta(run_dir, PROBE_NAME))
+
+
+def budget_record(*, limit: str, probe: Probe | None, plan: Plan | None, fit: dict | None, history: list[dict],
+                  monitor: str, selection: Selection) -> dict:
+    """decision.json `budget`: what auto tried in the budget, for how long, what it kept and why."""
+    tried = []
+    if probe is not None and not probe.info.get("resumed"):
+        tried.append({"what": "probe", "val": probe.info.get(f"val_{monitor}"), "seconds": probe.info.get("seconds"),
+                      "epochs": probe.info.get("epochs")})
+    if fit is not None:
+        seconds = None if fit.get("loop_end_s") is None or fit.get("spent_before_training_s") is None else round(
+            fit["loop_end_s"] - fit["spent_before_training_s"], 1)
+        tried.append({"what": "fine-tune", "epochs_run": fit.get("epochs_run"),
+                      "planned_epochs": fit.get("planned_epochs"), "stopped": fit.get("stopped"), "seconds": seconds,
+                      "val_per_epoch": [h.get(f"val_{monitor}") for h in history]})
+    return {"limit": limit, "tried": tried, "plan": plan.record() if plan else None, "kept": selection.kept,
+            "why": selection.why, "finetune_vs_probe": selection.finetune_vs_probe, "ensemble": selection.ensemble,
+            "gave_back_s": None if fit is not None or plan is None else round(plan.time_left_s, 1)}
+
+
+def budget_paragraph(record: dict | None) -> list[str]:
+    """summary.md: the time budget's use, after the decision paragraph; [] without a budget."""
+    if not record:
+        return []
+    lines = ["", f"Time budget `trainer.time_limit={record['limit']}`:"]
+    for t in record["tried"]:
+        if t["what"] == "probe":
+            lines.append(f"- the linear probe on cached features: val {_num(t['val'])} in {_num(t['seconds'])} s "
+                         f"({t['epochs']} head epochs)")
+        else:
+            lines.append(f"- the fine-tune: {t['epochs_run']} epoch(s) of {t['planned_epochs']} planned in "
+                         f"{_num(t['seconds'])} s (stopped: {t['stopped']}), val per epoch "
+                         f"{', '.join(_num(v) for v in t['val_per_epoch']) or 'none'}")
+    if record.get("plan"):
+        lines.append(f"- plan: {record['plan']['why']}")
+    lines.append(f"- kept: **{record['kept']}**: {record['why']}.")
+    ens = record.get("ensemble")
+    if ens:
+        lines.append(f"- the probe + fine-tune ensemble: val {_num(ens['challenger'])} "
+                     f"({'better' if ens['better_than_kept'] else 'not better'} than the kept model, p = "
+                     f"{ens['p_not_better']:.3f}; measured, not shipped: an export holds one model)")
+    return lines
+
+
+def _num(v) -> str:
+    if not isinstance(v, float):
+        return "n/a" if v is None else str(v)
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+@dataclass
+class Budgeted:
+    """What run() needs of the run set-up (train.py) beside the config."""
+    model: torch.nn.Module
+    splits: folder.DatasetSplits
+    run_dir: Path
+    meta: dict
+    device: torch.device
+    accel: Accel
+    train_tf: object
+    eval_tf: object
+    data_cfg: dict
+    image_cache: object
+    class_weights: torch.Tensor | None
+    init_bias: list[float] | None
+    resumed: dict | None
+    started: float
+
+
+def run(cfg, decision: dict, job: Budgeted, *, boundary_allowed: bool, fit_finetune: Callable[..., dict],
+        timed_batch: Callable[[], tuple[tuple[torch.Tensor, torch.Tensor], float] | None]) -> tuple[dict, dict]:
+    """Probe, plan, fine-tune (`fit_finetune(boundary=split or None)`: the run set-up's fit) and select.
+    `timed_batch()`: (one train batch, the loader's seconds per image) or None; `boundary_allowed`: False where
+    the run's settings rule the boundary cache out (training/setup.py boundary_blocker). Returns (the fit result as
+    train.py uses it, the strategy's update: freeze depth and trainable params where a fine-tune ran)."""
+    a, t, monitor = cfg.strategy.auto, cfg.trainer, cfg.trainer.monitor
+    resumed, probe, plan = job.resumed is not None, None, None
+    if not resumed:
+        own_head = {k: v.detach().clone() for k, v in job.model.get_classifier().state_dict().items()}
+        probe = fit_probe(job.model, job.splits, cfg, device=job.device, eval_tf=job.eval_tf, data_cfg=job.data_cfg,
+                          image_cache=job.image_cache, class_weights=job.class_weights, init_bias=job.init_bias,
+                          head=cfg.features.head)
+        probe.info["role"] = "fallback"
+        if distributed.is_main():
+            save_probe(job.run_dir, job.model, job.meta, probe)
+        job.model.get_classifier().load_state_dict(own_head)  # the fine-tune starts as the fixed mode's does
+    got = timed_batch()
+    if resumed:  # the plan was made once: decision.json
+        plan_record = ((decision.get("budget") or {}).get("plan") or {})
+        chosen = Candidate(**plan_record["chosen"]) if plan_record.get("chosen") else None
+    else:
+        plan = distributed.from_main(lambda: _make_plan(cfg, decision, job, got, boundary_allowed))
+        chosen = plan.chosen
+        _logger.info("Auto under trainer.time_limit=%s: %s", t.time_limit, plan.why)
+    result, fit_report, strategy = None, None, {}
+    if chosen is not None:
+        info = freezing.apply_strategy(job.model, mode="partial" if chosen.freeze_depth else "finetune",
+                                       freeze_depth=chosen.freeze_depth, bn=cfg.strategy.bn)
+        strategy = {k: info[k] for k in ("freeze_depth", "final_freeze_depth", "trainable_params", "groups")}
+        decision["freeze_depth"] = chosen.freeze_depth
+        split = None
+        if chosen.boundary and got is not None:
+            split, why = boundary.split_at_boundary(job.model, job.accel.images(got[0][0][:2]))
+            if split is None:
+                _logger.info("Boundary cache not used (%s): the fine-tune reads images", why)
+        result = fit_finetune(boundary=split)
+        fit_report = result["budget"].report() if result.get("budget") is not None else None
+    probe_val = probe.best_val if probe is not None else load_probe_val(job.run_dir)
+    ft_val = result["best_val"] if result is not None and result["best_epoch"] else None
+    if probe_val is None:  # a resumed run without the probe's logits: the fine-tune stands
+        selection = Selection("fine-tune", "the probe's val logits are missing (resumed run)", None, None)
+    else:
+        selection = select(tuple(probe_val), ft_val, monitor=monitor, alpha=a.select_alpha, seed=cfg.seed)
+    if selection.kept == "probe":
+        if distributed.is_main():
+            promote_probe(job.run_dir)
+        result = _probe_result(cfg, job, probe_val, result)
+    previous = decision.get("budget") or {}
+    decision["budget"] = budget_record(limit=t.time_limit, probe=probe, plan=plan, fit=fit_report,
+                                       history=result.get("history", []), monitor=monitor, selection=selection)
+    if plan is None:
+        decision["budget"]["plan"] = previous.get("plan")
+    _logger.info("Auto under trainer.time_limit: kept the %s (%s)", selection.kept, selection.why)
+    if distributed.is_main():
+        write_json(Path(job.run_dir) / "decision.json", decision)
+    return result, strategy
+
+
+def _probe_result(cfg, job: Budgeted, probe_val, result: dict | None) -> dict:
+    """The fit result with the probe as `best` (epoch 0): the fine-tune's history stays for the record."""
+    _, eval_loss = loss.build_losses(cfg.loss, job.class_weights, job.device)
+    out = dict(result or {"history": [], "budget": None})
+    out.update(best_epoch=0, best_val=tuple(probe_val), eval_loss=eval_loss)
+    out.pop("weight_averaging", None)
+    return out
+
+
+def _make_plan(cfg, decision: dict, job: Budgeted, got, boundary_allowed: bool) -> Plan:
+    a, t = cfg.strategy.auto, cfg.trainer
+    depths = candidate_depths(decision, similar_freeze_depth=a.similar_freeze_depth, shallow_unfreeze=a.shallow_unfreeze)
+    time_left = parse_duration("trainer.time_limit", t.time_limit) - (budget.now() - job.started)
+    if got is None or not depths:
+        return Plan(None, [], time_left, a.min_epochs, "no train batch decoded: the probe is kept")
+    batch, load_s = got
+    steps = min(math.ceil(len(job.splits.train) / len(batch[1])), t.max_train_batches or math.inf)
+    sizes = Sizes(len(job.splits.train), len(job.splits.val), len(job.splits.test) if job.splits.test else 0,
+                  steps, t.boundary_views, budget.max_epochs(t))
+    return plan_finetune(job.model, batch, depths=depths, bn=cfg.strategy.bn, accel=job.accel, sizes=sizes,
+                         time_left_s=time_left, load_s_per_image=load_s, min_epochs=a.min_epochs,
+                         boundary_cache=t.boundary_cache if boundary_allowed else "never", memory_bytes=memory_budget().per_rank)
