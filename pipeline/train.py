@@ -32,14 +32,15 @@ from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import boundary as boundary_module
 from pipeline.training import budget, calibration, interrupts, loop, mixing, resume
 from pipeline.training.fit import fit
+from pipeline.training.loss import build_losses
 from pipeline.training.metrics import val_test_gap
 from pipeline.training.setup import (
     RUNTIME_SKIP_LOG,
+    boundary_blocker,
     build_data,
     build_image_cache,
     checkpoint_meta,
     fork_workers_early,
-    boundary_blocker,
     make_boundary_loaders,
     make_eval_loader,
     make_loader,
@@ -156,16 +157,16 @@ def fit_strategy(cfg: DictConfig, strategy_info: dict, cached_path: bool, genera
     a, mode = fit_args, strategy_info["mode"]
     if not cached_path and auto_budget.applies(strategy_mode=cfg.strategy.mode, time_limit=cfg.trainer.time_limit,
                                                mode=mode):
-        job = auto_budget.Budgeted(
-            model=a["model"], splits=a["splits"], run_dir=a["run_dir"], meta=a["meta"], device=a["device"],
-            accel=a["accel"], train_tf=a["train_tf"], eval_tf=a["eval_tf"], data_cfg=a["data_cfg"],
-            image_cache=a["load"]["cache"], class_weights=a["class_weights"], init_bias=a["init_bias"],
-            resumed=a["resumed"], started=a["started"])
-        blocker = boundary_blocker(cfg, "partial")
-        result, update = auto_budget.run(
-            cfg, strategy_info["decision"], job, boundary_allowed=blocker is None,
+        result, update = auto_budget.run(budget_settings(cfg), strategy_info["decision"], auto_budget.Job(
+            model=a["model"], splits=a["splits"], run_dir=a["run_dir"], meta=a["meta"], accel=a["accel"],
+            resumed=a["resumed"] is not None, started=a["started"],
+            fit_probe=lambda: probe_init.fit_probe(
+                a["model"], a["splits"], cfg, device=a["device"], eval_tf=a["eval_tf"], data_cfg=a["data_cfg"],
+                image_cache=a["load"]["cache"], class_weights=a["class_weights"], init_bias=a["init_bias"],
+                head=cfg.features.head),
             fit_finetune=lambda boundary: run_fit(cfg, False, generator, boundary=boundary, **a),
-            timed_batch=lambda: timed_train_batch(a["splits"], a["train_tf"], cfg, a["load"]["cache"]))
+            timed_batch=lambda: timed_train_batch(a["splits"], a["train_tf"], cfg, a["load"]["cache"]),
+            eval_loss=build_losses(cfg.loss, a["class_weights"], a["device"])[1]))
         strategy_info.update(update)
         return result
     if not cached_path:
@@ -179,6 +180,17 @@ def fit_strategy(cfg: DictConfig, strategy_info: dict, cached_path: bool, genera
     if not cached_path and cfg.trainer.boundary_cache == "always":
         boundary = boundary_split_for(cfg, mode, a)
     return run_fit(cfg, cached_path, generator, boundary=boundary, **a)
+
+
+def budget_settings(cfg: DictConfig) -> auto_budget.Settings:
+    """What auto's time budget reads of the config (budgeted/auto_budget.py)."""
+    a, t = cfg.strategy.auto, cfg.trainer
+    return auto_budget.Settings(
+        time_limit=t.time_limit, monitor=t.monitor, min_epochs=a.min_epochs, select_alpha=a.select_alpha,
+        similar_freeze_depth=a.similar_freeze_depth, shallow_unfreeze=a.shallow_unfreeze, bn=cfg.strategy.bn,
+        boundary_cache=t.boundary_cache if boundary_blocker(cfg, "partial") is None else "never",
+        boundary_views=t.boundary_views, max_train_batches=t.max_train_batches, max_epochs=budget.max_epochs(t),
+        seed=cfg.seed)
 
 
 def boundary_split_for(cfg: DictConfig, mode: str, a: dict):

@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from pipeline.config import BACKBONE_MODES
 from pipeline.config.checks import parse_duration
 from pipeline.data import folder
-from pipeline.features.probe_init import Probe, fit_probe
+from pipeline.features.probe_init import Probe
 from pipeline.model import checkpoint, freezing
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import Accel, prepare_model
 from pipeline.runtime.files import write_atomic, write_json
 from pipeline.runtime.memory import memory_budget
-from pipeline.training import boundary, budget, loss, paired
+from pipeline.training import boundary, budget, paired
 
 _logger = logging.getLogger(__name__)
 
@@ -305,53 +305,64 @@ def _num(v) -> str:
 
 
 @dataclass
-class Budgeted:
-    """What run() needs of the run set-up (train.py) beside the config."""
+class Settings:
+    """The knobs auto's budget reads (train.py builds it from `strategy.auto.*` and `trainer.*`)."""
+    time_limit: str
+    monitor: str
+    min_epochs: int
+    select_alpha: float
+    similar_freeze_depth: int
+    shallow_unfreeze: int
+    bn: str
+    boundary_cache: str  # "never" where the run's settings rule it out (training/setup.py boundary_blocker)
+    boundary_views: int
+    max_train_batches: int
+    max_epochs: int
+    seed: int
+
+
+@dataclass
+class Job:
+    """The run's model and data, and the run set-up's steps auto's budget drives (train.py):
+    `fit_probe()` fits and installs the probe head; `fit_finetune(boundary)` runs the fine-tune fit (a
+    BoundarySplit or None) and returns its result; `timed_batch()` gives one train batch and the loader's seconds
+    per image (or None); `eval_loss` scores the test split where the probe stays `best`."""
     model: torch.nn.Module
     splits: folder.DatasetSplits
     run_dir: Path
     meta: dict
-    device: torch.device
     accel: Accel
-    train_tf: object
-    eval_tf: object
-    data_cfg: dict
-    image_cache: object
-    class_weights: torch.Tensor | None
-    init_bias: list[float] | None
-    resumed: dict | None
+    resumed: bool
     started: float
+    fit_probe: Callable[[], Probe]
+    fit_finetune: Callable[[boundary.BoundarySplit | None], dict]
+    timed_batch: Callable[[], tuple[tuple[torch.Tensor, torch.Tensor], float] | None]
+    eval_loss: Callable
 
 
-def run(cfg, decision: dict, job: Budgeted, *, boundary_allowed: bool, fit_finetune: Callable[..., dict],
-        timed_batch: Callable[[], tuple[tuple[torch.Tensor, torch.Tensor], float] | None]) -> tuple[dict, dict]:
-    """Probe, plan, fine-tune (`fit_finetune(boundary=split or None)`: the run set-up's fit) and select.
-    `timed_batch()`: (one train batch, the loader's seconds per image) or None; `boundary_allowed`: False where
-    the run's settings rule the boundary cache out (training/setup.py boundary_blocker). Returns (the fit result as
-    train.py uses it, the strategy's update: freeze depth and trainable params where a fine-tune ran)."""
-    a, t, monitor = cfg.strategy.auto, cfg.trainer, cfg.trainer.monitor
-    resumed, probe, plan = job.resumed is not None, None, None
-    if not resumed:
+def run(settings: Settings, decision: dict, job: Job) -> tuple[dict, dict]:
+    """Probe, plan, fine-tune and select (module doc). Returns (the fit result as train.py uses it, the strategy's
+    update: freeze depth and trainable params where a fine-tune ran); decision.json gets `budget`."""
+    s, probe, plan = settings, None, None
+    if not job.resumed:
         own_head = {k: v.detach().clone() for k, v in job.model.get_classifier().state_dict().items()}
-        probe = fit_probe(job.model, job.splits, cfg, device=job.device, eval_tf=job.eval_tf, data_cfg=job.data_cfg,
-                          image_cache=job.image_cache, class_weights=job.class_weights, init_bias=job.init_bias,
-                          head=cfg.features.head)
+        probe = job.fit_probe()
         probe.info["role"] = "fallback"
         if distributed.is_main():
             save_probe(job.run_dir, job.model, job.meta, probe)
         job.model.get_classifier().load_state_dict(own_head)  # the fine-tune starts as the fixed mode's does
-    got = timed_batch()
-    if resumed:  # the plan was made once: decision.json
+    got = job.timed_batch()
+    if job.resumed:  # the plan was made once: decision.json
         plan_record = ((decision.get("budget") or {}).get("plan") or {})
         chosen = Candidate(**plan_record["chosen"]) if plan_record.get("chosen") else None
     else:
-        plan = distributed.from_main(lambda: _make_plan(cfg, decision, job, got, boundary_allowed))
+        plan = distributed.from_main(lambda: _make_plan(s, decision, job, got))
         chosen = plan.chosen
-        _logger.info("Auto under trainer.time_limit=%s: %s", t.time_limit, plan.why)
+        _logger.info("Auto under trainer.time_limit=%s: %s", s.time_limit, plan.why)
     result, fit_report, strategy = None, None, {}
     if chosen is not None:
         info = freezing.apply_strategy(job.model, mode="partial" if chosen.freeze_depth else "finetune",
-                                       freeze_depth=chosen.freeze_depth, bn=cfg.strategy.bn)
+                                       freeze_depth=chosen.freeze_depth, bn=s.bn)
         strategy = {k: info[k] for k in ("freeze_depth", "final_freeze_depth", "trainable_params", "groups")}
         decision["freeze_depth"] = chosen.freeze_depth
         split = None
@@ -359,21 +370,21 @@ def run(cfg, decision: dict, job: Budgeted, *, boundary_allowed: bool, fit_finet
             split, why = boundary.split_at_boundary(job.model, job.accel.images(got[0][0][:2]))
             if split is None:
                 _logger.info("Boundary cache not used (%s): the fine-tune reads images", why)
-        result = fit_finetune(boundary=split)
+        result = job.fit_finetune(split)
         fit_report = result["budget"].report() if result.get("budget") is not None else None
     probe_val = probe.best_val if probe is not None else load_probe_val(job.run_dir)
     ft_val = result["best_val"] if result is not None and result["best_epoch"] else None
     if probe_val is None:  # a resumed run without the probe's logits: the fine-tune stands
         selection = Selection("fine-tune", "the probe's val logits are missing (resumed run)", None, None)
     else:
-        selection = select(tuple(probe_val), ft_val, monitor=monitor, alpha=a.select_alpha, seed=cfg.seed)
+        selection = select(tuple(probe_val), ft_val, monitor=s.monitor, alpha=s.select_alpha, seed=s.seed)
     if selection.kept == "probe":
         if distributed.is_main():
             promote_probe(job.run_dir)
-        result = _probe_result(cfg, job, probe_val, result)
+        result = _probe_result(job.eval_loss, probe_val, result)
     previous = decision.get("budget") or {}
-    decision["budget"] = budget_record(limit=t.time_limit, probe=probe, plan=plan, fit=fit_report,
-                                       history=result.get("history", []), monitor=monitor, selection=selection)
+    decision["budget"] = budget_record(limit=s.time_limit, probe=probe, plan=plan, fit=fit_report,
+                                       history=result.get("history", []), monitor=s.monitor, selection=selection)
     if plan is None:
         decision["budget"]["plan"] = previous.get("plan")
     _logger.info("Auto under trainer.time_limit: kept the %s (%s)", selection.kept, selection.why)
@@ -382,25 +393,24 @@ def run(cfg, decision: dict, job: Budgeted, *, boundary_allowed: bool, fit_finet
     return result, strategy
 
 
-def _probe_result(cfg, job: Budgeted, probe_val, result: dict | None) -> dict:
+def _probe_result(eval_loss, probe_val, result: dict | None) -> dict:
     """The fit result with the probe as `best` (epoch 0): the fine-tune's history stays for the record."""
-    _, eval_loss = loss.build_losses(cfg.loss, job.class_weights, job.device)
     out = dict(result or {"history": [], "budget": None})
     out.update(best_epoch=0, best_val=tuple(probe_val), eval_loss=eval_loss)
     out.pop("weight_averaging", None)
     return out
 
 
-def _make_plan(cfg, decision: dict, job: Budgeted, got, boundary_allowed: bool) -> Plan:
-    a, t = cfg.strategy.auto, cfg.trainer
-    depths = candidate_depths(decision, similar_freeze_depth=a.similar_freeze_depth, shallow_unfreeze=a.shallow_unfreeze)
-    time_left = parse_duration("trainer.time_limit", t.time_limit) - (budget.now() - job.started)
+def _make_plan(s: Settings, decision: dict, job: Job, got) -> Plan:
+    depths = candidate_depths(decision, similar_freeze_depth=s.similar_freeze_depth,
+                              shallow_unfreeze=s.shallow_unfreeze)
+    time_left = parse_duration("trainer.time_limit", s.time_limit) - (budget.now() - job.started)
     if got is None or not depths:
-        return Plan(None, [], time_left, a.min_epochs, "no train batch decoded: the probe is kept")
+        return Plan(None, [], time_left, s.min_epochs, "no train batch decoded: the probe is kept")
     batch, load_s = got
-    steps = min(math.ceil(len(job.splits.train) / len(batch[1])), t.max_train_batches or math.inf)
+    steps = min(math.ceil(len(job.splits.train) / len(batch[1])), s.max_train_batches or math.inf)
     sizes = Sizes(len(job.splits.train), len(job.splits.val), len(job.splits.test) if job.splits.test else 0,
-                  steps, t.boundary_views, budget.max_epochs(t))
-    return plan_finetune(job.model, batch, depths=depths, bn=cfg.strategy.bn, accel=job.accel, sizes=sizes,
-                         time_left_s=time_left, load_s_per_image=load_s, min_epochs=a.min_epochs,
-                         boundary_cache=t.boundary_cache if boundary_allowed else "never", memory_bytes=memory_budget().per_rank)
+                  steps, s.boundary_views, s.max_epochs)
+    return plan_finetune(job.model, batch, depths=depths, bn=s.bn, accel=job.accel, sizes=sizes,
+                         time_left_s=time_left, load_s_per_image=load_s, min_epochs=s.min_epochs,
+                         boundary_cache=s.boundary_cache, memory_bytes=memory_budget().per_rank)
