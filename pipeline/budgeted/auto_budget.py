@@ -359,6 +359,10 @@ def run(settings: Settings, decision: dict, job: Job) -> tuple[dict, dict]:
         plan = distributed.from_main(lambda: _make_plan(s, decision, job, got))
         chosen = plan.chosen
         _logger.info("Auto under trainer.time_limit=%s: %s", s.time_limit, plan.why)
+        if chosen is not None:  # before the fine-tune: a resumed run continues this plan
+            decision.update(freeze_depth=chosen.freeze_depth, budget={"limit": s.time_limit, "plan": plan.record()})
+            if distributed.is_main():
+                write_json(Path(job.run_dir) / "decision.json", decision)
     result, fit_report, strategy = None, None, {}
     if chosen is not None:
         info = freezing.apply_strategy(job.model, mode="partial" if chosen.freeze_depth else "finetune",

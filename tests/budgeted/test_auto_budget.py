@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -234,3 +235,37 @@ def test_select_replaces_the_probe_only_on_a_significant_gain():
     assert clear.ensemble["shipped"] is False and set(clear.ensemble) >= {"challenger", "p_not_better"}
     unpaired = auto_budget.select(probe, (logits(285)[:-1], labels[:-1]), monitor="balanced_accuracy", alpha=0.05)
     assert unpaired.kept == "probe" and "different val images" in unpaired.why
+
+
+def test_a_run_killed_in_its_fine_tune_resumes_the_planned_fine_tune(tiny_folder, cfg_factory, monkeypatch):
+    """SIGINT in the planned fine-tune: decision.json already holds the plan, so the resumed run trains the same
+    depth on from last.pt (no new probe, no new plan) and still compares the fine-tune with the saved probe."""
+    import os
+    import signal
+
+    from pipeline.training import interrupts
+    from pipeline.training.guard import StepGuard
+
+    steps, original = [], StepGuard.grads_ok
+
+    def grads_ok_then_sigint(self, *args):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args)
+
+    monkeypatch.setattr(StepGuard, "grads_ok", grads_ok_then_sigint)
+    cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m", "trainer.max_train_batches=3")
+    with pytest.raises(interrupts.TrainingInterrupted):
+        train(cfg)
+    run = Path(cfg.output_dir)
+    planned = json.loads((run / "decision.json").read_text())["budget"]["plan"]
+    assert planned["chosen"] is not None and (run / "probe.safetensors").is_file()
+    monkeypatch.setattr(StepGuard, "grads_ok", original)
+    heads = _spy_probe_head(monkeypatch)
+    resumed = train(_auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m",
+                              "trainer.max_train_batches=3", "trainer.resume=auto"))
+    record = resumed["decision"]["budget"]
+    assert not heads and resumed["resumed_from_epoch"] == 0 and len(resumed["history"]) == 2
+    assert record["plan"] == planned and resumed["freeze_depth"] == planned["chosen"]["freeze_depth"]
+    assert record["finetune_vs_probe"] is not None and record["kept"] in ("probe", "fine-tune")
