@@ -47,13 +47,16 @@ _logger = logging.getLogger(__name__)
 
 TIMED_STEPS = 2  # train steps timed after a warm-up one
 CHECKPOINT_S = 1.0  # an epoch's best + last writes, until the fit measures them
-BOUNDARY_MEMORY_SHARE = 0.25 # the boundary cache may take this share of the memory budget
+BOUNDARY_MEMORY_SHARE = 0.25  # the boundary cache may take this share of the memory budget
+# The boundary cache's passes, from one timed batch: a loader start per pass, and the per-image time x 1.3 (the
+# loader's collate and the float16 copy; chest_xray, 5 minutes: 88 s measured where the timed batch alone said 59)
+PASS_START_S, SETUP_FACTOR = 1.0, 1.3
 PROBE_NAME, PROBE_VAL = "probe", "probe_val.npz"  # the probe's checkpoint and val logits in the run dir
 
 
 def applies(*, strategy_mode: str, time_limit: str | None, mode: str) -> bool:
     """auto under a limit whose resolved `mode` trains the backbone (the rule's fine-tune, or small + similar data
-    whose probe may be followed by one: resolve_mode)."""
+    whose probe may be followed by one: transfer/auto.py mode_under_time_limit)."""
     return strategy_mode == "auto" and time_limit is not None and mode in BACKBONE_MODES
 
 
@@ -166,7 +169,8 @@ def plan_finetune(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tenso
         acts = split.capture(accel.images(images))
         capture_s = (budget.now() - begin) / len(labels)
         top = time_train_step(split.top, acts, labels, accel)
-        setup_s = (sizes.train * sizes.views + sizes.val) * (capture_s + load_s_per_image)
+        cached = sizes.train * sizes.views + sizes.val  # images through the prefix
+        setup_s = (sizes.views + 1) * PASS_START_S + SETUP_FACTOR * cached * (capture_s + load_s_per_image)
         top_epoch_s = (sizes.steps_per_epoch * top["step_s"] + sizes.val * top["forward_s"] / top["batch"]
                        + CHECKPOINT_S)
         candidates.append(Candidate(depth, True, top["step_s"], setup_s, top_epoch_s, epochs_that_fit(
