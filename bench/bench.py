@@ -153,7 +153,7 @@ def part_pipeline_extract(a) -> dict:
     from pipeline.data import augment
     from pipeline.data.folder import Split
     from pipeline.features.cache import load_or_extract
-    from pipeline.features.fit import extraction_workers
+    from pipeline.features.cached_fit import extraction_workers
     from pipeline.model import backbone
     from pipeline.train import build_data
 

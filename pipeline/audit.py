@@ -1,7 +1,7 @@
 """Entry point: `python -m pipeline.audit dataset=X [out=DIR] [key=value ...]` (or `make audit dataset=X [OUT=DIR]`).
 
 Audits a dataset without training (docs/audit.md): counts, sizes, colour modes, odd files, exact and near
-duplicates, train/eval leakage, storage shortcuts (data/audit.py) and label-error candidates from the
+duplicates, train/eval leakage, storage shortcuts (data/data_audit.py) and label-error candidates from the
 configured pretrained backbone's features (features/label_issues.py). Writes `audit.json`, `audit.md` and,
 when there is something to show, `near_duplicates.png` and `label_issues.png` to `out` (default
 outputs/audit/<dataset>).
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.config import compose_config
-from pipeline.data.audit import input_side, run_audit
+from pipeline.config import check_values, compose_config
+from pipeline.data.data_audit import input_side, run_audit
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.features import label_issues
 from pipeline.reports.audit_report import audit_section, write_audit_sheets
@@ -22,7 +22,6 @@ from pipeline.runtime.devices import select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.training.setup import build_data
-from pipeline.training.validate import validate_values
 
 OWN_KEYS = {"out": None}  # this command's own keys; every other key=value overrides conf/
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error():
         own, overrides = split_args(sys.argv[1:] if argv is None else argv, OWN_KEYS, prog="audit")
         cfg = compose_config(overrides)
-        validate_values(cfg)
+        check_values(cfg)
         set_threads(cfg.trainer.threads)
         data, root = build_data(cfg)
         out = owned.prepare_output_dir(own["out"] or Path("outputs/audit") / cfg.dataset.name, "audit",

@@ -1,6 +1,6 @@
 """Entry point: `python -m pipeline.export run=<run dir> [out=DIR] [export.opset=18 ...]` (or `make export RUN=...`).
 
-Writes a shippable export dir (ship/export.py): model.safetensors, model.json, ONNX, TorchScript and
+Writes a shippable export dir (ship/saving.py): model.safetensors, model.json, ONNX, TorchScript and
 MODEL_CARD.md, each format parity-checked against the PyTorch checkpoint on real images. Own keys: `run`
 (required), `out` (default <run>/export), `checkpoint` (default best), `images` (a folder for the parity
 check; default the run's val split). `export.*` keys override the run's export settings (conf/export/).
@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from pipeline.errors import ConfigError, exit_on_user_error
 from pipeline.runtime.cli import require, split_args
 from pipeline.runtime.process import tune_allocator
-from pipeline.ship.export import export_run
+from pipeline.ship.saving import export_run
 
 OWN_KEYS = {"run": None, "out": None, "checkpoint": "best", "images": None}
 

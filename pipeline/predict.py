@@ -1,7 +1,7 @@
 """Entry point: `python -m pipeline.predict run=<export dir> images=<file or folder> [topk=3] [backend=onnx]
 [csv=FILE] [batch_size=32]` (or `make predict RUN=... IMAGES=...`).
 
-Prints the top-k classes (with probabilities) per image and writes them to a CSV (ship/predict.py). `images`
+Prints the top-k classes (with probabilities) per image and writes them to a CSV (ship/batch_predict.py). `images`
 may be given more than once. Like `pipeline.load`, this imports no Hydra and no training code.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pipeline.errors import ConfigError, exit_on_user_error
 from pipeline.runtime import owned
 from pipeline.runtime.cli import positive_int, require, split_args
-from pipeline.ship.predict import run
+from pipeline.ship.batch_predict import run
 
 OWN_KEYS = {"run": None, "images": None, "backend": "torch", "topk": 3, "csv": None, "batch_size": 32}
 

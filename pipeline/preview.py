@@ -1,6 +1,6 @@
 """Entry point: `python -m pipeline.preview dataset=X [augment=heavy] [n=16] [out=file.png]` (or `make preview`).
 
-A PNG grid of augmented training samples (reports/preview.py), so the augmentation can be judged by eye.
+A PNG grid of augmented training samples (reports/preview_grid.py), so the augmentation can be judged by eye.
 """
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ import sys
 
 import timm
 
-from pipeline.config import compose_config
+from pipeline.config import check_values, compose_config
 from pipeline.data import augment
 from pipeline.errors import exit_on_user_error
 from pipeline.model import backbone
-from pipeline.reports.preview import write_preview
+from pipeline.reports.preview_grid import write_preview
 from pipeline.runtime import owned
 from pipeline.runtime.cli import positive_int, split_args
 from pipeline.runtime.process import tune_allocator
 from pipeline.training.setup import list_data
-from pipeline.training.validate import validate_values
 
 OWN_KEYS = {"n": 16, "out": None}  # this command's own keys; every other key=value overrides conf/
 
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         own, overrides = split_args(sys.argv[1:] if argv is None else argv, OWN_KEYS, prog="preview")
         n = positive_int(own, "n", prog="preview")
         cfg = compose_config(overrides)
-        validate_values(cfg)
+        check_values(cfg)
         backbone.check_arch(cfg.backbone.name)  # preprocessing only: no weights needed
         d, b = cfg.dataset, cfg.backbone
         listing, _ = list_data(cfg)  # train/ tree, class folders or dataset.manifest

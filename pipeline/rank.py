@@ -8,11 +8,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import check_overrides, register_configs
+from pipeline.config import check_overrides, check_values, register_configs
 from pipeline.errors import exit_on_user_error
-from pipeline.features.ranking import rank
+from pipeline.features.ranking import rank_backbones
 from pipeline.runtime.process import tune_allocator
-from pipeline.training.validate import validate_values
 
 register_configs()
 
@@ -21,8 +20,8 @@ register_configs()
             config_name="config")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        validate_values(cfg)
-        rank(cfg)
+        check_values(cfg)
+        rank_backbones(cfg)
 
 
 if __name__ == "__main__":

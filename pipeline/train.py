@@ -16,10 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.budgeted import auto_budget
 from pipeline.config import check_overrides, register_configs
-from pipeline.data import audit, augment, folder
+from pipeline.data import augment, data_audit, folder
 from pipeline.errors import PipelineError, exit_on_user_error
-from pipeline.features import fit as cached_fit
-from pipeline.features import label_issues, probe_init
+from pipeline.features import cached_fit, label_issues, probe_init
 from pipeline.model import backbone, checkpoint
 from pipeline.model.calibrated import wrap_for_inference
 from pipeline.reports import gallery, plots, summary
@@ -77,9 +76,9 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     if main:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     splits, root = distributed.from_main(lambda: build_data(cfg))  # DDP: rank 0 lists/probes, the others receive
-    splits, audit_report = distributed.from_main(lambda: audit.run_audit(
+    splits, audit_report = distributed.from_main(lambda: data_audit.run_audit(
         splits, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup, checks=cfg.audit, seed=cfg.seed,
-        min_side=audit.input_side(cfg), out_dir=run_dir))
+        min_side=data_audit.input_side(cfg), out_dir=run_dir))
     if main:
         write_split(run_dir, splits)  # split.csv: given back as dataset.manifest, this run's split exactly
     b = cfg.backbone
@@ -206,7 +205,7 @@ def boundary_split_for(cfg: DictConfig, mode: str, a: dict):
 def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run_dir: Path, meta: dict, device,
             accel, train_tf, eval_tf, data_cfg: dict, load: dict, class_weights, init_bias, resumed, started,
             boundary=None) -> dict:
-    """The cached linear probe (features/fit.py) or the fine-tune fit (training/fit.py), under one SIGINT/SIGTERM
+    """The cached linear probe (features/cached_fit.py) or the fine-tune fit (training/fit.py), under one SIGINT/SIGTERM
     handler: save last.pt (if not saved already) and say how to resume. `boundary`: a BoundarySplit
     (training/boundary.py): the fine-tune trains its top on cached activations at that boundary."""
     with interrupts.GracefulStop() as stop:

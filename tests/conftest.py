@@ -4,7 +4,9 @@ Tests mirror the package: tests/<package>/test_<module>.py; tests/cli/ holds the
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +75,7 @@ def cfg_factory(tmp_path: Path):
 def train_and_export(base: Path, formats: list[str]) -> tuple[Path, Path, Path]:
     """A tiny real run (3-class PNG folder, random-init test_efficientnet) and its export: (data, run, export).
     The plain model (trainer.calibrate=false): calibrated exports are tests/ship/test_calibrated_export.py's."""
-    from pipeline.ship.export import export_run
+    from pipeline.ship.saving import export_run
     from pipeline.train import train
 
     data = write_tiny_folder(base / "tiny")
@@ -102,3 +104,31 @@ def folder(exported, tmp_path) -> Path:
     (images / "broken.jpg").write_bytes(b"<html>not an image</html>")
     (images / "notes.txt").write_text("not an image, not reported")
     return images
+
+
+class SigintAtStep:
+    """`arm(n)`: the n-th optimizer step of the next training sends this process a real SIGINT (a user's Ctrl-C);
+    `disarm()` puts the step guard back, so a resumed run trains on undisturbed."""
+
+    def __init__(self, monkeypatch):
+        from pipeline.training.guard import StepGuard
+        self.monkeypatch, self.guard, self.original, self.steps = monkeypatch, StepGuard, StepGuard.grads_ok, 0
+
+    def arm(self, step: int) -> None:
+        original = self.original
+
+        def grads_ok_then_sigint(guard, *args):
+            self.steps += 1
+            if self.steps == step:
+                os.kill(os.getpid(), signal.SIGINT)
+            return original(guard, *args)
+
+        self.monkeypatch.setattr(self.guard, "grads_ok", grads_ok_then_sigint)
+
+    def disarm(self) -> None:
+        self.monkeypatch.setattr(self.guard, "grads_ok", self.original)
+
+
+@pytest.fixture
+def sigint_at_step(monkeypatch) -> SigintAtStep:
+    return SigintAtStep(monkeypatch)

@@ -111,6 +111,11 @@ def test_every_choice_and_bound_is_checked_by_the_one_validator(override, messag
 
 
 def test_valid_values_pass_including_yaml_booleans():
-    check_values(compose_cfg(["loss.prior_bias=true", "loss.class_weights={a: 2, b: 0.5}", "strategy.freeze_depth=all",
-                              "features.num_workers=2", "dataset.input_size=96"]))
+    cfg = compose_cfg(["loss.prior_bias=true", "loss.class_weights={a: 2, b: 0.5}", "strategy.freeze_depth=all",
+                       "features.num_workers=2", "dataset.input_size=96"])
+    check_values(cfg)  # raises on any value it rejects
+    assert cfg.loss.prior_bias is True and cfg.strategy.freeze_depth == "all"
+    assert dict(cfg.loss.class_weights) == {"a": 2, "b": 0.5}
+    with pytest.raises(ConfigError, match="dataset.input_size"):  # the same keys are checked, not skipped
+        check_values(compose_cfg(["loss.prior_bias=true", "dataset.input_size=-96"]))
 

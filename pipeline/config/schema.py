@@ -203,7 +203,7 @@ class FeaturesConfig:
     head: str = choice(HEADS)
     head_epochs: int = number(1, example=100)
     head_patience: int = number(0, example=10)
-    depths: Any = value()  # "auto" or a list of feature levels and/or "head" (features/fit.py resolve_levels)
+    depths: Any = value()  # "auto" or a list of feature levels and/or "head" (features/cached_fit.py resolve_levels)
     augmented_views: int = number(0, example=1)
     cache_dir: Optional[str] = value()
     channels_last: bool = value()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, probe_image
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, check_decodable_image, load_rgb
 from pipeline.data.listing import (
     SPLITS,
     Listing,
@@ -127,24 +127,24 @@ def map_interruptible(fn: Callable, items: list, workers: int) -> list:
     return results
 
 
-def probe_files(paths: list[str], max_pixels: int, workers: int = 8) -> dict[str, dict]:
+def check_decodable_files(paths: list[str], max_pixels: int, workers: int = 8) -> dict[str, dict]:
     """Read every file once (threads; decoders release the GIL): hash, header facts, draft decode.
 
-    Returns {path: record} (see images.probe_image); a failed file's record has an "error".
+    Returns {path: record} (see images.check_decodable_image); a failed file's record has an "error".
     """
-    records = map_interruptible(lambda p: probe_image(p, max_pixels=max_pixels), paths, workers)
+    records = map_interruptible(lambda p: check_decodable_image(p, max_pixels=max_pixels), paths, workers)
     return dict(zip(paths, records))
 
 
 def check_decodable(paths: list[str], max_pixels: int, workers: int = 8) -> dict[str, str]:
     """{path: reason} of the files that do not decode."""
-    return {p: r["error"] for p, r in probe_files(paths, max_pixels, workers).items() if "error" in r}
+    return {p: r["error"] for p, r in check_decodable_files(paths, max_pixels, workers).items() if "error" in r}
 
 
-def probe_split(paths: list[str], labels: list[int], classes: list[str], max_pixels: int,
+def check_decodable_split(paths: list[str], labels: list[int], classes: list[str], max_pixels: int,
                 workers: int) -> tuple[Split, list[dict], dict[str, dict]]:
     """Probe one split's files and drop those that are not usable images (returned as skipped)."""
-    records = probe_files(paths, max_pixels, workers)
+    records = check_decodable_files(paths, max_pixels, workers)
     skipped = [{"path": p, "reason": r["error"]} for p, r in records.items() if "error" in r]
     keep = [i for i, p in enumerate(paths) if "error" not in records[p]]
     return Split([paths[i] for i in keep], [labels[i] for i in keep], classes), skipped, records
@@ -194,7 +194,7 @@ def load_imagefolder(root: str | Path, *, train_split: str = "train", val_split:
                           f"(layout: {layout_text(listing)})")
     skipped, files, loaded = list(listing.skipped), {}, {}
     for name, (paths, labels) in listing.splits.items():
-        loaded[name], more, records = probe_split(paths, labels, classes, max_pixels, workers)
+        loaded[name], more, records = check_decodable_split(paths, labels, classes, max_pixels, workers)
         skipped += more
         files.update(records)
     too_small = {c: n for c, n in loaded["train"].counts().items() if n < max(1, min_per_class)}

@@ -206,7 +206,7 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
     return decode_rgb(read_bytes(path), path, max_pixels, draft_size)
 
 
-def probe_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int = 64) -> dict:
+def check_decodable_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int = 64) -> dict:
     """Read one file once: content hash, header facts and a fast (draft) decode as integrity check.
 
     Returns {"sha1", "bytes", "format", "mode", "width", "height", "ext_ok", "gray_content", "colors", "phash",

@@ -1,6 +1,6 @@
 """Near-duplicate leakage: val/test images whose content nearly equals an image of an earlier split.
 
-A resized, re-encoded or re-saved copy has other bytes, so the exact check (data/audit.py, sha1) misses it,
+A resized, re-encoded or re-saved copy has other bytes, so the exact check (data/data_audit.py, sha1) misses it,
 yet the model has seen it. Every probe record carries a 256-bit perceptual hash of the probe's draft
 decode (data/images.py `perceptual_hash`: made in the same threaded read as the sha1, so this module reads
 nothing). Pairs whose hashes differ in at most `audit.near_duplicate_distance` bits are listed; measured on

@@ -20,7 +20,7 @@ import torch
 from pipeline.data import augment
 from pipeline.data.folder import DatasetSplits
 from pipeline.features.cache import load_or_extract, weights_hash
-from pipeline.features.fit import extraction_workers
+from pipeline.features.cached_fit import extraction_workers
 from pipeline.model import backbone
 from pipeline.model.multidepth import HEAD
 

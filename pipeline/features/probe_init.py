@@ -2,7 +2,7 @@
 from a linear probe instead of zero, so the first steps do not push random-head gradients into the pretrained
 features.
 
-The probe is the cached linear-probe head (features/fit.py): features of train and val from the frozen pretrained
+The probe is the cached linear-probe head (features/cached_fit.py): features of train and val from the frozen pretrained
 backbone under the eval transform (the same disk cache as linear_probe runs), the head trained by `train_head`
 on its own budget (features.head_epochs / head_patience) with the run's class weights and prior bias, then copied
 into `model.get_classifier()`. Under torchrun every rank gets the gathered features and trains the same (seeded,
@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.config import BACKBONE_MODES
-from pipeline.features.fit import extract_all, train_head
+from pipeline.features.cached_fit import extract_all, train_head
 from pipeline.features.heads import install_head
 from pipeline.model.multidepth import HEAD
 from pipeline.runtime import distributed
@@ -79,7 +79,7 @@ def fit_probe(model: torch.nn.Module, splits, cfg: DictConfig, *, device: torch.
     backbone (train and val under the eval transform) and install it as `model`'s classifier."""
     start = time.perf_counter()
     # Only the backbone's own pre-logits feed its classifier: other features.depths need the cached linear probe
-    # and were rejected already for these modes (features/fit.py use_cached_path).
+    # and were rejected already for these modes (features/cached_fit.py use_cached_path).
     feats = extract_all(model, splits, cfg, [HEAD], eval_tf=eval_tf, train_tf=None, device=device,
                         image_cache=image_cache, preprocessing=data_cfg, augmented_views=0)
     x, y = feats["train"]["features"].numpy(), feats["train"]["labels"].numpy()

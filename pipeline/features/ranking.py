@@ -1,4 +1,4 @@
-"""Entry point: `make rank dataset=X backbones=[a,b,c]` ranks backbones (and their feature levels) by LogME.
+"""Backbone ranking behind `make rank dataset=X backbones=[a,b,c]` (entry point: pipeline/rank.py), by LogME.
 
 For each backbone: pretrained weights (`backbone.weights`, default auto), its own preprocessing, features
 of every train image at every feature level plus the pre-logits `head` (cached like the linear-probe
@@ -18,11 +18,11 @@ from omegaconf import DictConfig
 from pipeline.data import augment
 from pipeline.errors import PipelineError
 from pipeline.features.cache import load_or_extract, weights_hash
-from pipeline.features.fit import extraction_workers, level_columns
+from pipeline.features.cached_fit import extraction_workers, level_columns
 from pipeline.model import backbone
 from pipeline.model.multidepth import HEAD
-from pipeline.runtime.devices import select_device
 from pipeline.runtime import owned
+from pipeline.runtime.devices import select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads
 from pipeline.training.setup import build_data, resolve_run_dir
@@ -74,7 +74,7 @@ def render(rows: list[dict], skipped: list[dict], dataset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rank(cfg: DictConfig) -> dict:
+def rank_backbones(cfg: DictConfig) -> dict:
     """Rank `cfg.backbones` (default: `backbone.name`) on the dataset's train split."""
     names = list(cfg.backbones) or [cfg.backbone.name]
     run_dir = owned.prepare_output_dir(resolve_run_dir(cfg), "rank", "choose a new dir (hydra.run.dir=... or "

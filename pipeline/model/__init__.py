@@ -1,3 +1,1 @@
-"""The network: timm backbone with pretrained weights (backbone, embedded_weights), layer groups and freezing
-(freezing), multi-depth pooled features (multidepth), and checkpoints that rebuild it (checkpoint).
-Independent of data/."""
+"""The network: the timm backbone and its weights, layer groups and freezing, checkpoints. Independent of data/."""

@@ -1,7 +1,7 @@
 """What a person reads of the data audit (docs/audit.md): its markdown section (audit.md, summary.md) and the
 thumbnail sheets written next to audit.json: `near_duplicates.png` (each pair side by side in one tile,
 captioned split/class | split/class) and `label_issues.png` (each candidate captioned given>suggested and
-the probability of the given label), laid out by reports/preview.py `render_grid`.
+the probability of the given label), laid out by reports/preview_grid.py `render_grid`.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.data import near_duplicates, shortcuts
-from pipeline.data.audit import MAX_LISTED
+from pipeline.data.data_audit import MAX_LISTED
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.features.label_issues import label_issues_markdown
-from pipeline.reports.preview import render_grid
+from pipeline.reports.preview_grid import render_grid
 from pipeline.runtime.files import write_image
 
 PAIR_TILE = 224  # one pair per tile, each image in half of it; render_grid's captions hold tile // 6 characters

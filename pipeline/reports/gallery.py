@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.data.folder import Split
 from pipeline.data.images import ImageDecodeError, load_rgb
-from pipeline.reports.preview import render_grid
+from pipeline.reports.preview_grid import render_grid
 from pipeline.runtime.files import write_csv, write_image
 
 _logger = logging.getLogger(__name__)

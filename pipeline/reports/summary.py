@@ -99,7 +99,7 @@ def strategy_sections(info: dict) -> list[list[str]]:
     decision = info.get("decision")
     sections = [decision_paragraph(decision)[:-1] + budget_paragraph(decision.get("budget")) + [""]] if decision else []
     if info.get("features"):
-        from pipeline.features.fit import features_section
+        from pipeline.features.cached_fit import features_section
         sections.append(features_section(info["features"]))
     if info.get("head_init"):
         from pipeline.features.probe_init import head_init_section
@@ -173,7 +173,7 @@ def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_n
     write_json(run_dir / "metrics.json", metrics)
     lines = [f"# Run summary: {dataset_name} / {model_info.get('backbone')}", ""]
     lines += dataset_section(data, dataset_name, root)
-    if audit:  # data/audit.py (+ features/label_issues.py); the full report is audit.json
+    if audit:  # data/data_audit.py (+ features/label_issues.py); the full report is audit.json
         from pipeline.reports.audit_report import audit_section
         lines += audit_section(audit) + ["Full audit: `audit.json`.", ""]
     lines += model_section(model_info)

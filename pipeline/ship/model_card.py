@@ -1,4 +1,4 @@
-"""An export dir's `model.json` document and its human-readable `MODEL_CARD.md` (used by ship/export.py)."""
+"""An export dir's `model.json` document and its human-readable `MODEL_CARD.md` (used by ship/saving.py)."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,1 @@
-"""Training a model end to end: config checks at start-up (validate), run set-up (setup), the epoch loop
-(loop) and the fit around it (fit), loss and class weights (loss), metrics (metrics), paired comparisons of two
-models on val (paired), the NaN guard (guard), the time budget's clock (budget), boundary-cached partial
-fine-tunes (boundary), weight averaging (averaging), calibration and TTA (calibration), mixup/cutmix (mixing),
-curves (tracking), SIGINT/SIGTERM (interrupts) and resuming (resume)."""
+"""Training a model end to end: run set-up, the epoch loop and the fit, loss, metrics, budgets, resume."""

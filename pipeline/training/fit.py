@@ -1,6 +1,6 @@
 """Fine-tuning fit: the epoch loop with best-checkpoint selection, early stopping, gradual thaws, resume and
 a clean stop on SIGINT/SIGTERM, `trainer.time_limit` (training/budget.py) and `trainer.ema` (training/averaging.py).
-(The cached linear probe has its own fit: features/fit.py.)"""
+(The cached linear probe has its own fit: features/cached_fit.py.)"""
 from __future__ import annotations
 
 import logging

@@ -6,7 +6,7 @@ sample i with sample n-1-i, which needs an even batch: an odd batch (the last on
 dropped) mixes its first n-1 samples and keeps the last one as it is. Label smoothing is left to the training loss
 (training/loss.py smooths soft and hard targets alike; mixing here does not, so nothing is smoothed twice). Mixup
 draws from numpy's global RNG, seeded by `seed_everything` and saved in `last.pt`: runs and resumes repeat.
-The cached linear probe (features/fit.py) trains its head on fixed features and does not mix.
+The cached linear probe (features/cached_fit.py) trains its head on fixed features and does not mix.
 """
 from __future__ import annotations
 

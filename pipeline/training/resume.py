@@ -17,7 +17,7 @@ resolved config. A resumed CPU run repeats the uninterrupted one exactly: same w
   `dataset.root`. Dirs a live run holds (runtime/run_lock.py) are passed over, and the log says so.
   Nothing found: a fresh run.
 
-The cached linear probe (features/fit.py) saves a small `last.pt` of kind `cached` (its config) when it
+The cached linear probe (features/cached_fit.py) saves a small `last.pt` of kind `cached` (its config) when it
 starts: its progress is the feature cache, so a resume re-extracts only the missing entries and re-fits the
 seeded head, which gives the head of an uninterrupted run.
 """

@@ -1,7 +1,7 @@
 """Per-epoch curves where people's tools read them: `history.csv` (timm's summary.csv columns), TensorBoard
 event files (`trainer.tensorboard`) and MLflow (`trainer.mlflow`, when the package is installed).
 
-Both fits (training/fit.py, features/fit.py) put each epoch's row in their history (train loss, val metrics,
+Both fits (training/fit.py, features/cached_fit.py) put each epoch's row in their history (train loss, val metrics,
 `lr_<group>` per optimizer parameter group) and hand the history to a `RunTracker`. Only rank 0 writes.
 """
 from __future__ import annotations

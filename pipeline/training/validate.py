@@ -1,7 +1,7 @@
 """Config validation at start-up, before any data is read or any model is built.
 
-`validate_values` checks every key against its constraint in the schema (pipeline/config/schema.py: choices and
-numeric ranges, one message format). `validate_config` adds what needs the backbone but not its weights,
+`config.check_values` checks every key against its constraint in the schema (pipeline/config/schema.py: choices
+and numeric ranges, one message format). `validate_config` adds what needs the backbone but not its weights,
 checked on a meta-device model (no memory, no time): the name (with close matches), a weights file (read
 and matched against the architecture), the freeze depth against the backbone's layer groups, the feature
 levels, and the augmentation ops. Each problem is a one-line PipelineError naming the setting and the fix.
@@ -25,11 +25,6 @@ from pipeline.training import tracking
 _logger = logging.getLogger(__name__)
 
 
-def validate_values(cfg: DictConfig) -> None:
-    """Every constraint of the schema; raises a one-line ConfigError."""
-    check_values(cfg)
-
-
 def check_weights_file(model: torch.nn.Module, weights: str) -> None:
     """A local weights file exists, is readable, parses as a state dict and fits the (meta) model, not its head."""
     if weights in backbone.WEIGHT_SOURCES:
@@ -51,7 +46,7 @@ def meta_model(arch: str) -> torch.nn.Module:
 
 def validate_config(cfg: DictConfig) -> None:
     """Everything that can be checked from the config and the backbone's definition (see the module doc)."""
-    validate_values(cfg)
+    check_values(cfg)
     backbone.check_arch(cfg.backbone.name)
     model = meta_model(cfg.backbone.name)
     check_weights_file(model, cfg.backbone.weights)

@@ -237,31 +237,20 @@ def test_select_replaces_the_probe_only_on_a_significant_gain():
     assert unpaired.kept == "probe" and "different val images" in unpaired.why
 
 
-def test_a_run_killed_in_its_fine_tune_resumes_the_planned_fine_tune(tiny_folder, cfg_factory, monkeypatch):
+def test_a_run_killed_in_its_fine_tune_resumes_the_planned_fine_tune(tiny_folder, cfg_factory, monkeypatch,
+                                                                     sigint_at_step):
     """SIGINT in the planned fine-tune: decision.json already holds the plan, so the resumed run trains the same
     depth on from last.pt (no new probe, no new plan) and still compares the fine-tune with the saved probe."""
-    import os
-    import signal
-
     from pipeline.training import interrupts
-    from pipeline.training.guard import StepGuard
 
-    steps, original = [], StepGuard.grads_ok
-
-    def grads_ok_then_sigint(self, *args):
-        steps.append(1)
-        if len(steps) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args)
-
-    monkeypatch.setattr(StepGuard, "grads_ok", grads_ok_then_sigint)
+    sigint_at_step.arm(2)
     cfg = _auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m", "trainer.max_train_batches=3")
     with pytest.raises(interrupts.TrainingInterrupted):
         train(cfg)
     run = Path(cfg.output_dir)
     planned = json.loads((run / "decision.json").read_text())["budget"]["plan"]
     assert planned["chosen"] is not None and (run / "probe.safetensors").is_file()
-    monkeypatch.setattr(StepGuard, "grads_ok", original)
+    sigint_at_step.disarm()
     heads = _spy_probe_head(monkeypatch)
     resumed = train(_auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m",
                               "trainer.max_train_batches=3", "trainer.resume=auto"))

@@ -21,7 +21,7 @@ from pipeline.export import main as export_main
 from pipeline.predict import main as predict_main
 from pipeline.preview import main as preview_main
 from pipeline.report import main as report_main
-from pipeline.reports.preview import grid_size
+from pipeline.reports.preview_grid import grid_size
 
 
 def one_line_error(capsys, info) -> str:

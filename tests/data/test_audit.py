@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from conftest import compose_cfg, make_imagefolder
-from pipeline.data.audit import audit_dataset, run_audit
+from pipeline.data.data_audit import audit_dataset, run_audit
 from pipeline.data.folder import load_imagefolder
 from pipeline.reports.audit_report import audit_markdown
 

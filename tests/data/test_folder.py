@@ -273,13 +273,13 @@ def test_a_strip_image_is_skipped_by_the_probe_with_its_reason(tmp_path):
 _SLOW_PROBE = """
 import os, sys, time
 from pipeline.data import folder
-real = folder.probe_image
+real = folder.check_decodable_image
 def slow(path, max_pixels):
     os.write(1, b"started\\n")  # one write: the two threads' lines never interleave
     time.sleep(0.5)
     return real(path, max_pixels=max_pixels)
-folder.probe_image = slow
-folder.probe_files(sys.argv[1:] * 1000, folder.DEFAULT_MAX_PIXELS, workers=2)
+folder.check_decodable_image = slow
+folder.check_decodable_files(sys.argv[1:] * 1000, folder.DEFAULT_MAX_PIXELS, workers=2)
 """
 
 

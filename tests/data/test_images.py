@@ -17,11 +17,11 @@ from pipeline.data.images import (
     MAX_FILE_BYTES,
     MAX_RESIZED_PIXELS,
     ImageDecodeError,
+    check_decodable_image,
     decode_rgb,
     load_rgb,
     open_image,
     plain_reason,
-    probe_image,
     resize_short_side,
     resized_shape,
 )
@@ -104,7 +104,7 @@ def test_unusable_files_raise_a_reason_naming_the_file(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ImageDecodeError, match=name.replace(".", r"\.")) as e:
             load_rgb(str(tmp_path / name))
-        assert e.value.reason == reason == probe_image(str(tmp_path / name))["error"], name
+        assert e.value.reason == reason == check_decodable_image(str(tmp_path / name))["error"], name
     with pytest.raises(ImageDecodeError, match="cannot read file"):
         load_rgb(str(tmp_path / "missing.jpg"))
     (tmp_path / "big.png").write_bytes(png.getvalue())
@@ -146,14 +146,14 @@ def test_probe_records_hash_header_and_odd_facts(tmp_path):
     Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes((tmp_path / "a.png").read_bytes())
     Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).convert("RGB").save(tmp_path / "grey.png")
-    mismatched = probe_image(str(tmp_path / "png_named.jpg"))
+    mismatched = check_decodable_image(str(tmp_path / "png_named.jpg"))
     assert mismatched["format"] == "PNG" and mismatched["ext_ok"] is False and mismatched["colors"] == 1
-    a, b = probe_image(str(tmp_path / "a.png")), probe_image(str(tmp_path / "b.png"))
+    a, b = check_decodable_image(str(tmp_path / "a.png")), check_decodable_image(str(tmp_path / "b.png"))
     assert a["sha1"] == b["sha1"] and (a["width"], a["height"]) == (48, 32) and a["ext_ok"] is True
     assert a["gray_content"] is False and a["colors"] > 1000
-    assert probe_image(str(tmp_path / "grey.png"))["gray_content"] is True
+    assert check_decodable_image(str(tmp_path / "grey.png"))["gray_content"] is True
     (tmp_path / "bad.jpg").write_bytes(b"nope")
-    bad = probe_image(str(tmp_path / "bad.jpg"))
+    bad = check_decodable_image(str(tmp_path / "bad.jpg"))
     assert bad["error"] == "text/HTML, not an image" and bad["sha1"]  # the path is the record's key, not its reason
 
 
@@ -179,7 +179,7 @@ def test_a_strip_under_max_pixels_is_refused_at_its_header(tmp_path):
     with pytest.raises(ImageDecodeError, match=r"strip\.png: 60000x1 is a strip") as e:
         load_rgb(path)
     assert f"over the {MAX_ASPECT}:1" in e.value.reason
-    record = probe_image(path)
+    record = check_decodable_image(path)
     assert (record["width"], record["height"]) == (60000, 1) and record["error"] == e.value.reason
     assert load_rgb(_strip_png(tmp_path / "wide.png", 50 * 8, 8)).shape == (8, 400, 3)  # 50:1 is still a picture
 
@@ -205,7 +205,7 @@ def test_a_file_over_the_size_cap_is_skipped_without_being_read(tmp_path, monkey
                         raising=False)
     with pytest.raises(ImageDecodeError, match=r"huge\.png: file is 512 MiB, over the 512 MiB .* not read"):
         load_rgb(str(big))
-    assert "MAX_FILE_BYTES" in probe_image(str(big))["error"] and not opened
+    assert "MAX_FILE_BYTES" in check_decodable_image(str(big))["error"] and not opened
 
 
 def test_16_bit_and_float_grey_are_stretched_without_a_float64_copy(tmp_path):
@@ -239,14 +239,14 @@ def test_pil_global_limit_is_left_alone_and_max_pixels_decides(tmp_path, monkeyp
 
     Image.new("RGB", (100, 100), (1, 2, 3)).save(tmp_path / "a.png")
     load_rgb(str(tmp_path / "a.png"))
-    probe_image(str(tmp_path / "a.png"))
+    check_decodable_image(str(tmp_path / "a.png"))
     open_image(str(tmp_path / "a.png")).close()
     assert Image.MAX_IMAGE_PIXELS == PIL_DEFAULT_LIMIT
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # an application's own, stricter limit ...
     with pytest.raises(Image.DecompressionBombError):
         Image.open(tmp_path / "a.png")  # ... still guards its own Image.open calls
     assert load_rgb(str(tmp_path / "a.png"))[0, 0].tolist() == [1, 2, 3]  # dataset.max_pixels decides here
-    assert probe_image(str(tmp_path / "a.png"))["width"] == 100
+    assert check_decodable_image(str(tmp_path / "a.png"))["width"] == 100
     with pytest.raises(ImageDecodeError, match="exceeds dataset.max_pixels=9999"):
         load_rgb(str(tmp_path / "a.png"), max_pixels=9999)
     assert Image.MAX_IMAGE_PIXELS == 1000

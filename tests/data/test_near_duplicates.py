@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from conftest import compose_cfg
-from pipeline.data.audit import audit_dataset, run_audit
+from pipeline.data.data_audit import audit_dataset, run_audit
 from pipeline.data.folder import load_imagefolder
 from pipeline.data.near_duplicates import hamming_pairs
 

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from conftest import compose_cfg
-from pipeline.data.audit import audit_dataset
+from pipeline.data.data_audit import audit_dataset
 from pipeline.data.folder import load_imagefolder
-from pipeline.data.images import probe_image
+from pipeline.data.images import check_decodable_image
 from pipeline.reports.audit_report import audit_markdown
 
 HYMENOPTERA = Path("/work/shared/datasets/hymenoptera")
@@ -71,7 +71,7 @@ def test_probe_records_storage_facts(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "q95.jpg", format="JPEG", quality=95, subsampling="4:4:4", exif=exif)
     Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.jpg", format="JPEG", quality=75)
     Image.fromarray(rgb).save(tmp_path / "plain.png")
-    r = {p.stem: probe_image(str(p)) for p in tmp_path.iterdir()}
+    r = {p.stem: check_decodable_image(str(p)) for p in tmp_path.iterdir()}
     assert (r["q60"]["quality"], r["q60"]["subsampling"], r["q60"]["exif"]) == (60, "4:2:0", False)
     assert (r["q95"]["quality"], r["q95"]["subsampling"], r["q95"]["exif"]) == (95, "4:4:4", True)
     assert (r["grey"]["quality"], r["grey"]["subsampling"], r["grey"]["mode"]) == (75, "none", "L")

@@ -17,7 +17,7 @@ from pipeline.data.folder import Split, list_split
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.features.cache import load_or_extract, weights_hash
 from pipeline.features.heads import fit_logistic_head, fold_standardization, resolve_head, standardizer
-from pipeline.ship import export, loading
+from pipeline.ship import loading, saving
 from pipeline.train import train
 from pipeline.transfer.logme import logme_score
 
@@ -155,7 +155,7 @@ def test_cached_probe_predictions_equal_the_exported_full_model(tiny_folder, cfg
     w, b = (weights["classifier.weight"], weights["classifier.bias"]) if depths == "[head]" else \
         (weights["fc.weight"], weights["fc.bias"])
     cached_logits = (cached_val["features"] @ w.T + b) / json.loads((run / "best.json").read_text())["temperature"]
-    out = export.export_run(run, tmp_path / "export", formats=["safetensors", "onnx"])
+    out = saving.export_run(run, tmp_path / "export", formats=["safetensors", "onnx"])
     val_paths = [Split(*list_split(tiny_folder / "val", ["blue", "green", "red"])[:2], []).paths[i]
                  for i in cached_val["index"].tolist()]
     for backend in ("torch", "onnx"):
@@ -188,7 +188,7 @@ def test_depths_auto_picks_the_best_logme_level_and_views_add_rows(tiny_folder, 
 
 
 def test_extraction_workers_default_to_none_on_cpu_and_the_trainers_on_cuda():
-    from pipeline.features.fit import extraction_workers
+    from pipeline.features.cached_fit import extraction_workers
 
     assert extraction_workers("auto", 2, torch.device("cpu")) == 0
     assert extraction_workers("auto", 2, torch.device("cuda")) == 2
@@ -254,17 +254,17 @@ def test_a_split_with_no_decodable_image_is_a_one_line_error(tmp_path):
 
 
 def test_rank_scores_every_level_and_reports_a_backbone_it_cannot_build(tiny_folder, cfg_factory):
-    from pipeline.features.ranking import rank
+    from pipeline.features.ranking import rank_backbones
 
     cfg = cfg_factory("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny", "backbone.input_size=64",
                       "backbones=[test_efficientnet,not_a_timm_model]")
-    result = rank(cfg)
+    result = rank_backbones(cfg)
     assert [r["level"] for r in result["rows"]] == ["0", "1", "2", "3", "4", "head"]
     assert all(np.isfinite(r["logme"]) and r["images"] == 36 and r["cache"] == "miss" for r in result["rows"])
     assert [s["backbone"] for s in result["skipped"]] == ["not_a_timm_model"]
     text = (Path(cfg.output_dir) / "rank.md").read_text()
     assert "| 1 | test_efficientnet |" in text and "not_a_timm_model" in text
-    assert rank(cfg)["rows"][0]["cache"] == "hit"
+    assert rank_backbones(cfg)["rows"][0]["cache"] == "hit"
 
 
 def test_cached_head_trains_for_features_head_epochs_not_trainer_epochs(tiny_folder, cfg_factory):
@@ -275,7 +275,7 @@ def test_cached_head_trains_for_features_head_epochs_not_trainer_epochs(tiny_fol
 
 
 def test_cached_head_stops_after_features_head_patience_epochs_without_gain(cfg_factory):
-    from pipeline.features.fit import train_head
+    from pipeline.features.cached_fit import train_head
 
     rng = np.random.default_rng(0)
     y, val_y = rng.integers(0, 3, 300), rng.integers(0, 3, 60)

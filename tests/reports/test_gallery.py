@@ -13,7 +13,7 @@ import pipeline
 from conftest import CLASSES, make_imagefolder, write_image, write_tiny_folder
 from pipeline.data.folder import DatasetSplits, Split
 from pipeline.reports import gallery
-from pipeline.reports.preview import grid_size
+from pipeline.reports.preview_grid import grid_size
 from pipeline.train import train
 
 

@@ -1,4 +1,4 @@
-"""torchrun entry for tests/test_distributed.py: runs `python -m pipeline.train <args>` with two test hooks.
+"""torchrun entry for tests/runtime/test_distributed.py: runs `python -m pipeline.train <args>` with two test hooks.
 
 DDP_TEST_FORBID=<dir>: on ranks > 0 an audit hook raises on any write under <dir> (opening a file for
   writing, rename/replace, remove, creating a directory that does not exist yet), so the run fails if a

@@ -15,8 +15,8 @@ from sklearn.datasets import load_sample_image
 import pipeline
 from conftest import CLASSES, compose_cfg, write_tiny_folder
 from pipeline.model.checkpoint import load_checkpoint
-from pipeline.ship import predict
-from pipeline.ship.export import export_run
+from pipeline.ship import batch_predict
+from pipeline.ship.saving import export_run
 from pipeline.train import train
 
 PHOTOS = ("china.jpg", "flower.jpg")
@@ -94,7 +94,7 @@ def test_model_card_states_the_temperature_tta_and_ece(calibrated):
 def test_predict_csv_probabilities_are_the_softmax_of_the_wrapped_logits(calibrated, tmp_path, backend):
     data, _, out = calibrated
     paths = images(data)[:4] + images(data)[-2:]  # PNGs and the photos
-    rows, csv_path = predict.run(str(out), paths, backend=backend, topk=3, csv_path=str(tmp_path / "p.csv"))
+    rows, csv_path = batch_predict.run(str(out), paths, backend=backend, topk=3, csv_path=str(tmp_path / "p.csv"))
     loaded = pipeline.load(out)  # torch: the wrapper built from model.json
     probs = torch.softmax(loaded.logits(torch.stack([loaded.preprocess(p) for p in paths])), 1).numpy()
     with open(csv_path, newline="") as f:

@@ -1,4 +1,4 @@
-"""Export (pipeline/export.py) and loading (pipeline/loading.py): formats, parity, round trip, safe loading."""
+"""Export (pipeline/export.py) and loading (pipeline/ship/loading.py): formats, parity, round trip, safe loading."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ from pipeline.data.augment import build_eval_transform
 from pipeline.data.folder import ImageDataset, Split
 from pipeline.errors import MissingFileError
 from pipeline.model.checkpoint import load_checkpoint
-from pipeline.ship import export, loading
+from pipeline.ship import loading, saving
 from pipeline.ship.loading import ModelFileError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -230,8 +230,8 @@ def test_parity_above_tolerance_fails_loudly_and_leaves_no_export(exported, tmp_
     _, run, _ = exported
     original = loading.OnnxModel.__call__
     monkeypatch.setattr(loading.OnnxModel, "__call__", lambda self, x: original(self, x) + 0.01)
-    with pytest.raises(export.ExportError, match=r"Parity check failed.*'onnx'.*tolerance 0.001"):
-        export.export_run(run, tmp_path / "out", formats=["onnx"])
+    with pytest.raises(saving.ExportError, match=r"Parity check failed.*'onnx'.*tolerance 0.001"):
+        saving.export_run(run, tmp_path / "out", formats=["onnx"])
     assert list(tmp_path.iterdir()) == []  # neither the export dir nor its partial temp dir
 
 
@@ -240,13 +240,13 @@ def test_card_shows_the_confusion_image_only_when_the_run_has_one(exported, tmp_
     run_copy = Path(shutil.copytree(run, tmp_path / "run"))
     for png in run_copy.glob("confusion_*.png"):
         png.unlink()
-    out = export.export_run(run_copy, tmp_path / "plain", formats=["safetensors"])
+    out = saving.export_run(run_copy, tmp_path / "plain", formats=["safetensors"])
     assert "![confusion" not in (out / "MODEL_CARD.md").read_text() and not list(out.glob("confusion*"))
     Image.new("RGB", (20, 20), (200, 10, 10)).save(run_copy / "confusion_val.png")
-    out = export.export_run(run_copy, tmp_path / "with_image", formats=["safetensors"])
+    out = saving.export_run(run_copy, tmp_path / "with_image", formats=["safetensors"])
     assert "![confusion matrix](confusion_val.png)" in (out / "MODEL_CARD.md").read_text()
     assert (out / "confusion_val.png").read_bytes() == (run_copy / "confusion_val.png").read_bytes()
-    again = export.export_run(run_copy, tmp_path / "with_image", formats=["safetensors"])  # re-export replaces
+    again = saving.export_run(run_copy, tmp_path / "with_image", formats=["safetensors"])  # re-export replaces
     assert again == out and (out / "model.json").is_file()
 
 
@@ -258,14 +258,14 @@ def test_parity_images_come_from_the_runs_own_split(exported, tmp_path):
     meta = json.loads((moved / "best.json").read_text())
     meta["config"]["dataset"]["root"] = str(tmp_path / "gone")
     (moved / "best.json").write_text(json.dumps(meta))
-    out = export.export_run(moved, tmp_path / "from_split", formats=["safetensors"])
+    out = saving.export_run(moved, tmp_path / "from_split", formats=["safetensors"])
     assert "split.csv" in json.loads((out / "model.json").read_text())["dataset"]["parity_source"]
     gone = Path(shutil.copytree(data, tmp_path / "data_copy"))
     (moved / "split.csv").write_text((moved / "split.csv").read_text().replace(str(data), str(gone)))
     shutil.rmtree(gone)
     with pytest.raises(MissingFileError, match="or pass images=<folder of images>"):
-        export.export_run(moved, tmp_path / "out", formats=["safetensors"])
-    out = export.export_run(moved, tmp_path / "out", formats=["safetensors"], images=str(data / "val"))
+        saving.export_run(moved, tmp_path / "out", formats=["safetensors"])
+    out = saving.export_run(moved, tmp_path / "out", formats=["safetensors"], images=str(data / "val"))
     doc = json.loads((out / "model.json").read_text())
     assert doc["parity"]["safetensors"]["batch_sizes"] == [12, 1]
     assert "not available at export time" in (out / "MODEL_CARD.md").read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from test_export import CLASSES
 
-from pipeline.ship import predict
+from pipeline.ship import batch_predict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,8 +19,8 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_onnx_backend_gives_the_same_predictions(exported, folder, tmp_path, capsys):
     _, _, out = exported
-    torch_rows, _ = predict.run(str(out), [str(folder)], topk=3, csv_path=str(tmp_path / "t.csv"))
-    onnx_rows, _ = predict.run(str(out), [str(folder)], backend="onnx", topk=3, csv_path=str(tmp_path / "o.csv"))
+    torch_rows, _ = batch_predict.run(str(out), [str(folder)], topk=3, csv_path=str(tmp_path / "t.csv"))
+    onnx_rows, _ = batch_predict.run(str(out), [str(folder)], backend="onnx", topk=3, csv_path=str(tmp_path / "o.csv"))
     assert [r["path"] for r in torch_rows] == [r["path"] for r in onnx_rows]
     for t, o in zip(torch_rows, onnx_rows):
         assert ("error" in t) == ("error" in o)
@@ -33,7 +33,7 @@ def test_onnx_backend_gives_the_same_predictions(exported, folder, tmp_path, cap
 def test_single_file_and_topk_clamped_to_class_count(exported, tmp_path):
     data, _, out = exported
     image = str(data / "val/red/red_1.png")
-    rows, csv_path = predict.run(str(out), [image], topk=10, csv_path=str(tmp_path / "one.csv"))
+    rows, csv_path = batch_predict.run(str(out), [image], topk=10, csv_path=str(tmp_path / "one.csv"))
     assert len(rows) == 1 and len(rows[0]["top"]) == len(CLASSES)
     assert list(read_csv(csv_path)[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3",
                                            "error"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from conftest import compose_cfg, write_tiny_folder
 from pipeline.model import checkpoint
 from pipeline.train import train
 from pipeline.training import averaging, interrupts, loop, resume
-from pipeline.training.guard import StepGuard
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ("dataset=folder", "backbone=tiny", "backbone.input_size=64", "strategy=finetune", "trainer.keep_last=true")
@@ -134,29 +132,21 @@ def _strip(history: list) -> list:
     return [{k: v for k, v in e.items() if k not in TIMING} for e in history]
 
 
-def test_sigint_mid_epoch_then_resume_continues_the_same_average(tiny_folder, cfg_factory, tmp_path, monkeypatch):
+def test_sigint_mid_epoch_then_resume_continues_the_same_average(tiny_folder, cfg_factory, tmp_path, sigint_at_step):
     """SIGINT at step 2 of epoch 1 saves the average (2 updates) in last.pt; the resumed run ends with the same
     history, EMA weights and counter, and `best`, as an uninterrupted one."""
     common = (*RUN, f"dataset.root={tiny_folder}", "trainer.epochs=2", "trainer.max_train_batches=3",
               "trainer.ema=true")
     ref = train(cfg_factory(*common, f"output_dir={tmp_path / 'ref'}"))
 
-    steps, original = [], StepGuard.grads_ok
-
-    def grads_ok_then_sigint(self, *args):
-        steps.append(1)
-        if len(steps) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args)
-
-    monkeypatch.setattr(StepGuard, "grads_ok", grads_ok_then_sigint)
+    sigint_at_step.arm(2)
     run = tmp_path / "sigint"
     with pytest.raises(interrupts.TrainingInterrupted):
         train(cfg_factory(*common, f"output_dir={run}"))
     saved = checkpoint.load_state(run / "last.pt")
     assert saved["partial"]["steps"] == 2 and saved["ema"]["updates"] == 2
 
-    monkeypatch.setattr(StepGuard, "grads_ok", original)
+    sigint_at_step.disarm()
     resumed = train(cfg_factory(*common, f"output_dir={run}", "trainer.resume=auto"))
     assert resumed["resumed_from_epoch"] == 0
     assert _strip(resumed["history"]) == _strip(ref["history"])

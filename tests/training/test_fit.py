@@ -1,5 +1,5 @@
 """What the fit leaves behind: `best` holds the trained model's own weights, and the class weights shape training
-on both the fine-tune path (training/fit.py) and the cached linear-probe path (features/fit.py)."""
+on both the fine-tune path (training/fit.py) and the cached linear-probe path (features/cached_fit.py)."""
 from __future__ import annotations
 
 import copy

@@ -30,7 +30,7 @@ from pipeline.model import calibrated, checkpoint
 from pipeline.runtime import owned
 from pipeline.runtime.files import staged_dir, write_json, write_text
 from pipeline.ship import loading, model_card
-from pipeline.ship.predict import collect_images
+from pipeline.ship.batch_predict import collect_images
 
 _logger = logging.getLogger(__name__)
 
