@@ -20,6 +20,8 @@ from pipeline.runtime.process import tune_allocator
 tune_allocator()  # the test session is an entry point: 3-5x faster torch on glibc (runtime/process.py)
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"  # the real datasets beside the checkout (../shared/datasets)
+HYMENOPTERA = SHARED_DATASETS / "hymenoptera"
 CLASSES = ["blue", "green", "red"]
 register_configs()
 

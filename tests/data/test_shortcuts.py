@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose_cfg
+from conftest import HYMENOPTERA, compose_cfg
 from pipeline.data.data_audit import audit_dataset
 from pipeline.data.folder import load_imagefolder
 from pipeline.data.images import check_decodable_image
 from pipeline.reports.audit_report import audit_markdown
-
-HYMENOPTERA = Path("/work/shared/datasets/hymenoptera")
 
 
 def write_photo(path: Path, seed: int, mode: str) -> None:

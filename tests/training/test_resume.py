@@ -23,6 +23,7 @@ from pipeline.model import checkpoint
 from pipeline.train import train
 from pipeline.training import interrupts, resume
 from pipeline.training.guard import StepGuard
+from pipeline.transfer import auto
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ["trainer=smoke", "dataset=folder", "backbone=tiny", "strategy=gradual", "strategy.warmup_epochs=1",
@@ -157,7 +158,7 @@ def test_resume_reuses_the_auto_decision_and_finished_runs_are_not_resumed(tiny_
     def no_second_decision(*args, **kwargs):
         raise AssertionError("resume must reuse decision.json, not decide again")
 
-    monkeypatch.setattr("pipeline.transfer.auto.decide_strategy", no_second_decision)
+    monkeypatch.setattr(auto, "decide_strategy", no_second_decision)
     again = train(cfg_factory(f"trainer.resume={run}"))  # no dataset given: the saved config is used
     assert again["mode"] == first["mode"] and again["decision"] == decision
     assert again["val"] == first["val"] and again["resumed_from_epoch"] == 1

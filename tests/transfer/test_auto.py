@@ -10,15 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import compose_cfg
+from conftest import HYMENOPTERA, compose_cfg
 from pipeline.data.augment import build_eval_transform
 from pipeline.data.folder import load_imagefolder
 from pipeline.model.backbone import build_backbone, data_config
 from pipeline.model.freezing import layer_groups
 from pipeline.train import train
 from pipeline.transfer.auto import choose_mode, decide_strategy, size_class
-
-HYMENOPTERA = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "hymenoptera"
 
 
 def test_the_four_cases():
