@@ -142,7 +142,7 @@ def check_decodable(paths: list[str], max_pixels: int, workers: int = 8) -> dict
 
 
 def check_decodable_split(paths: list[str], labels: list[int], classes: list[str], max_pixels: int,
-                workers: int) -> tuple[Split, list[dict], dict[str, dict]]:
+                          workers: int) -> tuple[Split, list[dict], dict[str, dict]]:
     """Probe one split's files and drop those that are not usable images (returned as skipped)."""
     records = check_decodable_files(paths, max_pixels, workers)
     skipped = [{"path": p, "reason": r["error"]} for p, r in records.items() if "error" in r]
