@@ -146,27 +146,27 @@ def part_pipeline_partial(a) -> dict:
 
 
 def part_pipeline_extract(a) -> dict:
-    """The cached-probe extraction (feature_cache.load_or_extract, no disk cache) over up to 320 train images,
+    """The cached-probe extraction (features/cache.py load_or_extract, no disk cache) over up to 320 train images,
     with the pipeline's extraction settings (features.num_workers, features.channels_last)."""
     import torch
 
     from pipeline.data import augment
+    from pipeline.data.build import build_data
     from pipeline.data.folder import Split
-    from pipeline.features.cache import load_or_extract
+    from pipeline.features.cache import Extraction, load_or_extract
     from pipeline.features.cached_fit import extraction_workers
     from pipeline.model import backbone
-    from pipeline.train import build_data
 
     cfg = _compose(_overrides(a))
-    splits, _ = build_data(cfg)
+    splits, _ = build_data(cfg.dataset, seed=cfg.seed)
     n = min(len(splits.train), 320)
     split = Split(splits.train.paths[:n], splits.train.labels[:n], splits.classes)
     model, _ = backbone.build_backbone(name=ARCH, num_classes=len(splits.classes), weights="none")
     tf = augment.build_eval_transform(backbone.data_config(model, a.size))
     cpu, f = torch.device("cpu"), cfg.features
     workers = extraction_workers(f.num_workers, cfg.trainer.num_workers, cpu)
-    out = load_or_extract(model, split, tf, levels=["head"], key_parts={}, cache_dir=None, device=cpu,
-                          batch_size=64, num_workers=workers, channels_last=f.channels_last)
+    how = Extraction(cpu, None, batch_size=64, num_workers=workers, channels_last=f.channels_last)
+    out = load_or_extract(model, split, tf, how, key_parts={})
     return {"img_per_s": out["img_per_s"], "images": n, "workers": workers, "channels_last": bool(f.channels_last)}
 
 
@@ -176,13 +176,13 @@ def part_loader(a) -> dict:
     from bench_data import loader_epoch
 
     from pipeline.data import augment, image_cache
-    from pipeline.train import build_data
+    from pipeline.data.build import build_data
 
     cfg = _compose(_overrides(a))
-    splits, _ = build_data(cfg)
+    splits, _ = build_data(cfg.dataset, seed=cfg.seed)
     data_cfg = {"input_size": [3, a.size, a.size], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
                 "crop_pct": 0.875}
-    tf = augment.build_train_transform(data_cfg, preset="light")
+    tf = augment.build_train_transform(data_cfg)
     plain = loader_epoch(splits.train, tf, None, 2, a.batch)
     mem = image_cache.build_cache("memory", paths=splits.train.paths, short_side=augment.eval_resize_size(data_cfg),
                                   workers=2)

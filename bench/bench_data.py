@@ -66,7 +66,7 @@ def bench_augment(paths: list[str], data_cfg: dict) -> dict:
     out = {}
     for preset, knobs in (("light", {}), ("heavy", dict(scale_min=0.08, color_jitter=0.4, rotate=20, translate=0.1,
                                                         shear=5, coarse_dropout=0.5, blur=0.1))):
-        tf = augment.build_train_transform(data_cfg, preset=preset, **knobs)
+        tf = augment.build_train_transform(data_cfg, augment.TrainAugment(preset=preset, **knobs))
         start = time.perf_counter()
         for img in images:
             tf(image=img)
@@ -86,7 +86,7 @@ def loader_epoch(split: folder.Split, transform, cache, workers: int, batch: int
 
 def bench_loader(split: folder.Split, data_cfg: dict, workers: int, batch: int) -> dict:
     """Epoch img/s of the train DataLoader (light preset) for dataset.cache=none|memory|disk."""
-    tf = augment.build_train_transform(data_cfg, preset="light")
+    tf = augment.build_train_transform(data_cfg)
     short = augment.eval_resize_size(data_cfg)
     out = {"none": [loader_epoch(split, tf, None, workers, batch) for _ in range(2)]}
     start = time.perf_counter()

@@ -106,19 +106,19 @@ def run_train(a, tmp: Path, *extra: str) -> dict:
 
 def pipeline_extraction(a, device, decode: str) -> float:
     from pipeline.data import augment
-    from pipeline.features.cache import load_or_extract
+    from pipeline.data.build import build_data
+    from pipeline.features.cache import Extraction, load_or_extract
     from pipeline.model import backbone
-    from pipeline.training.setup import build_data
 
     cfg = compose(["dataset=folder", f"dataset.root={a.data}"])
-    splits, _ = build_data(cfg)
+    splits, _ = build_data(cfg.dataset, seed=cfg.seed)
     model, _ = backbone.build_backbone(name=ARCH, num_classes=len(splits.classes), weights="none")
     data_cfg = backbone.data_config(model, a.size)
     model.to(device)
-    out = load_or_extract(model, splits.train, augment.build_eval_transform(data_cfg), levels=["head"],
-                          key_parts={"decode": decode}, cache_dir=None, device=device, batch_size=a.batch,
-                          num_workers=4 if device.type == "cuda" else 0,
-                          device_preprocessing=data_cfg if decode == "gpu" else None)
+    how = Extraction(device, None, batch_size=a.batch, num_workers=4 if device.type == "cuda" else 0,
+                     device_preprocessing=data_cfg if decode == "gpu" else None)
+    out = load_or_extract(model, splits.train, augment.build_eval_transform(data_cfg), how,
+                          key_parts={"decode": decode})
     return float(out["img_per_s"])
 
 
@@ -149,12 +149,13 @@ def loader_rate(a, workers: int) -> float:
     from bench_data import loader_epoch
 
     from pipeline.data import augment
-    from pipeline.training.setup import build_data
+    from pipeline.data.build import build_data
 
-    splits, _ = build_data(compose(["dataset=folder", f"dataset.root={a.data}"]))
+    cfg = compose(["dataset=folder", f"dataset.root={a.data}"])
+    splits, _ = build_data(cfg.dataset, seed=cfg.seed)
     data_cfg = {"input_size": [3, a.size, a.size], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
                 "crop_pct": 0.875}
-    return loader_epoch(splits.train, augment.build_train_transform(data_cfg, preset="light"), None, workers, a.batch)
+    return loader_epoch(splits.train, augment.build_train_transform(data_cfg), None, workers, a.batch)
 
 
 ALL_REDUCE = """import torch, torch.distributed as dist

@@ -12,16 +12,17 @@ import sys
 from pathlib import Path
 
 from pipeline.config import check_values, compose_config
-from pipeline.data.data_audit import input_side, run_audit
+from pipeline.data.build import build_data
+from pipeline.data.data_audit import run_audit
 from pipeline.errors import PipelineError, exit_on_user_error
-from pipeline.features import label_issues
+from pipeline.features import cached_fit, label_issues
+from pipeline.model.backbone import input_side
 from pipeline.reports.audit_report import audit_section, write_audit_sheets
 from pipeline.runtime import owned
 from pipeline.runtime.cli import split_args
 from pipeline.runtime.devices import select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
-from pipeline.training.setup import build_data
 
 OWN_KEYS = {"out": None}  # this command's own keys; every other key=value overrides conf/
 
@@ -30,11 +31,15 @@ def find_label_issues(cfg, data) -> dict:
     """The label-error report with the configured backbone; a backbone that cannot be built (e.g. hub weights
     offline) skips this check only."""
     try:
-        model, eval_tf, weights_desc = label_issues.audit_model(cfg, len(data.classes))
+        model, eval_tf, weights_desc = label_issues.audit_model(
+            cfg.backbone, len(data.classes), input_size=cfg.dataset.input_size,
+            grayscale_input=cfg.augment.grayscale_input, seed=cfg.seed)
     except PipelineError as e:
         return {"skipped": f"backbone {cfg.backbone.name} not available: {e}", "flagged": 0, "candidates": []}
     device = select_device(cfg.trainer.device)
-    return label_issues.find_candidates(model, data, cfg, device, eval_tf, weights_desc=weights_desc)
+    source = cached_fit.FeatureSource(cached_fit.extraction(cfg.features, cfg.trainer, device), cfg.backbone.name,
+                                      eval_tf)
+    return label_issues.find_candidates(model, data, source, audit=cfg.audit, seed=cfg.seed, weights_desc=weights_desc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,11 +49,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg = compose_config(overrides)
         check_values(cfg)
         set_threads(cfg.trainer.threads)
-        data, root = build_data(cfg)
+        data, root = build_data(cfg.dataset, seed=cfg.seed)
         out = owned.prepare_output_dir(own["out"] or Path("outputs/audit") / cfg.dataset.name, "audit",
                                        "choose another out=... (a new or empty dir, or an earlier audit's)")
+        side = input_side(cfg.backbone.name, cfg.backbone.input_size or cfg.dataset.input_size)
         data, report = run_audit(data, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup, checks=cfg.audit,
-                                 seed=cfg.seed, min_side=input_side(cfg), out_dir=out)
+                                 seed=cfg.seed, min_side=side)
         report["label_issues"] = find_label_issues(cfg, data)
         write_json(out / "audit.json", report)
         sheets = write_audit_sheets(out, report, cfg.dataset.max_pixels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.budgeted import auto_budget
 from pipeline.config import check_overrides, register_configs
 from pipeline.data import augment, data_audit, folder
+from pipeline.data.build import build_data, write_split
+from pipeline.data.loaders import (
+    RUNTIME_SKIP_LOG,
+    LoaderSettings,
+    TrainingData,
+    build_image_cache,
+    fork_workers_early,
+    timed_train_batch,
+)
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.features import cached_fit, label_issues, probe_init
 from pipeline.model import backbone, checkpoint
@@ -24,32 +34,17 @@ from pipeline.model.calibrated import wrap_for_inference
 from pipeline.reports import gallery, plots, summary
 from pipeline.reports.audit_report import write_audit_sheets
 from pipeline.runtime import distributed, run_lock
-from pipeline.runtime.devices import build_accel, select_device
+from pipeline.runtime.devices import Accel, build_accel, select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import boundary as boundary_module
-from pipeline.training import budget, calibration, interrupts, loop, mixing, resume
-from pipeline.training.fit import fit
-from pipeline.training.loss import build_losses
+from pipeline.training import budget, calibration, interrupts, loop, mixing, resume, tracking
+from pipeline.training.fit import FitRun, FitSettings, fit
+from pipeline.training.loss import build_losses, setup_imbalance
 from pipeline.training.metrics import val_test_gap
-from pipeline.training.setup import (
-    RUNTIME_SKIP_LOG,
-    boundary_blocker,
-    build_data,
-    build_image_cache,
-    checkpoint_meta,
-    fork_workers_early,
-    make_boundary_loaders,
-    make_eval_loader,
-    make_loader,
-    prepare_run,
-    resolve_run_dir,
-    setup_imbalance,
-    setup_strategy,
-    timed_train_batch,
-    write_split,
-)
+from pipeline.training.run_setup import prepare_run, resolve_run_dir
+from pipeline.training.strategy import setup_strategy
 
 _logger = logging.getLogger(__name__)
 _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",
@@ -66,6 +61,21 @@ def train(cfg: DictConfig) -> dict:
         run_lock.release(run_dir)
 
 
+@dataclass
+class FitInputs:
+    """What a fit works on: the model and the run's images, where it writes, and how it runs."""
+    model: torch.nn.Module
+    data: TrainingData
+    run_dir: Path
+    meta: dict  # the checkpoint meta (checkpoint_meta)
+    device: torch.device
+    accel: Accel
+    class_weights: torch.Tensor | None
+    init_bias: list | None  # the prior-bias init of the head (training/loss.py), or None
+    resumed: dict | None  # the resume state (training/resume.py), or None
+    started: float  # a budget.now() reading: `trainer.time_limit` counts from it
+
+
 def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: float, started: float) -> dict:
     """The stages of one run in its claimed `run_dir` (see `train`)."""
     main = distributed.is_main()
@@ -75,74 +85,51 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     generator = seed_everything(cfg.seed)
     if main:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    splits, root = distributed.from_main(lambda: build_data(cfg))  # DDP: rank 0 lists/probes, the others receive
-    splits, audit_report = distributed.from_main(lambda: data_audit.run_audit(
-        splits, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup, checks=cfg.audit, seed=cfg.seed,
-        min_side=data_audit.input_side(cfg), out_dir=run_dir))
-    if main:
-        write_split(run_dir, splits)  # split.csv: given back as dataset.manifest, this run's split exactly
-    b = cfg.backbone
-    with distributed.main_first():  # rank 0 fills the weights cache, the others then read it
-        model, weights_desc = backbone.build_backbone(name=b.name, num_classes=len(splits.classes),
-                                                      weights=b.weights, drop_rate=b.drop_rate,
-                                                      drop_path_rate=b.drop_path_rate, cache_dir=b.cache_dir)
-    model = distributed.convert_sync_bn(model, cfg.trainer.sync_bn, device)  # before freezing (frozen BN: eval)
-    imbalance = setup_imbalance(cfg, splits, model, run_dir)  # prior bias replaces the zero-init head bias
-    data_cfg = backbone.data_config(model, b.input_size or cfg.dataset.input_size)
-    if cfg.augment.grayscale_input:  # part of the preprocessing: the checkpoint's eval transform applies it too
-        data_cfg["grayscale_input"] = True
-    model.to(device)
-    a = cfg.augment
-    train_tf = augment.train_transform_from_cfg(data_cfg, a)
-    seed_transform(train_tf, cfg.seed + distributed.rank())  # albumentations ignores the global seeds
-    eval_tf = augment.build_eval_transform(data_cfg)
+    splits, root, audit_report = audited_data(cfg, run_dir)
+    model, weights_desc, imbalance, data = build_model_and_data(cfg, splits, run_dir, device)
     if cfg.audit.label_issues:  # the pretrained features judge the labels, before training changes them
         audit_report["label_issues"] = label_issues.find_candidates(
-            model, splits, cfg, device, eval_tf, weights_desc=weights_desc, image_cache=None)
+            model, splits, cached_fit.FeatureSource(cached_fit.extraction(cfg.features, cfg.trainer, device),
+                                                    cfg.backbone.name, data.eval_tf),
+            audit=cfg.audit, seed=cfg.seed, weights_desc=weights_desc)
     if main:
         write_json(run_dir / "audit.json", audit_report)  # now with the label issues, if looked for
         write_audit_sheets(run_dir, audit_report, cfg.dataset.max_pixels)  # beside audit.json
-    strategy_info = setup_strategy(cfg, model, splits, eval_tf, device, run_dir, resumed=resumed is not None)
+    strategy_info = setup_strategy(model, data, device, run_dir, strategy=cfg.strategy,
+                                   time_limited=cfg.trainer.time_limit is not None, resumed=resumed is not None)
     cached_path = cached_fit.use_cached_path(cfg.features, strategy_info["mode"])  # backbone once, head on features
     with distributed.main_first():
-        cache, cache_mode = build_image_cache(cfg, splits, data_cfg, repeated=not cached_path)
-        load = {"cache": cache, "skip_log": run_dir / RUNTIME_SKIP_LOG if main else None}
-    meta = checkpoint_meta(cfg, splits.classes, data_cfg, 0, {})
+        data.cache, cache_mode = build_image_cache(cfg.dataset, splits, data.data_cfg, repeated=not cached_path)
+        data.skip_log = run_dir / RUNTIME_SKIP_LOG if main else None
     weights = None if imbalance["class_weights"] == "none" else torch.tensor(list(imbalance["weights"].values()),
                                                                               dtype=torch.float32)
-    fit_args = dict(model=model, splits=splits, run_dir=run_dir, meta=meta, device=device, accel=accel,
-                    train_tf=train_tf, eval_tf=eval_tf, data_cfg=data_cfg, load=load, class_weights=weights,
-                    init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
-    result = fit_strategy(cfg, strategy_info, cached_path, generator, fit_args)
+    inputs = FitInputs(model=model, data=data, run_dir=run_dir, meta=checkpoint_meta(cfg, splits.classes,
+                                                                                      data.data_cfg),
+                       device=device, accel=accel, class_weights=weights,
+                       init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
+    result = fit_strategy(cfg, strategy_info, cached_path, generator, inputs)
     result["calibration"], result["best_val"] = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
-        cfg, run_dir, result["best_val"], lambda: make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load),
-        device, accel)
+        cfg.trainer, run_dir, result["best_val"], lambda: data.eval_loader(splits.val, device), device, accel)
     if "features" in result:
         strategy_info["features"] = result["features"]
-    metrics, evals = evaluate_best(cfg, run_dir, result, splits, eval_tf, data_cfg, device, accel, load)
-    runtime_skips = folder.read_skip_log(load["skip_log"]) if main else []  # files that failed in a DataLoader worker
+    metrics, evals = evaluate_best(cfg, result, inputs)
+    runtime_skips = folder.read_skip_log(data.skip_log) if main else []  # files that failed in a DataLoader worker
     splits.skipped += runtime_skips
     metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips), image_cache=cache_mode)
     metrics.update(history=result["history"], train_seconds=time.perf_counter() - start, device=str(device),
                    threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance)
-    if main:
-        plots.write_eval_reports(run_dir, metrics, evals, splits.classes, result["history"])
-        gallery.write_galleries(run_dir, evals, splits, splits.classes, n=cfg.trainer.top_losses,
-                                skipped=runtime_skips, rows=result.get("rows"))  # top_losses_<split>.png/.csv
     metrics.update(status="ok", **{k: strategy_info[k] for k in _STRATEGY_KEYS if k in strategy_info})
     metrics["resumed_from_epoch"] = resumed["epoch"] if resumed else None
-    model_info = {"backbone": b.name, "weights": weights_desc, "preprocessing": data_cfg, **strategy_info}
     if result.get("budget") is not None:  # trainer.time_limit: the plan, measured speeds, where the time went
         metrics["budget"] = result["budget"].report()
     if result.get("weight_averaging"):  # trainer.ema: which weights `best` holds, raw or the EMA
         metrics["weight_averaging"] = result["weight_averaging"]
     if main:
-        summary.write_run_files(run_dir, metrics, splits, cfg.dataset.name, str(Path(root).resolve()), model_info,
-                                extra_sections=summary.strategy_sections(strategy_info)
-                                + summary.budget_sections(metrics.get("budget"))
-                                + summary.calibration_sections(metrics.get("calibration"))
-                                + summary.averaging_sections(metrics.get("weight_averaging"), result["history"]),
-                                audit=audit_report)
+        model_info = {"backbone": cfg.backbone.name, "weights": weights_desc, "preprocessing": data.data_cfg,
+                      **strategy_info}
+        write_eval_files(cfg, run_dir, metrics, evals, result, splits, runtime_skips)
+        summary.write_run_files(run_dir, metrics, splits, dataset_name=cfg.dataset.name,
+                                root=str(Path(root).resolve()), model_info=model_info, audit=audit_report)
         resume.finish(run_dir, cfg.trainer.keep_last)
     _logger.info("Done in %.0f s: best epoch %d, val %s", metrics["train_seconds"], metrics["best_epoch"],
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})
@@ -150,35 +137,97 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     return metrics
 
 
-def fit_strategy(cfg: DictConfig, strategy_info: dict, cached_path: bool, generator, fit_args: dict) -> dict:
+def audited_data(cfg: DictConfig, run_dir: Path) -> tuple[folder.DatasetSplits, Path, dict]:
+    """The dataset listed, checked and split (DDP: rank 0 lists and checks, the others receive), then audited
+    (data/data_audit.py, `dataset.dedup` applied); rank 0 writes split.csv. Returns (splits, root, audit report)."""
+    d, b = cfg.dataset, cfg.backbone
+    splits, root = distributed.from_main(lambda: build_data(d, seed=cfg.seed))
+    splits, audit_report = distributed.from_main(lambda: data_audit.run_audit(
+        splits, name=d.name, root=root, dedup=d.dedup, checks=cfg.audit, seed=cfg.seed,
+        min_side=backbone.input_side(b.name, b.input_size or d.input_size)))
+    if distributed.is_main():
+        write_split(run_dir, splits)  # split.csv: given back as dataset.manifest, this run's split exactly
+    return splits, root, audit_report
+
+
+def build_model_and_data(cfg: DictConfig, splits: folder.DatasetSplits, run_dir: Path, device: torch.device):
+    """The backbone with its new head (on `device`), its weights' description, the imbalance plan (whose prior
+    bias replaces the zero-init head bias) and the run's TrainingData (transforms from the model's preprocessing;
+    the image cache comes later, once the strategy says whether images are read every epoch)."""
+    b = cfg.backbone
+    with distributed.main_first():  # rank 0 fills the weights cache, the others then read it
+        model, weights_desc = backbone.build_backbone(name=b.name, num_classes=len(splits.classes),
+                                                      weights=b.weights, drop_rate=b.drop_rate,
+                                                      drop_path_rate=b.drop_path_rate, cache_dir=b.cache_dir)
+    model = distributed.convert_sync_bn(model, cfg.trainer.sync_bn, device)  # before freezing (frozen BN: eval)
+    imbalance = setup_imbalance(cfg.loss, cfg.dataset.sampler, splits, model, run_dir)
+    data_cfg = backbone.data_config(model, b.input_size or cfg.dataset.input_size)
+    if cfg.augment.grayscale_input:  # part of the preprocessing: the checkpoint's eval transform applies it too
+        data_cfg["grayscale_input"] = True
+    model.to(device)
+    train_tf = augment.build_train_transform(data_cfg, augment.TrainAugment.from_group(cfg.augment))
+    seed_transform(train_tf, cfg.seed + distributed.rank())  # albumentations ignores the global seeds
+    data = TrainingData(splits, train_tf, augment.build_eval_transform(data_cfg), data_cfg,
+                        LoaderSettings.from_groups(cfg.trainer, cfg.dataset, cfg.seed))
+    return model, weights_desc, imbalance, data
+
+
+def checkpoint_meta(cfg: DictConfig, classes: list[str], data_cfg: dict) -> dict:
+    """The meta every checkpoint of the run carries (model/checkpoint.py); the fit sets epoch and val."""
+    return {"arch": cfg.backbone.name, "num_classes": len(classes), "class_names": classes,
+            "preprocessing": data_cfg, "epoch": 0, "val_metrics": {},
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def fit_strategy(cfg: DictConfig, strategy_info: dict, cached_path: bool, generator, inputs: FitInputs) -> dict:
     """auto under `trainer.time_limit` (budgeted/auto_budget.py: probe, planned fine-tune, paired selection), else
     the resolved mode's fit, its head from a probe where `strategy.head_init=probe`."""
-    a, mode = fit_args, strategy_info["mode"]
+    mode, data = strategy_info["mode"], inputs.data
     if not cached_path and auto_budget.applies(strategy_mode=cfg.strategy.mode, time_limit=cfg.trainer.time_limit,
                                                mode=mode):
         result, update = auto_budget.run(budget_settings(cfg), strategy_info["decision"], auto_budget.Job(
-            model=a["model"], splits=a["splits"], run_dir=a["run_dir"], meta=a["meta"], accel=a["accel"],
-            resumed=a["resumed"] is not None, started=a["started"],
-            fit_probe=lambda: probe_init.fit_probe(
-                a["model"], a["splits"], cfg, device=a["device"], eval_tf=a["eval_tf"], data_cfg=a["data_cfg"],
-                image_cache=a["load"]["cache"], class_weights=a["class_weights"], init_bias=a["init_bias"],
-                head=cfg.features.head),
-            fit_finetune=lambda boundary: run_fit(cfg, False, generator, boundary=boundary, **a),
-            timed_batch=lambda: timed_train_batch(a["splits"], a["train_tf"], cfg, a["load"]["cache"]),
-            eval_loss=build_losses(cfg.loss, a["class_weights"], a["device"])[1]))
+            model=inputs.model, splits=data.splits, run_dir=inputs.run_dir, meta=inputs.meta, accel=inputs.accel,
+            resumed=inputs.resumed is not None, started=inputs.started,
+            fit_probe=lambda: probe_init.fit_probe(inputs.model, data.splits, feature_source(cfg, inputs),
+                                                   head_fit(cfg, inputs, cfg.features.head)),
+            fit_finetune=lambda boundary: run_fit(cfg, False, generator, inputs, boundary=boundary),
+            timed_batch=lambda: timed_train_batch(data.splits, data.train_tf, data.settings, data.cache),
+            eval_loss=build_losses(cfg.loss, inputs.class_weights, inputs.device)[1]))
         strategy_info.update(update)
         return result
     if not cached_path:
-        probe = probe_init.init_head(a["model"], a["splits"], cfg, a["run_dir"], mode=mode, device=a["device"],
-                                     eval_tf=a["eval_tf"], data_cfg=a["data_cfg"], image_cache=a["load"]["cache"],
-                                     class_weights=a["class_weights"], init_bias=a["init_bias"],
-                                     resumed=a["resumed"] is not None)
+        probe = probe_init.init_head(
+            lambda head: probe_init.fit_probe(inputs.model, data.splits, feature_source(cfg, inputs),
+                                              head_fit(cfg, inputs, head)),
+            head_init=cfg.strategy.head_init, head=cfg.features.head, mode=mode, run_dir=inputs.run_dir,
+            resumed=inputs.resumed is not None)
         if probe is not None:
             strategy_info["head_init"] = probe.info
     boundary = None
     if not cached_path and cfg.trainer.boundary_cache == "always":
-        boundary = boundary_split_for(cfg, mode, a)
-    return run_fit(cfg, cached_path, generator, boundary=boundary, **a)
+        boundary = boundary_split_for(cfg, mode, inputs)
+    return run_fit(cfg, cached_path, generator, inputs, boundary=boundary)
+
+
+def feature_source(cfg: DictConfig, inputs: FitInputs, views: cached_fit.Views | None = None):
+    """Where a head's cached features come from (features/cached_fit.py): the run's backbone and images."""
+    data = inputs.data
+    return cached_fit.FeatureSource(
+        cached_fit.extraction(cfg.features, cfg.trainer, inputs.device, image_cache=data.cache,
+                              decode=cfg.dataset.decode, preprocessing=data.data_cfg),
+        cfg.backbone.name, data.eval_tf, views)
+
+
+def head_fit(cfg: DictConfig, inputs: FitInputs, head: str) -> cached_fit.HeadFit:
+    """How a `head` is fitted on cached features: `features.head_*`, the loss and the run's class weights."""
+    return cached_fit.HeadFit(head, cached_fit.head_training(cfg.features, cfg.trainer, cfg.optim, seed=cfg.seed,
+                                                             sampler=cfg.dataset.sampler),
+                              cfg.loss, inputs.class_weights, inputs.init_bias)
+
+
+def boundary_blocker(cfg: DictConfig, mode: str) -> str | None:
+    """Why a fine-tune in `mode` cannot train on cached boundary activations (training/boundary.py), or None."""
+    return boundary_module.boundary_blocker(mode, trainer=cfg.trainer, augment=cfg.augment, bn=cfg.strategy.bn)
 
 
 def budget_settings(cfg: DictConfig) -> auto_budget.Settings:
@@ -188,26 +237,26 @@ def budget_settings(cfg: DictConfig) -> auto_budget.Settings:
         time_limit=t.time_limit, monitor=t.monitor, min_epochs=a.min_epochs, select_alpha=a.select_alpha,
         similar_freeze_depth=a.similar_freeze_depth, shallow_unfreeze=a.shallow_unfreeze, bn=cfg.strategy.bn,
         boundary_cache=t.boundary_cache if boundary_blocker(cfg, "partial") is None else "never",
-        boundary_views=t.boundary_views, max_train_batches=t.max_train_batches, max_epochs=budget.max_epochs(t),
+        boundary_views=t.boundary_views, max_train_batches=t.max_train_batches, max_epochs=budget.max_epochs(t.epochs),
         seed=cfg.seed)
 
 
-def boundary_split_for(cfg: DictConfig, mode: str, a: dict):
+def boundary_split_for(cfg: DictConfig, mode: str, inputs: FitInputs):
     """`trainer.boundary_cache=always`: the model's boundary split (training/boundary.py), or None with why."""
-    blocker = boundary_blocker(cfg, mode)
-    got = None if blocker else timed_train_batch(a["splits"], a["eval_tf"], cfg, a["load"]["cache"])
+    blocker, data = boundary_blocker(cfg, mode), inputs.data
+    got = None if blocker else timed_train_batch(data.splits, data.eval_tf, data.settings, data.cache)
     split, why = (None, blocker or "no train image decoded") if got is None else \
-        boundary_module.split_at_boundary(a["model"], a["accel"].images(got[0][0][:2]))
+        boundary_module.split_at_boundary(inputs.model, inputs.accel.images(got[0][0][:2]))
     _logger.info("trainer.boundary_cache=always: %s", why if split is not None else f"not used ({why})")
     return split
 
 
-def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run_dir: Path, meta: dict, device,
-            accel, train_tf, eval_tf, data_cfg: dict, load: dict, class_weights, init_bias, resumed, started,
-            boundary=None) -> dict:
+def run_fit(cfg: DictConfig, cached_path: bool, generator, inputs: FitInputs, *, boundary=None) -> dict:
     """The cached linear probe (features/cached_fit.py) or the fine-tune fit (training/fit.py), under one SIGINT/SIGTERM
     handler: save last.pt (if not saved already) and say how to resume. `boundary`: a BoundarySplit
     (training/boundary.py): the fine-tune trains its top on cached activations at that boundary."""
+    data = inputs.data
+    splits = data.splits
     with interrupts.GracefulStop() as stop:
         if cached_path:
             mixing.log_cached_probe_ignores_mixing(cfg.augment)
@@ -217,24 +266,32 @@ def run_fit(cfg: DictConfig, cached_path: bool, generator, *, model, splits, run
             if cfg.trainer.ema:
                 _logger.info("trainer.ema does not apply to the cached linear probe (features.cached)")
             # its last.pt holds the config; a resume reuses the cached features and re-fits the head in seconds
-            return cached_fit.fit_cached(model, splits, cfg, run_dir, meta, device, eval_tf=eval_tf, train_tf=train_tf,
-                                         image_cache=load["cache"], class_weights=class_weights, init_bias=init_bias,
-                                         stop=stop)
+            views = cached_fit.Views(cfg.features.augmented_views, data.train_tf, cfg.augment, cfg.seed)
+            run_config = inputs.meta["config"]
+            written = cached_fit.CachedRun(inputs.run_dir, inputs.meta,
+                                           lambda: resume.save_cached_state(inputs.run_dir, run_config),
+                                           tracking.RunTracker(inputs.run_dir, cfg.trainer, run_config))
+            return cached_fit.fit_cached(inputs.model, splits, feature_source(cfg, inputs, views),
+                                         head_fit(cfg, inputs, cfg.features.head), written,
+                                         depths=cfg.features.depths, stop=stop)
         if boundary is not None:
-            loaders = make_boundary_loaders(boundary, splits, train_tf, eval_tf, cfg, accel=accel, **load)
+            loaders = boundary_module.make_boundary_loaders(boundary, data, views=cfg.trainer.boundary_views,
+                                                            accel=inputs.accel)
         else:
-            loaders = {"train": make_loader(splits.train, train_tf, cfg, train=True, generator=generator, **load),
-                       "val": make_eval_loader(splits.val, eval_tf, cfg, data_cfg, device, **load)}
+            loaders = {"train": data.train_loader(generator), "val": data.eval_loader(splits.val, inputs.device)}
             fork_workers_early(loaders["val"])  # before the first train step grows the heap
-        return fit(model, loaders, cfg, run_dir, meta, device, class_weights=class_weights, resume_state=resumed,
-                   stop=stop, accel=accel, started=started, net=boundary.top if boundary is not None else None,
-                   test_images=len(splits.test) if splits.test is not None else 0)
+        return fit(inputs.model, loaders,
+                   FitSettings(cfg.trainer, cfg.optim, cfg.strategy, cfg.augment, cfg.loss,
+                               compile_cache_dir=Path(cfg.data_dir) / "cache" / "inductor"),
+                   FitRun(inputs.run_dir, inputs.meta, resume_state=inputs.resumed, stop=stop, started=inputs.started,
+                          test_images=len(splits.test) if splits.test is not None else 0),
+                   accel=inputs.accel, class_weights=inputs.class_weights,
+                   net=boundary.top if boundary is not None else None)
 
 
-def evaluate_best(cfg: DictConfig, run_dir: Path, result: dict, splits, eval_tf, data_cfg: dict, device, accel,
-                  load: dict) -> tuple[dict, dict]:
+def evaluate_best(cfg: DictConfig, result: dict, inputs: FitInputs) -> tuple[dict, dict]:
     """(metrics with the best epoch's val and the best checkpoint's test, {split: (logits, labels)})."""
-    best_epoch = result["best_epoch"]
+    best_epoch, run_dir, splits, device = result["best_epoch"], inputs.run_dir, inputs.data.splits, inputs.device
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": best_epoch}
     if best_epoch == 0 and (run_dir / "best.json").is_file():  # auto's probe (epoch 0) stayed best
         metrics["val"] = checkpoint.read_checkpoint_meta(run_dir)["val_metrics"]
@@ -246,9 +303,10 @@ def evaluate_best(cfg: DictConfig, run_dir: Path, result: dict, splits, eval_tf,
     if splits.test is not None and len(splits.test):
         best_model, best_meta = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
         best_model = wrap_for_inference(best_model, best_meta)  # TTA + temperature: the shipped model's numbers
-        test_loader = make_eval_loader(splits.test, eval_tf, cfg, data_cfg, device, **load)
-        metrics["test"], *test_out = loop.evaluate(best_model.to(device), test_loader, result["eval_loss"], device,
-                                                   len(splits.classes), cfg.trainer.progress, "test", accel=accel)
+        test_loader = inputs.data.eval_loader(splits.test, device)
+        metrics["test"], *test_out = loop.evaluate(best_model.to(device), test_loader, result["eval_loss"],
+                                                   inputs.accel, len(splits.classes), progress=cfg.trainer.progress,
+                                                   desc="test")
         evals["test"] = tuple(test_out)
         metrics["val_test_gap"] = val_test_gap(*evals["val"], *evals["test"])
         if (metrics["val_test_gap"] or {}).get("shifted"):
@@ -259,10 +317,18 @@ def evaluate_best(cfg: DictConfig, run_dir: Path, result: dict, splits, eval_tf,
     return metrics, evals
 
 
+def write_eval_files(cfg: DictConfig, run_dir: Path, metrics: dict, evals: dict, result: dict, splits,
+                     runtime_skips: list) -> None:
+    """Rank 0's eval plots (they add the per-class metrics to `metrics`) and top-loss galleries."""
+    plots.write_eval_reports(run_dir, metrics, evals, splits.classes, result["history"])
+    gallery.write_galleries(run_dir, evals, splits, n=cfg.trainer.top_losses,
+                            skipped=runtime_skips, rows=result.get("rows"))  # top_losses_<split>.png/.csv
+
+
 def record_failure(cfg: DictConfig, error: Exception, seconds: float) -> None:
     """Write `metrics.json` with status=failed and the error, so a sweep report lists the failed run."""
     try:
-        run_dir = resolve_run_dir(cfg)
+        run_dir = resolve_run_dir(cfg.output_dir)
         if not run_lock.may_record_failure(run_dir):  # a finished run, a live one, or one this command was refused
             _logger.debug("Failure not recorded in %s: it holds a run this command did not own", run_dir)
             return

@@ -137,17 +137,29 @@ def epochs_that_fit(time_left_s: float, *, setup_s: float, epoch_s: float, final
     return max(0, min(max_epochs, math.floor(left / max(epoch_s, 1e-9)))) if left > 0 else 0
 
 
-def plan_finetune(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], *, depths: list[int], bn: str,
-                  accel: Accel, sizes: Sizes, time_left_s: float, load_s_per_image: float, min_epochs: int,
-                  boundary_cache: str, memory_bytes: int) -> Plan:
-    """Time each candidate depth (module doc, step 2) and plan the deepest that fits `min_epochs` epochs.
+@dataclass(frozen=True)
+class PlanRules:
+    """Which fine-tunes plan_finetune tries and what it plans: the candidate freeze `depths` under the `bn` policy,
+    each also on cached boundary activations unless `boundary_cache` is never (auto: only where the cache takes at
+    most BOUNDARY_MEMORY_SHARE of `memory_bytes`), and the `min_epochs` a planned one must fit."""
+    depths: list[int]
+    bn: str
+    boundary_cache: str
+    memory_bytes: int
+    min_epochs: int
+
+
+def plan_finetune(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], *, rules: PlanRules,
+                  accel: Accel, sizes: Sizes, time_left_s: float, load_s_per_image: float) -> Plan:
+    """Time each candidate depth (module doc, step 2) and plan the deepest that fits `rules.min_epochs` epochs.
     `batch`: one train batch (images, labels); `load_s_per_image`: the loader's seconds per train image."""
+    bn, boundary_cache, memory_bytes = rules.bn, rules.boundary_cache, rules.memory_bytes
     images, labels = batch
     per_batch_load = load_s_per_image * len(labels)
     twin = copy.deepcopy(model)  # timing moves BN statistics: the model itself stays as it is
     prepare_model(twin, accel)
     candidates, final_s = [], 0.0
-    for depth in depths:
+    for depth in rules.depths:
         freezing.freeze_to_depth(twin, depth, bn)
         t = time_train_step(twin, images, labels, accel)
         per_image = t["forward_s"] / t["batch"]
@@ -177,7 +189,7 @@ def plan_finetune(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tenso
             time_left_s, setup_s=setup_s, epoch_s=top_epoch_s, final_s=final_s, max_epochs=sizes.max_epochs),
             note=why))
     del twin
-    return choose(candidates, time_left_s, min(min_epochs, sizes.max_epochs))
+    return choose(candidates, time_left_s, min(rules.min_epochs, sizes.max_epochs))
 
 
 def choose(candidates: list[Candidate], time_left_s: float, min_epochs: int) -> Plan:
@@ -318,7 +330,7 @@ class Settings:
     similar_freeze_depth: int
     shallow_unfreeze: int
     bn: str
-    boundary_cache: str  # "never" where the run's settings rule it out (training/setup.py boundary_blocker)
+    boundary_cache: str  # "never" where the run's settings rule it out (training/boundary.py boundary_blocker)
     boundary_views: int
     max_train_batches: int
     max_epochs: int
@@ -419,6 +431,6 @@ def _make_plan(s: Settings, decision: dict, job: Job, got) -> Plan:
     steps = min(math.ceil(len(job.splits.train) / len(batch[1])), s.max_train_batches or math.inf)
     sizes = Sizes(len(job.splits.train), len(job.splits.val), len(job.splits.test) if job.splits.test else 0,
                   steps, s.boundary_views, s.max_epochs)
-    return plan_finetune(job.model, batch, depths=depths, bn=s.bn, accel=job.accel, sizes=sizes,
-                         time_left_s=time_left, load_s_per_image=load_s, min_epochs=s.min_epochs,
-                         boundary_cache=s.boundary_cache, memory_bytes=memory_budget().per_rank)
+    rules = PlanRules(depths, s.bn, s.boundary_cache, memory_budget().per_rank, s.min_epochs)
+    return plan_finetune(job.model, batch, rules=rules, accel=job.accel, sizes=sizes, time_left_s=time_left,
+                         load_s_per_image=load_s)

@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
 import albumentations as A
@@ -164,36 +165,61 @@ def _photometric(fill: tuple, *, color_jitter: float, blur: float, coarse_dropou
     return colour, late
 
 
-def build_train_transform(data_cfg: dict, *, preset: str = "light", scale_min: float = 0.5, hflip: bool = True,
-                          vflip: bool = False, rot90: bool = False, color_jitter: float = 0.0, rotate: float = 0.0,
-                          translate: float = 0.0, shear: float = 0.0, coarse_dropout: float = 0.0, blur: float = 0.0,
-                          grayscale_input: bool = False, auto_augment: str = "none", random_erasing: float = 0.0,
-                          extra: Iterable[dict] = ()) -> A.Compose:
+@dataclass(frozen=True)
+class TrainAugment:
+    """The train transform's knobs: the per-image keys of the `augment` group (conf/augment/*.yaml; mixup and
+    cutmix mix whole batches: training/mixing.py). The defaults are the builder's, for benches and tests."""
+    preset: str = "light"
+    scale_min: float = 0.5
+    hflip: bool = True
+    vflip: bool = False
+    rot90: bool = False
+    color_jitter: float = 0.0
+    rotate: float = 0.0
+    translate: float = 0.0
+    shear: float = 0.0
+    coarse_dropout: float = 0.0
+    blur: float = 0.0
+    grayscale_input: bool = False
+    auto_augment: str = "none"
+    random_erasing: float = 0.0
+    extra: tuple = ()  # albumentations ops as {name: ..., **kwargs} (build_extra)
+
+    @classmethod
+    def from_group(cls, augment: Any) -> "TrainAugment":
+        """The knobs of an `augment` config group (AugmentConfig node or dict); its batch-level keys are left."""
+        knobs = {f.name: _plain(augment[f.name]) for f in fields(cls) if f.name in augment}
+        return cls(**{**knobs, "extra": tuple(knobs.get("extra", ()))})
+
+
+def build_train_transform(data_cfg: dict, knobs: TrainAugment = TrainAugment()) -> A.Compose:
     """Training pipeline; `preset=none` is the deterministic eval transform (domain knobs still apply).
 
     `auto_augment` (none | trivial | randaugment) runs after the geometric ops; `random_erasing` is the probability
     of A.Erasing (timm's defaults: 2-33% of the area, aspect 0.3-3.3, per-pixel random fill) before normalisation.
     """
-    if preset == "none":
-        return build_eval_transform(data_cfg, grayscale_input=grayscale_input)
+    k = knobs
+    if k.preset == "none":
+        return build_eval_transform(data_cfg, grayscale_input=k.grayscale_input)
     size = _size(data_cfg)
     interp = INTERPOLATION.get(data_cfg.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
-    ops: list = [A.RandomResizedCrop(size=(size, size), scale=(scale_min, 1.0), interpolation=interp,
+    ops: list = [A.RandomResizedCrop(size=(size, size), scale=(k.scale_min, 1.0), interpolation=interp,
                                      area_for_downscale="image")]
-    ops += [A.HorizontalFlip(p=0.5)] if hflip else []
-    ops += [A.VerticalFlip(p=0.5)] if vflip else []
-    ops += [A.RandomRotate90(p=1.0)] if rot90 else []
-    if rotate or translate or shear:
-        ops.append(A.Affine(rotate=(-rotate, rotate), translate_percent=(-translate, translate), shear=(-shear, shear),
-                            interpolation=interp, border_mode=cv2.BORDER_REFLECT_101, p=0.5))
+    ops += [A.HorizontalFlip(p=0.5)] if k.hflip else []
+    ops += [A.VerticalFlip(p=0.5)] if k.vflip else []
+    ops += [A.RandomRotate90(p=1.0)] if k.rot90 else []
+    if k.rotate or k.translate or k.shear:
+        ops.append(A.Affine(rotate=(-k.rotate, k.rotate), translate_percent=(-k.translate, k.translate),
+                            shear=(-k.shear, k.shear), interpolation=interp, border_mode=cv2.BORDER_REFLECT_101,
+                            p=0.5))
     fill = tuple(int(round(255 * m)) for m in data_cfg["mean"])
-    if auto_augment != "none":
-        ops.append(AutoAugment(auto_augment, fill=fill, interpolation="bilinear"))
-    colour, late = _photometric(fill, color_jitter=color_jitter, blur=blur, coarse_dropout=coarse_dropout)
-    ops += colour + build_extra(extra)
-    if random_erasing:  # before ToGray: a grey-input image stays grey
-        ops.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), fill="random", p=random_erasing))
-    ops += [A.ToGray(num_output_channels=3, p=1.0)] if grayscale_input else []
+    if k.auto_augment != "none":
+        ops.append(AutoAugment(k.auto_augment, fill=fill, interpolation="bilinear"))
+    colour, late = _photometric(fill, color_jitter=k.color_jitter, blur=k.blur, coarse_dropout=k.coarse_dropout)
+    ops += colour + build_extra(k.extra)
+    if k.random_erasing:  # before ToGray: a grey-input image stays grey
+        ops.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), fill="random", p=k.random_erasing))
+    ops += [A.ToGray(num_output_channels=3, p=1.0)] if k.grayscale_input else []
     return A.Compose(ops + late + _normalize(data_cfg))
 
 
@@ -204,13 +230,3 @@ def _plain(node: Any) -> Any:
     if isinstance(node, Sequence) and not isinstance(node, str):
         return [_plain(v) for v in node]
     return node
-
-
-def train_transform_from_cfg(data_cfg: dict, augment_cfg: Any) -> A.Compose:
-    """build_train_transform with the knobs of an `augment` config node (DictConfig or dict).
-
-    Keys this builder does not take (batch-level options of other stages) are left alone.
-    """
-    knobs = _plain(augment_cfg)
-    accepted = inspect.signature(build_train_transform).parameters
-    return build_train_transform(data_cfg, **{k: v for k, v in knobs.items() if k in accepted})

@@ -16,9 +16,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
+from pipeline.config.schema import AuditConfig
 from pipeline.data import near_duplicates, shortcuts
 from pipeline.data.folder import DatasetSplits, Split
-from pipeline.runtime.files import write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def trust_checks(data: DatasetSplits, checks, seed: int) -> dict:
 
 
 def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | Path] = None,
-                  min_side: int = 0, checks=None, seed: int = 0) -> dict:
+                  min_side: int = 0, checks: AuditConfig | None = None, seed: int = 0) -> dict:
     """The audit report (a JSON-ready dict) of loaded splits; see module docstring. `checks` (the `audit`
     config group) adds near-duplicates and shortcuts."""
     dups = find_duplicates(data)
@@ -193,10 +193,10 @@ def drop_eval_duplicates(data: DatasetSplits, report: dict, mode: str = "drop_fr
     return dataclasses.replace(data, val=keep(data.val), test=keep(data.test))
 
 
-def run_audit(data: DatasetSplits, *, name: str, root, dedup: str, checks, seed: int, min_side: int = 0,
-              out_dir: Optional[Path] = None) -> tuple[DatasetSplits, dict]:
-    """Audit, log the findings (leakage and shortcuts loudly), apply `dataset.dedup`, write `out_dir/audit.json`.
-    `checks`: the `audit` config group."""
+def run_audit(data: DatasetSplits, *, name: str, root, dedup: str, checks: AuditConfig, seed: int,
+              min_side: int = 0) -> tuple[DatasetSplits, dict]:
+    """Audit, log the findings (leakage and shortcuts loudly) and apply `dataset.dedup`; returns the kept splits
+    and the report (the caller writes it as audit.json, with what it adds)."""
     report = audit_dataset(data, name=name, root=root, min_side=min_side, checks=checks, seed=seed)
     s = report["summary"]
     near = dedup == "drop_near_from_eval" and s["eval_files_near_leaked"]
@@ -204,17 +204,4 @@ def run_audit(data: DatasetSplits, *, name: str, root, dedup: str, checks, seed:
         data = drop_eval_duplicates(data, report, dedup)
     for line in report["warnings"]:
         (_logger.error if line.startswith(("DATA LEAKAGE", "SHORTCUT")) else _logger.warning)(line)
-    if out_dir is not None:
-        write_json(Path(out_dir) / "audit.json", report)
     return data, report
-
-
-def input_side(cfg) -> int:
-    """The model's input side from the config, without building the model."""
-    import timm
-
-    side = cfg.backbone.get("input_size") or cfg.dataset.get("input_size")
-    if side:
-        return int(side)
-    pretrained = timm.models.get_pretrained_cfg(cfg.backbone.name)
-    return int(pretrained.input_size[-1]) if pretrained else 224

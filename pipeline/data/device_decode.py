@@ -82,13 +82,14 @@ def preprocess(image: torch.Tensor, data_cfg: dict) -> torch.Tensor:
 
 
 class DeviceBatches:
-    """Eval batches `(images on device, labels[, split indices])` of `split`, preprocessed on `device`; an
-    undecodable file is skipped with a warning, as the CPU loader's collate does."""
+    """Eval batches `(images on device, labels)` of `split`, preprocessed on `device`; with `indices`, of those
+    images only, each batch then `(images, labels, their split indices)`. An undecodable file is skipped with a
+    warning, as the CPU loader's collate does."""
 
     def __init__(self, split: Split, data_cfg: dict, device: torch.device, batch_size: int, *,
-                 max_pixels: int, with_index: bool = False, indices: list[int] | None = None, skip_log=None):
+                 max_pixels: int, indices: list[int] | None = None, skip_log=None):
         self.split, self.data_cfg, self.device, self.batch_size = split, data_cfg, device, batch_size
-        self.max_pixels, self.with_index, self.skip_log = max_pixels, with_index, skip_log
+        self.max_pixels, self.with_index, self.skip_log = max_pixels, indices is not None, skip_log
         self.dataset = split  # as a DataLoader's: len(loader.dataset) is the number of images
         self.indices = list(range(len(split))) if indices is None else list(indices)
 

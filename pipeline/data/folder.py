@@ -6,7 +6,7 @@ import json
 import logging
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -81,11 +81,29 @@ def _too_few(listing: Listing, held: dict[str, int], n: int, fractions: dict[str
             f"({keys}, at least one per class each) would leave classes without train images; {fix}")
 
 
-def check_layout(root: Path, *, train_split: str, val_split: str, val_fraction: float, min_per_class: int,
-                 test_split: str = "test", test_fraction: float = 0.0, manifest: Optional[str] = None) -> None:
+@dataclass(frozen=True)
+class SplitLayout:
+    """Where the splits come from: folder names (or a manifest CSV) and the fractions drawn where none is given."""
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    manifest: Optional[str] = None
+
+    @classmethod
+    def from_group(cls, dataset) -> "SplitLayout":
+        """The layout keys of a `dataset` config group (DatasetConfig node or dict)."""
+        return cls(**{f.name: dataset[f.name] for f in fields(cls) if f.name in dataset})
+
+    def listing(self, root: str | Path) -> Listing:
+        return list_source(root, train_split=self.train_split, val_split=self.val_split,
+                           test_split=self.test_split, manifest=self.manifest)
+
+
+def check_layout(root: Path, layout: SplitLayout, *, min_per_class: int) -> None:
     """Before probing: every class has >= min_per_class image files, and the splits to draw leave some in train."""
-    listing = list_source(root, train_split=train_split, val_split=val_split, test_split=test_split,
-                          manifest=manifest)
+    listing = layout.listing(root)
     classes = listing.classes
     if len(classes) < 2:
         return  # load_imagefolder reports it with the expected layout
@@ -95,15 +113,16 @@ def check_layout(root: Path, *, train_split: str, val_split: str, val_fraction: 
     small = {c: counts.get(i, 0) for i, c in enumerate(classes) if counts.get(i, 0) < need}
     if small:
         raise ConfigError(f"Classes with fewer than {need} train image file(s) in {listing.where}: {small}; add "
-                          f"images, remove those {'rows' if manifest else 'folders'}"
+                          f"images, remove those {'rows' if layout.manifest else 'folders'}"
                           f"{' or lower dataset.min_per_class' if need > 1 else ''}")
     left, held = len(paths), {}
-    for name, share in split_plan(set(listing.splits), val_fraction, test_fraction):
+    for name, share in split_plan(set(listing.splits), layout.val_fraction, layout.test_fraction):
         held[name] = max(int(round(share * left)), len(classes))
         left -= held[name]
     if held and left < len(classes):
-        raise ConfigError(_too_few(listing, held, len(paths), {"val": val_fraction, "test": test_fraction},
-                                   {"val": val_split, "test": test_split}))
+        raise ConfigError(_too_few(listing, held, len(paths),
+                                   {"val": layout.val_fraction, "test": layout.test_fraction},
+                                   {"val": layout.val_split, "test": layout.test_split}))
 
 
 def map_interruptible(fn: Callable, items: list, workers: int) -> list:
@@ -180,14 +199,11 @@ def stratified_split(split: Split, val_fraction: float, seed: int, groups: Optio
             pick([i for i in range(len(split)) if rep_of[i] in held]))
 
 
-def load_imagefolder(root: str | Path, *, train_split: str = "train", val_split: str = "val",
-                     test_split: str = "test", val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 42,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, min_per_class: int = 1, workers: int = 8,
-                     manifest: Optional[str] = None) -> DatasetSplits:
+def load_imagefolder(root: str | Path, layout: SplitLayout = SplitLayout(), *, seed: int = 42,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, min_per_class: int = 1, workers: int = 8) -> DatasetSplits:
     """Read a dataset (`list_source`: train/ tree, class folders or manifest), drop files that are not usable
     images, and draw the val (and, with test_fraction > 0, test) split the data does not give, stratified."""
-    listing = list_source(root, train_split=train_split, val_split=val_split, test_split=test_split,
-                          manifest=manifest)
+    listing = layout.listing(root)
     classes = listing.classes
     if len(classes) < 2:
         raise ConfigError(f"{listing.where} has {len(classes)} class(es); a classifier needs at least 2 "
@@ -201,14 +217,14 @@ def load_imagefolder(root: str | Path, *, train_split: str = "train", val_split:
     if too_small:
         raise ConfigError(f"Classes with fewer than {max(1, min_per_class)} readable train image(s) in "
                           f"{listing.where}: {too_small}; add images or remove those "
-                          f"{'rows' if manifest else 'folders'}")
-    given = {"train_folder": {"val": val_split, "test": test_split}}.get(listing.kind, {})
+                          f"{'rows' if layout.manifest else 'folders'}")
+    given = {"train_folder": {"val": layout.val_split, "test": layout.test_split}}.get(listing.kind, {})
     sources = {name: given.get(name, "manifest split column") for name in loaded if name != "train"}
     pool = "train" if listing.kind == "train_folder" or len(listing.splits) > 1 else "all images"
-    for name, share in split_plan(set(loaded), val_fraction, test_fraction):
+    for name, share in split_plan(set(loaded), layout.val_fraction, layout.test_fraction):
         hashes = [files[p].get("sha1") or p for p in loaded["train"].paths]  # identical files stay on one side
         loaded["train"], loaded[name] = stratified_split(loaded["train"], share, seed, groups=hashes, name=name)
-        sources[name] = f"stratified {val_fraction if name == 'val' else test_fraction:.0%} of {pool}"
+        sources[name] = f"stratified {layout.val_fraction if name == 'val' else layout.test_fraction:.0%} of {pool}"
     if skipped:
         _logger.warning("Skipped %d file(s) that are not readable images (listed in the run report)", len(skipped))
     return DatasetSplits(classes, loaded["train"], loaded["val"], loaded.get("test"), sources["val"], skipped, files,

@@ -1,4 +1,5 @@
-"""Where dataset roots come from: the embedded digits set, downloads for online users, clear errors."""
+"""Where dataset roots come from: the embedded digits set and downloads for online users (data/build.py
+chooses between them and a folder on disk)."""
 from __future__ import annotations
 
 import logging
@@ -12,9 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data.listing import find_classes
-from pipeline.data.manifest import manifest_file
-from pipeline.errors import ConfigError, MissingFileError
+from pipeline.errors import MissingFileError
 from pipeline.runtime.files import staged_dir
 
 _logger = logging.getLogger(__name__)
@@ -77,26 +76,3 @@ def download_and_extract(url: str, root: Path, hint: str = "") -> Path:
         else:  # flat archive of class folders -> make it the train split
             os.replace(tree, staged / "train")
     return root
-
-
-def prepare_root(*, name: str, root: str | None, source: str = "folder", image_size: int = 64,
-                 url: str | None = None, download: bool = False, download_hint: str = "",
-                 train_split: str = "train", manifest: str | None = None) -> Path:
-    """The dataset root: `root/train/<class>/` or `root/<class>/` (data/listing.py), generated or downloaded when
-    configured; with `manifest`, the CSV's folder (its relative paths start there)."""
-    if manifest:
-        return manifest_file(manifest).parent
-    if root in (None, "", "???"):
-        raise ConfigError(f"dataset '{name}' needs a root: add dataset.root=/path/to/images "
-                          "(or dataset.manifest=/path/file.csv)")
-    path = Path(root).expanduser()
-    if source == "digits":
-        return write_digits_imagefolder(path, image_size)
-    if (path / train_split).is_dir() or (path.is_dir() and find_classes(path)):
-        return path
-    if download and url:
-        return download_and_extract(url, path, download_hint)
-    hint = download_hint or ("point dataset.root at a folder of class folders (<class>/<image> or "
-                             f"{train_split}/<class>/<image>), or set dataset.manifest=/path/file.csv")
-    raise MissingFileError(f"Dataset '{name}' not found at {path.resolve()} (no class folders, no {train_split}/ "
-                           f"folder): {hint}")

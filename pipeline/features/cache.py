@@ -13,10 +13,10 @@ import hashlib
 import json
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,12 +27,11 @@ from pipeline.data.device_decode import DeviceBatches
 from pipeline.data.folder import ImageDataset, Split, collate_skip_none
 from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.errors import OutputError, PipelineError
-from pipeline.model.inference import run_batches
-from pipeline.model.multidepth import pooled_features
+from pipeline.model.multidepth import HEAD
 from pipeline.runtime import distributed
-from pipeline.runtime.devices import Accel
 from pipeline.runtime.files import write_atomic, write_json
 from pipeline.runtime.seeding import seed_transform, seed_worker
+from pipeline.transfer.separability import extract_features
 
 _logger = logging.getLogger(__name__)
 
@@ -59,9 +58,31 @@ def files_hash(paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+def model_key(arch: str, model: torch.nn.Module, transform) -> dict:
+    """The key parts of features of backbone `arch` (its weights hashed) under `transform` (albumentations' repr lists
+    every op with its arguments: the preprocessing part of the key)."""
+    return {"arch": arch, "weights": weights_hash(model), "transform": repr(transform)}
+
+
 def cache_key(parts: dict) -> str:
     """Stable short hash of a JSON-able description of the features."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """How `load_or_extract` extracts: the feature `levels` (default: the pre-logits), on `device`, in batches of
+    `batch_size` with `num_workers` DataLoader workers, `channels_last`, images through `image_cache`, entries under
+    `cache_dir` (None: no disk cache). `device_preprocessing` (a data config; `dataset.decode=gpu`): decode and
+    preprocess on `device` instead of running the transform on the CPU (data/device_decode.py; part of the key)."""
+    device: torch.device
+    cache_dir: str | Path | None
+    levels: Sequence = (HEAD,)
+    batch_size: int = 64
+    num_workers: int = 0
+    channels_last: bool = False
+    image_cache: Any = None
+    device_preprocessing: dict | None = None
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -77,24 +98,6 @@ class _Indexed(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.base[i]
         return None if item is None else (*item, i)
-
-
-def extract(model: torch.nn.Module, loader, levels: Sequence, device: torch.device,
-            channels_last: bool = False) -> dict:
-    """Pooled features of every decodable sample in `loader` (eval mode), their labels and split indices, with
-    speed. Empty tensors when nothing decoded (a DDP shard may hold nothing; callers check the whole split)."""
-    model.eval()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    start = time.perf_counter()
-    feats, labels, extras = run_batches(lambda x: pooled_features(model, x, levels), loader,
-                                        Accel(device, channels_last=channels_last))
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)
-    seconds = time.perf_counter() - start
-    index = extras[0].long() if extras else torch.zeros(0, dtype=torch.long)
-    return {"features": feats, "labels": labels, "index": index, "seconds": seconds,
-            "img_per_s": len(labels) / max(seconds, 1e-9)}
 
 
 def _check_decoded(out: dict, split: Split, name: str) -> dict:
@@ -120,47 +123,44 @@ def threaded_batches(dataset, indices: list[int], batch_size: int, threads: int)
             yield batch
 
 
-def load_or_extract(model: torch.nn.Module, split: Split, transform, *, levels: Sequence, key_parts: dict,
-                    cache_dir: str | Path | None, device: torch.device, batch_size: int = 64, num_workers: int = 0,
-                    channels_last: bool = False, image_cache=None, name: str = "features",
-                    seed: int | None = None, device_preprocessing: dict | None = None) -> dict:
-    """Cached features for `split` under `transform` (see the module doc); `cache_dir=None` disables the cache.
+def load_or_extract(model: torch.nn.Module, split: Split, transform, how: Extraction, *, key_parts: dict,
+                    name: str = "features", seed: int | None = None) -> dict:
+    """Cached features for `split` under `transform`, extracted as `how` says (see the module doc).
     `seed`: a random (augmenting) transform is seeded from it, in the main process or per worker.
-    `device_preprocessing` (a data config; `dataset.decode=gpu`): decode and preprocess on `device` instead of
-    running `transform` on the CPU (data/device_decode.py; part of the cache key).
 
     Under torchrun rank 0 reads the cache (and broadcasts it), or each rank extracts a contiguous shard,
     the shards are gathered and rank 0 writes the entry.
     Returns {features, labels, index, hit, key, seconds, img_per_s}."""
-    parts = {**key_parts, "levels": [str(v) for v in levels], "files": files_hash(split.paths),
-             **({"decode": "device"} if device_preprocessing else {})}
+    parts = {**key_parts, "levels": [str(v) for v in how.levels], "files": files_hash(split.paths),
+             **({"decode": "device"} if how.device_preprocessing else {})}
     key = cache_key(parts)
-    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
+    path = Path(how.cache_dir) / f"{key}.safetensors" if how.cache_dir else None
     entry = distributed.from_main(lambda: _read_entry(path))
     if entry is not None:
         t, info = entry
         _logger.info("Feature cache hit (%s): %s, %d x %d", name, path, *t["features"].shape)
         return {**t, "hit": True, "key": key, "seconds": 0.0, "img_per_s": info.get("img_per_s", float("nan")),
                 "extracted_seconds": info.get("seconds", float("nan"))}
-    dataset = _Indexed(ImageDataset(split, transform, cache=image_cache))
+    dataset = _Indexed(ImageDataset(split, transform, cache=how.image_cache))
     shard = sampler.distributed_sampler(len(dataset), None, train=False, rank=distributed.rank(),
                                         world=distributed.world_size())
-    if device_preprocessing is not None and seed is None:
+    if how.device_preprocessing is not None and seed is None:
         indices = list(shard) if shard is not None else list(range(len(dataset)))
-        loader = DeviceBatches(split, device_preprocessing, device, batch_size, max_pixels=DEFAULT_MAX_PIXELS,
-                               with_index=True, indices=indices)
-    elif num_workers == 0 and seed is None:  # a deterministic transform: safe to run in threads, in any order
+        loader = DeviceBatches(split, how.device_preprocessing, how.device, how.batch_size,
+                               max_pixels=DEFAULT_MAX_PIXELS, indices=indices)
+    elif how.num_workers == 0 and seed is None:  # a deterministic transform: safe to run in threads, in any order
         indices = list(shard) if shard is not None else list(range(len(dataset)))
-        loader = threaded_batches(dataset, indices, batch_size, threads=torch.get_num_threads())
+        loader = threaded_batches(dataset, indices, how.batch_size, threads=torch.get_num_threads())
     else:
         seeded = {}
         if seed is not None:
             seed_transform(transform, seed)  # used as is when num_workers=0; workers reseed their copy
             seeded = dict(generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=shard,
-                                             num_workers=num_workers, collate_fn=collate_skip_none,
+        loader = torch.utils.data.DataLoader(dataset, batch_size=how.batch_size, shuffle=False, sampler=shard,
+                                             num_workers=how.num_workers, collate_fn=collate_skip_none,
                                              persistent_workers=False, **seeded)
-    out = _check_decoded(_gather(extract(model, loader, levels, device, channels_last)), split, name)
+    out = extract_features(model, loader, how.levels, how.device, how.channels_last)
+    out = _check_decoded(_gather(out), split, name)
     _logger.info("Feature cache miss (%s): extracted %d x %d in %.1f s (%.1f img/s)", name,
                  *out["features"].shape, out["seconds"], out["img_per_s"])
     if path is not None and distributed.is_main():
@@ -193,7 +193,7 @@ def _read_entry(path: Path | None) -> tuple[dict, dict] | None:
 
 
 def _gather(out: dict) -> dict:
-    """DDP: the ranks' shards of `extract` concatenated in rank order (= split order); speed over all ranks."""
+    """DDP: the ranks' shards of `extract_features` concatenated in rank order (= split order); speed over all ranks."""
     if not distributed.is_distributed():
         return out
     parts = [p for p in distributed.all_gather_object(out) if len(p["labels"])] or [out]

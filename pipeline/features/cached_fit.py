@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from pipeline.config.schema import AugmentConfig, FeaturesConfig, LossConfig, OptimConfig, TrainerConfig
 from pipeline.data.device_decode import resolve_decode
 from pipeline.features import heads
-from pipeline.features.cache import load_or_extract, weights_hash
+from pipeline.features.cache import Extraction, load_or_extract, model_key
 from pipeline.model import checkpoint
 from pipeline.model.multidepth import HEAD, check_levels_need_cache, level_dims, resolve_levels, uses_plain_head
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_json
-from pipeline.training import interrupts, loss, resume, tracking
+from pipeline.training import interrupts, loss, tracking
 from pipeline.transfer.logme import logme_score
 
 _logger = logging.getLogger(__name__)
@@ -57,54 +60,110 @@ def extraction_workers(setting, trainer_workers: int, device: torch.device) -> i
     return setting
 
 
-def extract_all(model, splits, cfg: DictConfig, levels: list, *, eval_tf, train_tf, device, image_cache,
-                preprocessing: dict, augmented_views: int | None = None) -> dict:
-    """Cached features of train, val, and `augmented_views` (default `features.augmented_views`) augmented passes
-    over train; the plain passes decode on the device when `dataset.decode` resolves to gpu (data/device_decode.py)."""
-    f, t = cfg.features, cfg.trainer
-    augmented_views = f.augmented_views if augmented_views is None else augmented_views
-    on_device = resolve_decode(cfg.dataset.decode, device) == "gpu"
-    # albumentations' repr lists every op with its arguments: the preprocessing part of the key
-    key_parts = {"arch": cfg.backbone.name, "weights": weights_hash(model), "transform": repr(eval_tf)}
-    common = dict(levels=levels, cache_dir=f.cache_dir or None, device=device, batch_size=t.eval_batch_size,
-                  num_workers=extraction_workers(f.num_workers, t.num_workers, device),
-                  channels_last=f.channels_last, image_cache=image_cache)
-    plain = dict(key_parts=key_parts, device_preprocessing=preprocessing if on_device else None, **common)
-    out = {"train": load_or_extract(model, splits.train, eval_tf, name="train", **plain),
-           "val": load_or_extract(model, splits.val, eval_tf, name="val", **plain), "views": []}
-    augment = OmegaConf.to_container(cfg.augment, resolve=True)
-    for view in range(1, augmented_views + 1):
-        parts = {**key_parts, "augment": augment, "view": view, "seed": cfg.seed,
-                 "workers": common["num_workers"], "train_transform": str(train_tf)}
-        out["views"].append(load_or_extract(model, splits.train, train_tf, key_parts=parts,
-                                            name=f"train view {view}", seed=cfg.seed + view, **common))
+@dataclass(frozen=True)
+class Views:
+    """The augmented passes over train (features.augmented_views): `count` of them under `transform`, pass k seeded
+    from `seed` + k; the `augment` group goes into their cache key."""
+    count: int
+    transform: object
+    augment: AugmentConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """Where a head's cached features come from: extracted as `how` says (the levels are set per fit), keyed by the
+    backbone `arch` and the eval transform `eval_tf` of the plain passes (train, val); `views`: augmented passes over
+    train (none for the probe)."""
+    how: Extraction
+    arch: str
+    eval_tf: object
+    views: Views | None = None
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    """How a head is fitted on cached features: `head` (auto | linear | logistic: heads.resolve_head), the linear
+    head's `training`, the `loss` group, the run's `class_weights` and prior bias `init_bias`."""
+    head: str
+    training: heads.HeadTraining
+    loss: LossConfig
+    class_weights: torch.Tensor | None = None
+    init_bias: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class CachedRun:
+    """The run dir the cached linear probe writes: `run_dir`, the `best` checkpoint's `meta`, `save_state()` writing
+    its last.pt (resume.save_cached_state) and the `tracker` of the head's epochs (tracking.RunTracker, entered
+    here)."""
+    run_dir: Path
+    meta: dict
+    save_state: Callable[[], None]
+    tracker: tracking.RunTracker
+
+
+def extraction(features: FeaturesConfig, trainer: TrainerConfig, device: torch.device, *, image_cache=None,
+               decode: str = "cpu", preprocessing: dict | None = None) -> Extraction:
+    """The feature cache's settings (pre-logits) from the `features` and `trainer` groups; the plain passes decode
+    and preprocess (data config `preprocessing`) on the device where `decode` (dataset.decode) resolves to gpu
+    (data/device_decode.py)."""
+    on_device = resolve_decode(decode, device) == "gpu"
+    return Extraction(device=device, cache_dir=features.cache_dir or None, batch_size=trainer.eval_batch_size,
+                      num_workers=extraction_workers(features.num_workers, trainer.num_workers, device),
+                      channels_last=features.channels_last, image_cache=image_cache,
+                      device_preprocessing=preprocessing if on_device else None)
+
+
+def head_training(features: FeaturesConfig, trainer: TrainerConfig, optim: OptimConfig, *, seed: int,
+                  sampler: str) -> heads.HeadTraining:
+    """The linear head's training: its own budget (features.head_*), not the fine-tune's epochs; `sampler`:
+    dataset.sampler."""
+    return heads.HeadTraining(epochs=features.head_epochs, batch_size=trainer.batch_size, lr=optim.lr,
+                              weight_decay=optim.weight_decay, monitor=trainer.monitor,
+                              patience=features.head_patience, seed=seed, sampler=sampler)
+
+
+def extract_all(model, splits, source: FeatureSource, levels: list) -> dict:
+    """Cached features of `levels` of train, val (`source.eval_tf`) and the augmented `source.views` over train;
+    the plain passes decode on the device where `source.how` says so (data/device_decode.py)."""
+    how = replace(source.how, levels=levels)
+    key_parts = model_key(source.arch, model, source.eval_tf)
+    out = {"train": load_or_extract(model, splits.train, source.eval_tf, how, key_parts=key_parts, name="train"),
+           "val": load_or_extract(model, splits.val, source.eval_tf, how, key_parts=key_parts, name="val"),
+           "views": []}
+    views = source.views
+    if views is None:
+        return out
+    augment, how = OmegaConf.to_container(views.augment, resolve=True), replace(how, device_preprocessing=None)
+    for view in range(1, views.count + 1):
+        parts = {**key_parts, "augment": augment, "view": view, "seed": views.seed,
+                 "workers": how.num_workers, "train_transform": str(views.transform)}
+        out["views"].append(load_or_extract(model, splits.train, views.transform, how, key_parts=parts,
+                                            name=f"train view {view}", seed=views.seed + view))
     return out
 
 
-def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weights, init_bias, *,
-               standardize: bool, on_epoch=None, head: str | None = None) -> dict:
-    """Train the `head` (default `features.head`; auto resolved by heads.resolve_head; on standardised features if
-    `standardize` or logistic, the scaler folded back in): the linear one for `features.head_epochs` /
-    `head_patience`; `on_epoch(history)` after each epoch (the logistic head has one).
+def train_head(data: heads.HeadData, fit: HeadFit, *, standardize: bool, on_epoch=None) -> dict:
+    """Train the `fit.head` (auto resolved by heads.resolve_head; on standardised features if `standardize` or
+    logistic, the scaler folded back in): the linear one as `fit.training` says; `on_epoch(history)` after each
+    epoch (the logistic head has one).
 
     Returns weight/bias/history/best_epoch/best_val/eval_loss and `head` (the head that trained)."""
-    f, t, o = cfg.features, cfg.trainer, cfg.optim  # its own budget (features.head_*), not the fine-tune's epochs
-    head = heads.resolve_head(head or f.head, y, num_classes)
+    x, y, val_x, val_y, num_classes = data.x, data.y, data.val_x, data.val_y, data.num_classes
+    head = heads.resolve_head(fit.head, y, num_classes)
     standardize = standardize or head == "logistic"  # sklearn's C grid assumes unit-scale features
     mu, sigma = heads.standardizer(x) if standardize else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
     xs, vs = (x - mu) / sigma, (val_x - mu) / sigma
-    loss_fn, eval_loss = loss.build_losses(cfg.loss, class_weights)
+    loss_fn, eval_loss = loss.build_losses(fit.loss, fit.class_weights)
     if head == "linear":
-        out = heads.train_linear_head(xs, y, vs, val_y, num_classes=num_classes, epochs=f.head_epochs,
-                                      batch_size=t.batch_size, lr=o.lr, weight_decay=o.weight_decay,
-                                      loss_fn=loss_fn, eval_loss_fn=eval_loss, monitor=t.monitor,
-                                      patience=f.head_patience, seed=cfg.seed,
-                                      sampler_mode=cfg.dataset.sampler, init_bias=init_bias, on_epoch=on_epoch)
+        out = heads.train_linear_head(replace(data, x=xs, val_x=vs), fit.training, loss_fn=loss_fn,
+                                      eval_loss_fn=eval_loss, init_bias=fit.init_bias, on_epoch=on_epoch)
     else:
         start = time.perf_counter()
-        weights = None if class_weights is None else class_weights.numpy()
-        out = heads.fit_logistic_head(xs, y, num_classes=num_classes, class_weights=weights, monitor=t.monitor,
-                                      seed=cfg.seed)
+        weights = None if fit.class_weights is None else fit.class_weights.numpy()
+        out = heads.fit_logistic_head(xs, y, num_classes=num_classes, class_weights=weights,
+                                      monitor=fit.training.monitor, seed=fit.training.seed)
         linear = torch.nn.Linear(x.shape[1], num_classes)
         linear.load_state_dict({"weight": torch.as_tensor(out["weight"]).float(),
                                 "bias": torch.as_tensor(out["bias"]).float()})
@@ -123,21 +182,19 @@ def train_head(cfg: DictConfig, x, y, val_x, val_y, num_classes: int, class_weig
     return out
 
 
-def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device, *,
-               eval_tf, train_tf, image_cache=None, class_weights: torch.Tensor | None = None,
-               init_bias: list[float] | None = None, stop: interrupts.GracefulStop | None = None) -> dict:
-    """Linear probe on cached features; writes `best` (full model) and features.json. Same result shape as fit(),
-    plus `rows`: {"val": the split index of each val row}.
+def fit_cached(model: torch.nn.Module, splits, source: FeatureSource, fit: HeadFit, run: CachedRun, *, depths,
+               stop: interrupts.GracefulStop | None = None) -> dict:
+    """Linear probe on cached features of `depths` (features.depths); writes `best` (full model) and features.json to
+    `run.run_dir`. Same result shape as fit(), plus `rows`: {"val": the split index of each val row}.
 
-    Resumable: `last.pt` (resume.save_cached_state) is written first, and a SIGINT/SIGTERM during extraction or
-    head training (`stop` entered by the caller) stops at once with the resume command; finished feature-cache
-    entries are kept, so a resume extracts only what is missing and re-fits the (seeded) head."""
-    f, stop = cfg.features, stop or interrupts.GracefulStop()  # not entered: never set
-    levels, auto = resolve_levels(model, f.depths)
-    resume.save_cached_state(run_dir, cfg)
+    Resumable: `last.pt` (`run.save_state`) is written first, and a SIGINT/SIGTERM during extraction or head
+    training (`stop` entered by the caller) stops at once with the resume command; finished feature-cache entries
+    are kept, so a resume extracts only what is missing and re-fits the (seeded) head."""
+    run_dir, meta, stop = run.run_dir, run.meta, stop or interrupts.GracefulStop()  # not entered: never set
+    levels, auto = resolve_levels(model, depths)
+    run.save_state()
     with stop.at_once(run_dir, "during feature extraction (finished splits stay in the feature cache)"):
-        feats = extract_all(model, splits, cfg, levels, eval_tf=eval_tf, train_tf=train_tf, device=device,
-                            image_cache=image_cache, preprocessing=meta["preprocessing"])
+        feats = extract_all(model, splits, source, levels)
     train_x, train_y = feats["train"]["features"].numpy(), feats["train"]["labels"].numpy()
     scores = score_levels(model, train_x, train_y, levels)
     chosen = [max(levels, key=lambda v: scores[str(v)]["logme"])] if auto else levels
@@ -153,9 +210,9 @@ def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, m
     # a ~6x larger effective step that overfits by epoch 3). Concatenated levels differ in scale and sklearn's
     # C grid assumes unit scale: those are standardised (train_head adds the logistic head).
     standardize = not uses_plain_head(chosen)
-    with stop.at_once(run_dir, "during head training"), tracking.RunTracker(run_dir, cfg) as curves:
-        head = train_head(cfg, x, y, val_x, val_y, meta["num_classes"], class_weights, init_bias,
-                          standardize=standardize, on_epoch=curves.log)
+    with stop.at_once(run_dir, "during head training"), run.tracker as curves:
+        head = train_head(heads.HeadData(x, y, val_x, val_y, meta["num_classes"]), fit, standardize=standardize,
+                          on_epoch=curves.log)
     full = heads.install_head(model, chosen, head["weight"], head["bias"])
     best = head["history"][head["best_epoch"] - 1]
     ckpt_meta = {**meta, "epoch": head["best_epoch"], "val_metrics": {k[4:]: v for k, v in best.items()
@@ -165,8 +222,8 @@ def fit_cached(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, m
     if distributed.is_main():  # DDP: every rank trained the same head on the gathered features
         checkpoint.save_checkpoint(run_dir, "best", full, ckpt_meta)
     info = {"cached": True, "head": head["head"], "levels": [str(v) for v in chosen], "auto": auto, "logme": scores,
-            "train_images": int(len(y)), "augmented_views": f.augmented_views, "C": head.get("C"),
-            "standardized": head["standardized"],
+            "train_images": int(len(y)), "augmented_views": source.views.count if source.views is not None else 0,
+            "C": head.get("C"), "standardized": head["standardized"],
             "extraction": {k: {"hit": e["hit"], "seconds": round(e["seconds"], 2), "img_per_s": round(
                 float(e["img_per_s"]), 1), "key": e["key"], "n": int(len(e["labels"]))}
                 for k, e in [("train", feats["train"]), ("val", feats["val"])] +

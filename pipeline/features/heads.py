@@ -11,6 +11,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,15 +66,40 @@ def evaluate_head(linear: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, los
             **top5(logits, labels, num_classes)}, logits
 
 
-def train_linear_head(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *, num_classes: int,
-                      epochs: int, batch_size: int, lr: float, weight_decay: float, loss_fn, eval_loss_fn,
-                      monitor: str = "balanced_accuracy", patience: int = 0, seed: int = 0,
-                      sampler_mode: str = "shuffle", init_bias: list[float] | None = None,
-                      on_epoch: Callable[[list], None] | None = None) -> dict:
-    """AdamW + cosine on a zero-initialised Linear; keeps the best epoch by val `monitor`; `on_epoch(history)`
-    after each epoch (training/tracking.py).
+@dataclass(frozen=True)
+class HeadData:
+    """The rows a head trains on: train features `x` and labels `y`, the val rows, and the class count."""
+    x: np.ndarray
+    y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class HeadTraining:
+    """The linear head's own training: `epochs` of AdamW + cosine (`lr`, `weight_decay`) in batches of `batch_size`,
+    drawn by the train `sampler` (shuffle | balanced); the best epoch by val `monitor`, early stop after
+    `patience` epochs without gain (0: never); `seed` for the batches and the init."""
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    monitor: str = "balanced_accuracy"
+    patience: int = 0
+    seed: int = 0
+    sampler: str = "shuffle"
+
+
+def train_linear_head(data: HeadData, training: HeadTraining, *, loss_fn, eval_loss_fn,
+                      init_bias: list[float] | None = None, on_epoch: Callable[[list], None] | None = None) -> dict:
+    """AdamW + cosine on a zero-initialised Linear (bias `init_bias` where given), as `training` says; keeps the best
+    epoch by val `training.monitor`; `on_epoch(history)` after each epoch (training/tracking.py).
 
     Returns {weight, bias, history, best_epoch, best_val: (val logits, val labels)}."""
+    x, y, val_x, val_y, num_classes = data.x, data.y, data.val_x, data.val_y, data.num_classes
+    epochs, batch_size, lr, weight_decay = training.epochs, training.batch_size, training.lr, training.weight_decay
+    monitor, patience, seed = training.monitor, training.patience, training.seed
     torch.manual_seed(seed)
     linear = torch.nn.Linear(x.shape[1], num_classes)
     torch.nn.init.zeros_(linear.weight)
@@ -82,7 +108,7 @@ def train_linear_head(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np
         linear.bias.data.copy_(torch.as_tensor(init_bias, dtype=torch.float32))
     tx, ty = torch.from_numpy(x).float(), torch.from_numpy(y).long()
     vx, vy = torch.from_numpy(val_x).float(), torch.from_numpy(val_y).long()
-    order = sampler.build_sampler(y.tolist(), sampler_mode, seed=seed)
+    order = sampler.build_sampler(y.tolist(), training.sampler, seed=seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tx, ty), batch_size=batch_size,
                                          shuffle=order is None, sampler=order,
                                          generator=torch.Generator().manual_seed(seed))

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.config.schema import AuditConfig, BackboneConfig
 from pipeline.data import augment
 from pipeline.data.folder import DatasetSplits
-from pipeline.features.cache import load_or_extract, weights_hash
-from pipeline.features.cached_fit import extraction_workers
+from pipeline.features.cache import load_or_extract, model_key
+from pipeline.features.cached_fit import FeatureSource
 from pipeline.model import backbone
-from pipeline.model.multidepth import HEAD
 
 _logger = logging.getLogger(__name__)
 
@@ -30,15 +30,16 @@ PROBE_C = 0.1  # inverse L2 strength of the probe on standardised features: over
 SPLITS = ("train", "val", "test")
 
 
-def audit_model(cfg, num_classes: int) -> tuple[torch.nn.Module, object, str]:
-    """(model, eval transform, weights description) of the configured backbone, as training would build them
-    before its first step; random-init parts are seeded (`seed`) so repeated audits hit the feature cache."""
-    b = cfg.backbone
-    torch.manual_seed(cfg.seed)
-    model, weights_desc = backbone.build_backbone(name=b.name, num_classes=num_classes, weights=b.weights,
-                                                  cache_dir=b.cache_dir)
-    data_cfg = backbone.data_config(model, b.input_size or cfg.dataset.input_size)
-    return model, augment.build_eval_transform(data_cfg, grayscale_input=cfg.augment.grayscale_input), weights_desc
+def audit_model(backbone_cfg: BackboneConfig, num_classes: int, *, input_size: int | None,
+                grayscale_input: bool, seed: int) -> tuple[torch.nn.Module, object, str]:
+    """(model, eval transform, weights description) of the `backbone` group `backbone_cfg` (`input_size`:
+    dataset.input_size, where backbone.input_size is unset), as training would build them before its first step;
+    random-init parts are seeded (`seed`) so repeated audits hit the feature cache."""
+    torch.manual_seed(seed)
+    model, weights_desc = backbone.build_backbone(name=backbone_cfg.name, num_classes=num_classes,
+                                                  weights=backbone_cfg.weights, cache_dir=backbone_cfg.cache_dir)
+    data_cfg = backbone.data_config(model, backbone_cfg.input_size or input_size)
+    return model, augment.build_eval_transform(data_cfg, grayscale_input=grayscale_input), weights_desc
 
 
 def out_of_fold_probs(x: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int) -> np.ndarray:
@@ -68,31 +69,29 @@ def rank_label_issues(x: np.ndarray, y: np.ndarray, n_classes: int, *, folds: in
     return {"ranked": [int(i) for i in ranked], "probs": probs, "folds": k}
 
 
-def find_candidates(model: torch.nn.Module, splits: DatasetSplits, cfg, device: torch.device, eval_tf, *,
-                    weights_desc: str = "", image_cache=None) -> dict:
-    """The label-issue report (JSON-ready) of every labelled image; top `audit.label_issues_top` candidates."""
+def find_candidates(model: torch.nn.Module, splits: DatasetSplits, source: FeatureSource, *, audit: AuditConfig,
+                    seed: int, weights_desc: str = "") -> dict:
+    """The label-issue report (JSON-ready) of every labelled image, on features extracted as `source` says (the
+    pre-logits of backbone `source.arch` under `source.eval_tf`); the top `audit.label_issues_top` candidates,
+    `audit.folds`-fold probabilities seeded by `seed`."""
     start = time.perf_counter()
-    f, t = cfg.features, cfg.trainer
-    model.to(device)
-    key_parts = {"arch": cfg.backbone.name, "weights": weights_hash(model), "transform": repr(eval_tf)}
+    model.to(source.how.device)
+    key_parts = model_key(source.arch, model, source.eval_tf)
     xs, ys, where, hits = [], [], [], []
     for name in SPLITS:
         split = getattr(splits, name)
         if split is None or not len(split):
             continue
-        out = load_or_extract(model, split, eval_tf, levels=[HEAD], key_parts=key_parts,
-                              cache_dir=f.cache_dir or None, device=device, batch_size=t.eval_batch_size,
-                              num_workers=extraction_workers(f.num_workers, t.num_workers, device),
-                              channels_last=f.channels_last, image_cache=image_cache, name=name)
+        out = load_or_extract(model, split, source.eval_tf, source.how, key_parts=key_parts, name=name)
         xs.append(out["features"].float().numpy())
         ys.append(out["labels"].long().numpy())
         where += [(name, split.paths[i]) for i in out["index"].tolist()]
         hits.append(bool(out["hit"]))
     x, y = np.concatenate(xs), np.concatenate(ys)
-    ranked = rank_label_issues(x, y, len(splits.classes), folds=cfg.audit.folds, seed=cfg.seed)
-    report = {"backbone": cfg.backbone.name, "weights": weights_desc, "images": len(y), "dim": x.shape[1],
+    ranked = rank_label_issues(x, y, len(splits.classes), folds=audit.folds, seed=seed)
+    report = {"backbone": source.arch, "weights": weights_desc, "images": len(y), "dim": x.shape[1],
               "feature_cache": "hit" if all(hits) else "miss", "probe": f"logistic regression (C={PROBE_C})",
-              "top": cfg.audit.label_issues_top}
+              "top": audit.label_issues_top}
     if "skipped" in ranked:
         return {**report, "skipped": ranked["skipped"], "flagged": 0, "candidates": []}
     probs, classes = ranked["probs"], splits.classes
@@ -101,12 +100,12 @@ def find_candidates(model: torch.nn.Module, splits: DatasetSplits, cfg, device: 
                       {"split": where[i][0], "path": where[i][1], "given": classes[y[i]],
                        "suggested": classes[int(probs[i].argmax())], "p_given": round(float(probs[i, y[i]]), 4),
                        "p_suggested": round(float(probs[i].max()), 4)}
-                      for i in ranked["ranked"][:cfg.audit.label_issues_top]])
+                      for i in ranked["ranked"][:audit.label_issues_top]])
     report["seconds"] = round(time.perf_counter() - start, 2)
     if report["flagged"]:
         _logger.warning("LABEL ISSUES: %d of %d labelled images look mislabelled to a probe on %s features (out-of-"
                         "fold); the top %d are in audit.json and label_issues.png", report["flagged"], len(y),
-                        cfg.backbone.name, len(report["candidates"]))
+                        source.arch, len(report["candidates"]))
     return report
 
 

@@ -4,24 +4,24 @@ features.
 
 The probe is the cached linear-probe head (features/cached_fit.py): features of train and val from the frozen pretrained
 backbone under the eval transform (the same disk cache as linear_probe runs), the head trained by `train_head`
-on its own budget (features.head_epochs / head_patience) with the run's class weights and prior bias, then copied
-into `model.get_classifier()`. Under torchrun every rank gets the gathered features and trains the same (seeded,
-CPU) head, as the cached path does. A resumed run keeps its restored weights.
+on its own budget (features.head_epochs / head_patience: cached_fit.HeadFit) with the run's class weights and prior
+bias, then copied into `model.get_classifier()`. Under torchrun every rank gets the gathered features and trains the
+same (seeded, CPU) head, as the cached path does. A resumed run keeps its restored weights.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from pipeline.config import BACKBONE_MODES
-from pipeline.features.cached_fit import extract_all, train_head
-from pipeline.features.heads import install_head
+from pipeline.features.cached_fit import FeatureSource, HeadFit, extract_all, train_head
+from pipeline.features.heads import HeadData, install_head
 from pipeline.model.multidepth import HEAD
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_json
@@ -45,13 +45,13 @@ class Probe:
     best_val: tuple | None = None
 
 
-def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *, mode: str, device: torch.device,
-              eval_tf, data_cfg: dict, image_cache=None, class_weights: torch.Tensor | None = None,
-              init_bias: list[float] | None = None, resumed: bool = False) -> Probe | None:
-    """`strategy.head_init=probe` for a resolved `mode` whose backbone trains: install the probe head (INIT_HEADS
-    of `features.head`) into `model`. None where the head starts as before (head_init=zero, or a mode that trains
-    the head alone). A resumed run keeps its restored weights (the saved summary, no new probe)."""
-    if cfg.strategy.head_init != "probe":
+def init_head(fit_probe: Callable[[str], Probe], *, head_init: str, head: str, mode: str, run_dir: Path,
+              resumed: bool = False) -> Probe | None:
+    """`head_init` (strategy.head_init) = probe for a resolved `mode` whose backbone trains: `fit_probe(h)` fits and
+    installs the probe head h = INIT_HEADS[`head`] (features.head) into the model. None where the head starts as
+    before (head_init=zero, or a mode that trains the head alone). A resumed run keeps its restored weights (the
+    saved summary in `run_dir`, no new probe)."""
+    if head_init != "probe":
         return None
     if mode not in BACKBONE_MODES:
         _logger.info("strategy.head_init=probe applies when backbone groups train; mode %s trains the head alone, "
@@ -62,8 +62,7 @@ def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *,
         saved = distributed.from_main(lambda: json.loads(path.read_text()) if path.is_file() else {"kind": "probe"})
         _logger.info("strategy.head_init=probe: resumed run, the restored weights win (no new probe)")
         return Probe({**saved, "resumed": True})
-    probe = fit_probe(model, splits, cfg, device=device, eval_tf=eval_tf, data_cfg=data_cfg, image_cache=image_cache,
-                      class_weights=class_weights, init_bias=init_bias, head=INIT_HEADS[cfg.features.head])
+    probe = fit_probe(INIT_HEADS[head])
     probe.info["role"] = "init"
     _logger.info("strategy.head_init=probe: the fine-tune starts from a linear probe (val %s)",
                  {k: round(v, 4) for k, v in probe.val.items() if isinstance(v, float)})
@@ -72,23 +71,20 @@ def init_head(model: torch.nn.Module, splits, cfg: DictConfig, run_dir: Path, *,
     return probe
 
 
-def fit_probe(model: torch.nn.Module, splits, cfg: DictConfig, *, device: torch.device, eval_tf, data_cfg: dict,
-              image_cache=None, class_weights: torch.Tensor | None = None, init_bias: list[float] | None = None,
-              head: str) -> Probe:
-    """Fit a `head` ("linear" | "logistic" | "auto": features/heads.py) on cached features of the frozen pretrained
-    backbone (train and val under the eval transform) and install it as `model`'s classifier."""
+def fit_probe(model: torch.nn.Module, splits, source: FeatureSource, fit: HeadFit) -> Probe:
+    """Fit the `fit.head` ("linear" | "logistic" | "auto": features/heads.py) on cached features of the frozen
+    pretrained backbone (train and val under `source.eval_tf`; no augmented views) and install it as `model`'s
+    classifier."""
     start = time.perf_counter()
     # Only the backbone's own pre-logits feed its classifier: other features.depths need the cached linear probe
     # and were rejected already for these modes (features/cached_fit.py use_cached_path).
-    feats = extract_all(model, splits, cfg, [HEAD], eval_tf=eval_tf, train_tf=None, device=device,
-                        image_cache=image_cache, preprocessing=data_cfg, augmented_views=0)
+    feats = extract_all(model, splits, replace(source, views=None), [HEAD])
     x, y = feats["train"]["features"].numpy(), feats["train"]["labels"].numpy()
     val_x, val_y = feats["val"]["features"].numpy(), feats["val"]["labels"].numpy()
     with torch.random.fork_rng(devices=[]):  # the seeded head leaves the fine-tune's random streams as they were
-        fitted = train_head(cfg, x, y, val_x, val_y, len(splits.classes), class_weights, init_bias, standardize=False,
-                            head=head)
+        fitted = train_head(HeadData(x, y, val_x, val_y, len(splits.classes)), fit, standardize=False)
     install_head(model, [HEAD], fitted["weight"], fitted["bias"])  # copied to the classifier's device and dtype
-    monitor = cfg.trainer.monitor
+    monitor = fit.training.monitor
     best_row = fitted["history"][fitted["best_epoch"] - 1]
     info = {"kind": "probe", "head": fitted["head"], f"val_{monitor}": best_row[f"val_{monitor}"],
             "best_epoch": fitted["best_epoch"], "epochs": len(fitted["history"]),

@@ -1,4 +1,4 @@
-"""Backbone ranking behind `make rank dataset=X backbones=[a,b,c]` (entry point: pipeline/rank.py), by LogME.
+"""Backbone ranking by LogME, behind `make rank dataset=X backbones=[a,b,c]` (the entry point: pipeline/rank.py).
 
 For each backbone: pretrained weights (`backbone.weights`, default auto), its own preprocessing, features
 of every train image at every feature level plus the pre-logits `head` (cached like the linear-probe
@@ -10,42 +10,38 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
+from pipeline.config.schema import BackboneConfig, DatasetConfig
 from pipeline.data import augment
 from pipeline.errors import PipelineError
-from pipeline.features.cache import load_or_extract, weights_hash
-from pipeline.features.cached_fit import extraction_workers, level_columns
+from pipeline.features.cache import Extraction, load_or_extract, model_key
+from pipeline.features.cached_fit import level_columns
 from pipeline.model import backbone
 from pipeline.model.multidepth import HEAD
-from pipeline.runtime import owned
-from pipeline.runtime.devices import select_device
 from pipeline.runtime.files import write_json, write_text
-from pipeline.runtime.process import set_threads
-from pipeline.training.setup import build_data, resolve_run_dir
 from pipeline.transfer.logme import logme_score
 
 _logger = logging.getLogger(__name__)
 
 
-def rank_backbone(name: str, splits, cfg: DictConfig, device: torch.device) -> list[dict]:
-    """One row per feature level of `name`: dim, LogME, extraction time and speed."""
-    b, t = cfg.backbone, cfg.trainer
+def rank_backbone(name: str, splits, how: Extraction, *, backbone_cfg: BackboneConfig,
+                  dataset: DatasetConfig, seed: int) -> list[dict]:
+    """One row per feature level of `name` (its weights and input size as the `backbone` group `backbone_cfg`
+    and `dataset` say), features extracted as `how` says: dim, LogME, extraction time and speed."""
     start = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # random-init parts (and weights=none) are the same every run: cache hits
-    model, weights_desc = backbone.build_backbone(name=name, num_classes=len(splits.classes), weights=b.weights,
-                                                  cache_dir=b.cache_dir)
-    model.to(device).eval()
-    transform = augment.build_eval_transform(backbone.data_config(model, b.input_size or cfg.dataset.input_size))
+    torch.manual_seed(seed)  # random-init parts (and weights=none) are the same every run: cache hits
+    model, weights_desc = backbone.build_backbone(name=name, num_classes=len(splits.classes),
+                                                  weights=backbone_cfg.weights, cache_dir=backbone_cfg.cache_dir)
+    model.to(how.device).eval()
+    input_size = backbone_cfg.input_size or dataset.input_size
+    transform = augment.build_eval_transform(backbone.data_config(model, input_size))
     levels = list(range(len(model.feature_info))) + [HEAD]
-    feats = load_or_extract(model, splits.train, transform, levels=levels, device=device,
-                            key_parts={"arch": name, "weights": weights_hash(model), "transform": repr(transform)},
-                            cache_dir=cfg.features.cache_dir or None, batch_size=t.eval_batch_size,
-                            num_workers=extraction_workers(cfg.features.num_workers, t.num_workers, device),
-                            channels_last=cfg.features.channels_last, name=name)
+    feats = load_or_extract(model, splits.train, transform, replace(how, levels=levels),
+                            key_parts=model_key(name, model, transform), name=name)
     x, y = feats["features"].numpy(), feats["labels"].numpy()
     rows = []
     for level, cols in level_columns(model, levels).items():
@@ -74,26 +70,21 @@ def render(rows: list[dict], skipped: list[dict], dataset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rank_backbones(cfg: DictConfig) -> dict:
-    """Rank `cfg.backbones` (default: `backbone.name`) on the dataset's train split."""
-    names = list(cfg.backbones) or [cfg.backbone.name]
-    run_dir = owned.prepare_output_dir(resolve_run_dir(cfg), "rank", "choose a new dir (hydra.run.dir=... or "
-                                       "output_dir=...)")
-    set_threads(cfg.trainer.threads)
-    device = select_device(cfg.trainer.device)
-    splits, _ = build_data(cfg)
+def rank_backbones(names: list[str], splits, how: Extraction, *, backbone_cfg: BackboneConfig,
+                   dataset: DatasetConfig, seed: int, run_dir: Path) -> dict:
+    """Rank the backbones `names` (rank_backbone) on the train split of `splits`; rank.md and rank.json in `run_dir`."""
     rows, skipped = [], []
     for name in names:
         try:
-            rows += rank_backbone(name, splits, cfg, device)
+            rows += rank_backbone(name, splits, how, backbone_cfg=backbone_cfg, dataset=dataset, seed=seed)
         except PipelineError as e:  # e.g. no weights offline: report, rank the others
             _logger.warning("Skipping %s: %s", name, e)
             skipped.append({"backbone": name, "reason": str(e)})
     if not rows:
         raise PipelineError(f"No backbone could be ranked: {skipped}")
-    text = render(rows, skipped, cfg.dataset.name)
+    text = render(rows, skipped, dataset.name)
     write_text(run_dir / "rank.md", text)
-    result = {"dataset": cfg.dataset.name, "rows": rows, "skipped": skipped, "run_dir": str(run_dir)}
+    result = {"dataset": dataset.name, "rows": rows, "skipped": skipped, "run_dir": str(run_dir)}
     write_json(run_dir / "rank.json", result)
     print(text)
     _logger.info("Wrote %s", Path(run_dir) / "rank.md")

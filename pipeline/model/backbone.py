@@ -100,6 +100,14 @@ def _create_with_weights(name: str, source: str, cache_dir: str, kwargs: dict) -
     return model, f"file:{source}"
 
 
+def input_side(name: str, input_size: int | None = None) -> int:
+    """The input side of backbone `name` (`input_size`, else its pretrained default), without building it."""
+    if input_size:
+        return int(input_size)
+    pretrained = timm.models.get_pretrained_cfg(name)
+    return int(pretrained.input_size[-1]) if pretrained else 224
+
+
 def data_config(model: torch.nn.Module, input_size: int | None = None) -> dict:
     """Preprocessing from the model's pretrained_cfg (size, mean/std, interpolation, crop)."""
     cfg = timm.data.resolve_model_data_config(model)

@@ -63,8 +63,9 @@ def _tile(path: str, lines: tuple[str, str], wrong: bool) -> np.ndarray:
 
 
 def write_top_losses(run_dir: Path, name: str, split: Split, logits: np.ndarray, labels: np.ndarray,
-                     rows: np.ndarray, classes: list[str], n: int) -> Path | None:
+                     rows: np.ndarray, n: int) -> Path | None:
     """`top_losses_<name>.png` and `.csv` for the `n` highest-loss rows (`rows`: their split indices)."""
+    classes = split.classes
     probs, losses = softmax(logits), per_image_loss(logits, labels)
     tiles, captions, table = [], [], []
     for r in np.argsort(-losses, kind="stable"):
@@ -88,7 +89,7 @@ def write_top_losses(run_dir: Path, name: str, split: Split, logits: np.ndarray,
     return out
 
 
-def write_galleries(run_dir: Path, evals: dict, splits, classes: list[str], *, n: int, skipped: list[dict],
+def write_galleries(run_dir: Path, evals: dict, splits, *, n: int, skipped: list[dict],
                     rows: dict | None = None) -> None:
     """A gallery per split of `evals` ({split: (logits, labels)}); `rows`: known split indices per split,
     else derived from `skipped` (the run-time skip log's entries); `n` = 0: none."""
@@ -100,4 +101,4 @@ def write_galleries(run_dir: Path, evals: dict, splits, classes: list[str], *, n
         known = (rows or {}).get(name)
         index = known if known is not None else decoded_rows(split, labels, skipped_paths)
         if index is not None:
-            write_top_losses(Path(run_dir), name, split, logits, labels, index, classes, n)
+            write_top_losses(Path(run_dir), name, split, logits, labels, index, n)

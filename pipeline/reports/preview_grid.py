@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.data.folder import Split
 from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 
 _logger = logging.getLogger(__name__)
@@ -66,9 +67,10 @@ def render_grid(tiles: list[np.ndarray], captions: list[str]) -> Image.Image:
     return sheet
 
 
-def write_preview(paths: list[str], labels: list[int], classes: list[str], transform, data_cfg: dict,
-                  out: str | Path, *, n: int = 16, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
-    """Augment `n` training samples once each and save the grid PNG at `out`."""
+def write_preview(samples: Split, transform, data_cfg: dict, out: str | Path, *, n: int = 16, seed: int = 0,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+    """Augment `n` of the training `samples` once each and save the grid PNG at `out`."""
+    paths, labels, classes = samples.paths, samples.labels, samples.classes
     tiles, captions = [], []
     for i in pick_samples(paths, labels, n * 2, seed):  # spare picks replace unreadable files
         if len(tiles) == n:

@@ -168,8 +168,16 @@ def calibration_sections(record: dict | None) -> list[list[str]]:
     return [lines + [""]]
 
 
-def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_name: str, root: str,
-                    model_info: dict, extra_sections: list[list[str]] = (), audit: dict | None = None) -> None:
+def run_sections(metrics: dict, model_info: dict) -> list[list[str]]:
+    """The sections after the model's: strategy, time budget, calibration, weight averaging."""
+    return (strategy_sections(model_info) + budget_sections(metrics.get("budget"))
+            + calibration_sections(metrics.get("calibration"))
+            + averaging_sections(metrics.get("weight_averaging"), metrics["history"]))
+
+
+def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, *, dataset_name: str, root: str,
+                    model_info: dict, audit: dict | None = None) -> None:
+    """metrics.json and summary.md; `model_info`: the backbone, weights, preprocessing and strategy facts."""
     write_json(run_dir / "metrics.json", metrics)
     lines = [f"# Run summary: {dataset_name} / {model_info.get('backbone')}", ""]
     lines += dataset_section(data, dataset_name, root)
@@ -177,7 +185,7 @@ def write_run_files(run_dir: Path, metrics: dict, data: DatasetSplits, dataset_n
         from pipeline.reports.audit_report import audit_section
         lines += audit_section(audit) + ["Full audit: `audit.json`.", ""]
     lines += model_section(model_info)
-    for section in extra_sections:
+    for section in run_sections(metrics, model_info):
         lines += section
     if metrics.get("imbalance"):
         lines += imbalance_section(metrics["imbalance"])

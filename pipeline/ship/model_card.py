@@ -56,8 +56,10 @@ def training_facts(meta: dict, run_dir: Path, run_metrics: dict) -> dict:
 
 
 def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, results: dict, facts: dict,
-               run_metrics: dict, files: dict[str, Path]) -> dict:
-    """Everything needed to rebuild, check and describe the model (no Python objects: plain JSON)."""
+               files: dict[str, Path]) -> dict:
+    """Everything needed to rebuild, check and describe the model (no Python objects: plain JSON); the run's
+    metrics.json gives the test metrics and the calibration record."""
+    run_metrics = read_json(run_dir / "metrics.json")
     metrics = {"val": meta.get("val_metrics") or run_metrics.get("val")}
     if checkpoint_name == "best" and run_metrics.get("test"):  # train.py evaluates test with the best checkpoint
         metrics["test"] = run_metrics["test"]

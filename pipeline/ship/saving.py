@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from itertools import zip_longest
 from pathlib import Path
 
@@ -55,40 +55,43 @@ def resolve_settings(run_config: dict, overrides: dict) -> dict:
     return {**settings, "formats": formats, "tolerance": float(settings["tolerance"])}
 
 
-def dataset_splits(run_dir: Path, config: dict):
+def dataset_splits(run_dir: Path, dataset: dict, seed: int):
     """The run's dataset splits exactly as training used them: its `split.csv`, or (runs that predate it) the
-    dataset re-listed with the run's own settings (same seed, fractions, file checks)."""
-    from pipeline.data.folder import load_imagefolder
+    dataset re-listed with the run's own `dataset` settings and seed (same fractions, file checks)."""
+    from pipeline.data.folder import SplitLayout, load_imagefolder
 
-    d = config["dataset"]
+    d = dataset
     hint = "run from the directory you trained in, or pass images=<folder of images>"
-    common = dict(train_split=d["train_split"], val_split=d["val_split"], test_split=d["test_split"],
-                  val_fraction=d["val_fraction"], seed=config["seed"], max_pixels=d["max_pixels"],
-                  min_per_class=d["min_per_class"], workers=d["audit_workers"])
+    layout = SplitLayout(train_split=d["train_split"], val_split=d["val_split"], test_split=d["test_split"],
+                         val_fraction=d["val_fraction"])
+    common = dict(seed=seed, max_pixels=d["max_pixels"], min_per_class=d["min_per_class"],
+                  workers=d["audit_workers"])
     if (run_dir / "split.csv").is_file():
         try:
-            return load_imagefolder(run_dir, manifest=str(run_dir / "split.csv"), **common)
+            return load_imagefolder(run_dir, replace(layout, manifest=str(run_dir / "split.csv")),
+                                    **common)
         except MissingFileError as e:
             raise MissingFileError(f"{e}; the run's images are not here: {hint}") from None
     root = Path(d["root"])
     if not (root / d["train_split"]).is_dir():
         raise MissingFileError(f"Dataset root {root} of this run is not here (relative paths are relative to the "
                                f"directory you trained in): {hint}")
-    return load_imagefolder(root, **common)
+    return load_imagefolder(root, layout, **common)
 
 
-def parity_images(run_dir: Path, config: dict, images: str | None, n: int) -> tuple[list[str], dict]:
-    """Up to `n` real images for the parity check (val split, classes interleaved) and dataset facts."""
+def parity_images(run_dir: Path, dataset: dict, seed: int, *, images: str | None, n: int) -> tuple[list[str], dict]:
+    """Up to `n` real images for the parity check (val split of the run's `dataset` settings and seed, classes
+    interleaved, or those under `images`) and dataset facts."""
     if images:
         paths = collect_images([images])[0]
         if not paths:
             raise MissingFileError(f"No image files under images={images}")
         return paths[:n], {"parity_source": f"images={images}"}
-    splits = dataset_splits(run_dir, config)
+    splits = dataset_splits(run_dir, dataset, seed)
     by_class = [[p for p, y in zip(splits.val.paths, splits.val.labels) if y == c] for c in range(len(splits.classes))]
     interleaved = [p for row in zip_longest(*by_class) for p in row if p is not None]
     split_names = {"train": splits.train, "val": splits.val, **({"test": splits.test} if splits.test else {})}
-    where = run_dir / "split.csv" if (run_dir / "split.csv").is_file() else config["dataset"]["root"]
+    where = run_dir / "split.csv" if (run_dir / "split.csv").is_file() else dataset["root"]
     facts = {"parity_source": f"val split of {where} ({splits.val_source})",
              "counts": {name: s.counts() for name, s in split_names.items()},
              "skipped_files": len(splits.skipped), "val_source": splits.val_source}
@@ -213,7 +216,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
     config = meta.get("config") or {}
     settings = resolve_settings(config, overrides)
     max_pixels = (config.get("dataset") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
-    paths, facts = parity_images(run_dir, config, images, int(settings["parity_images"]))
+    paths, facts = parity_images(run_dir, config.get("dataset") or {}, config.get("seed"), images=images,
+                                 n=int(settings["parity_images"]))
     ref_x, paths = reference_batch(paths, meta["preprocessing"], max_pixels)
     out = check_out_dir(run_dir, out_dir)
     with staged_dir(out, kind="export", fix=EXPORT_FIX.format(out=out)) as tmp:  # complete, or not at all
@@ -223,8 +227,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
         base = {k: meta[k] for k in (*checkpoint.REQUIRED_KEYS, "feature_levels", *calibrated.META_KEYS) if k in meta}
         write_json(tmp / "model.json", base)
         results = check_formats(model, tmp, paths, ref_x, settings)
-        run_metrics = model_card.read_json(run_dir / "metrics.json")
-        doc = model_card.model_json(meta, run_dir, checkpoint_name, settings, results, facts, run_metrics,
+        doc = model_card.model_json(meta, run_dir, checkpoint_name, settings, results, facts,
                                     {f: tmp / name for f, name in FILES.items() if (tmp / name).is_file()})
         images_copied = model_card.copy_figures(run_dir, tmp)
         write_text(tmp / "MODEL_CARD.md", model_card.render(doc, images_copied))

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config.schema import AugmentConfig, TrainerConfig
+from pipeline.data import sampler
+from pipeline.data.loaders import TrainingData
+from pipeline.runtime import distributed
 from pipeline.runtime.devices import Accel
+from pipeline.training import mixing
 
 _logger = logging.getLogger(__name__)
 
@@ -192,3 +197,35 @@ def cache_boundary(split: BoundarySplit, loaders: list, accel: Accel) -> tuple[t
         labels = y
         views.append(torch.cat(acts) if acts else torch.zeros((0, *split.shape), dtype=torch.float16))
     return torch.stack(views), labels, time.perf_counter() - start
+
+
+def boundary_blocker(mode: str, *, trainer: TrainerConfig, augment: AugmentConfig, bn: str) -> str | None:
+    """Why a fine-tune in `mode` cannot train on cached boundary activations, or None."""
+    t = trainer
+    reasons = {"trainer.boundary_cache=never": t.boundary_cache == "never",
+               f"strategy mode {mode} (partial and finetune only)": mode not in ("partial", "finetune"),
+               "trainer.ema": t.ema, "trainer.compile": t.compile, "mixup/cutmix": mixing.build_mixer(
+                   augment, 2) is not None, "torchrun": distributed.world_size() > 1,
+               f"strategy.bn={bn} (frozen BN only)": bn != "frozen"}
+    return next((why for why, blocked in reasons.items() if blocked), None)
+
+
+def make_boundary_loaders(split: BoundarySplit, data: TrainingData, *, views: int, accel: Accel) -> dict:
+    """Train and val loaders over activations at `split`'s boundary: val once under the eval transform, train
+    under `views` passes (`trainer.boundary_views`: the eval transform's, then augmented ones with per-image
+    seeds)."""
+    s, splits = data.settings, data.splits
+    train_passes = [data.image_pass(splits.train, data.eval_tf) if v == 0 else
+                    data.image_pass(splits.train, data.train_tf, seed=s.seed + v) for v in range(views)]
+    acts, labels, seconds = cache_boundary(split, train_passes, accel)
+    val_acts, val_labels, val_seconds = cache_boundary(split, [data.image_pass(splits.val, data.eval_tf)], accel)
+    _logger.info("Boundary cache at %s: %d train images x %d view(s) and %d val images (%.0f MB) in %.1f s",
+                 split.boundary, acts.shape[1], views, val_acts.shape[1],
+                 (acts.numel() + val_acts.numel()) * 2 / 2**20, seconds + val_seconds)
+    generator = torch.Generator().manual_seed(s.seed)
+    order = sampler.distributed_sampler(len(labels), sampler.build_sampler(labels.tolist(), s.sampler, seed=s.seed),
+                                        train=True, generator=generator, rank=0, world=1)
+    train = torch.utils.data.DataLoader(BoundaryViews(acts, labels), batch_size=s.batch_size, sampler=order,
+                                        generator=generator)
+    val = torch.utils.data.DataLoader(BoundaryViews(val_acts, val_labels), batch_size=s.eval_batch_size)
+    return {"train": train, "val": val}

@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
-from omegaconf import DictConfig
-
 from pipeline.config.checks import parse_duration
+from pipeline.config.schema import TrainerConfig
 from pipeline.runtime import distributed
 
 PROBE_STEPS = 5  # train steps measured before the provisional plan
@@ -73,19 +72,28 @@ def partial_stats(partial: dict) -> dict:
             "nonfinite_steps": partial["nonfinite_steps"]}
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What the budget plans: train steps per epoch and images per step, the images of a val evaluation (each
+    epoch) and of the test evaluation (after the loop)."""
+    steps_per_epoch: int
+    images_per_step: int
+    val_images: int
+    test_images: int
+
+
 class TimeBudget:
     """One run's budget. The fit calls `can_start_epoch`, `start_epoch`, `after_step` (after every train step:
     True = end the epoch before the next), `measuring` around the val evaluation and the checkpoint writes, and
     `end_epoch`; `on_plan(epochs)` hears every (re)plan (the LR schedule spans the planned steps)."""
 
-    def __init__(self, limit: str, *, started: float, steps_per_epoch: int, max_epochs: int, val_images: int,
-                 test_images: int, images_per_step: int, on_plan: Callable[[int], None] = lambda epochs: None,
-                 clock: Callable[[], float] | None = None):
+    def __init__(self, limit: str, work: Workload, *, started: float, max_epochs: int,
+                 on_plan: Callable[[int], None] = lambda epochs: None, clock: Callable[[], float] | None = None):
         self.limit, self.limit_s = limit, parse_duration("trainer.time_limit", limit)
         self.clock, self.started, self.offset = clock or now, started, 0.0  # offset: earlier sessions (resume)
-        self.steps_per_epoch, self.max_epochs, self.on_plan = steps_per_epoch, max_epochs, on_plan
-        self.val_steps = val_images / max(images_per_step, 1)  # in train batches, for the first eval estimate
-        self.test_ratio = test_images / max(val_images, 1)
+        self.steps_per_epoch, self.max_epochs, self.on_plan = work.steps_per_epoch, max_epochs, on_plan
+        self.val_steps = work.val_images / max(work.images_per_step, 1)  # in train batches: the first eval estimate
+        self.test_ratio = work.test_images / max(work.val_images, 1)
         self.speed: Speed | None = None
         self.measured: dict = {}
         self.planned = self.provisional = self.spent_before_training = self.loop_end_s = None
@@ -246,16 +254,16 @@ def measure(budget: TimeBudget | None, kind: str):
     return budget.measuring(kind) if budget is not None else nullcontext()
 
 
-def max_epochs(t: DictConfig) -> int:
+def max_epochs(epochs: int | None) -> int:
     """The fit's most epochs: `trainer.epochs`, or UNCAPPED_MAX_EPOCHS when it is null (the time limit plans)."""
-    return t.epochs if t.epochs is not None else UNCAPPED_MAX_EPOCHS
+    return epochs if epochs is not None else UNCAPPED_MAX_EPOCHS
 
 
-def from_config(t: DictConfig, *, started: float | None, steps_per_epoch: int, val_images: int, test_images: int,
-                on_plan: Callable[[int], None]) -> TimeBudget | None:
+def from_config(trainer: TrainerConfig, *, started: float | None, steps_per_epoch: int, val_images: int,
+                test_images: int, on_plan: Callable[[int], None]) -> TimeBudget | None:
     """The run's budget from `trainer.*`, or None without `trainer.time_limit`."""
-    if t.time_limit is None:
+    if trainer.time_limit is None:
         return None
-    return TimeBudget(t.time_limit, started=now() if started is None else started, steps_per_epoch=steps_per_epoch,
-                      max_epochs=max_epochs(t), val_images=val_images, test_images=test_images,
-                      images_per_step=t.batch_size, on_plan=on_plan)
+    return TimeBudget(trainer.time_limit, Workload(steps_per_epoch, trainer.batch_size, val_images, test_images),
+                      started=now() if started is None else started, max_epochs=max_epochs(trainer.epochs),
+                      on_plan=on_plan)

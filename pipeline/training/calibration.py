@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from scipy.optimize import minimize_scalar
 
+from pipeline.config.schema import TrainerConfig
 from pipeline.model import checkpoint
 from pipeline.model.calibrated import PLAIN, VIEWS, apply_view
 from pipeline.runtime import distributed
@@ -157,13 +157,13 @@ def update_best_meta(run_dir: Path, **values: Any) -> None:
         checkpoint.update_meta(run_dir, "best", **values)
 
 
-def calibrate_run(cfg: DictConfig, run_dir: Path, best_val: tuple[np.ndarray, np.ndarray],
+def calibrate_run(trainer: TrainerConfig, run_dir: Path, best_val: tuple[np.ndarray, np.ndarray],
                   make_val_loader: Callable[[], Any], device, accel) -> tuple[dict | None, tuple[np.ndarray,
                                                                                               np.ndarray]]:
     """After the fit: decide TTA on val (trainer.tta), fit the temperature (trainer.calibrate) on the val logits
     of the model that ships, write both into best.json. Returns (the metrics.json record or None when both are
     off, the val (logits, labels) the shipped model gives: averaged over the kept views, divided by T)."""
-    t = cfg.trainer
+    t = trainer
     if t.tta == "off" and not t.calibrate:
         return None, best_val  # nothing computed, nothing written
     logits, labels = best_val

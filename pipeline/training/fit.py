@@ -1,5 +1,6 @@
 """Fine-tuning fit: the epoch loop with best-checkpoint selection, early stopping, gradual thaws, resume and
 a clean stop on SIGINT/SIGTERM, `trainer.time_limit` (training/budget.py) and `trainer.ema` (training/averaging.py).
+`fit` runs an EpochLoop: its set-up builds the loop's parts, `run_epoch` trains, evaluates and saves one epoch.
 (The cached linear probe has its own fit: features/cached_fit.py.)"""
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
+from pipeline.config.schema import AugmentConfig, LossConfig, OptimConfig, StrategyConfig, TrainerConfig
 from pipeline.model import checkpoint, freezing
 from pipeline.runtime import distributed
-from pipeline.runtime.devices import build_accel, prepare_model
+from pipeline.runtime.devices import Accel, prepare_model
 from pipeline.training import averaging, budget, interrupts, loop, loss, mixing, resume, tracking
 from pipeline.training.guard import StepGuard
 from pipeline.training.metrics import MonitorTracker
@@ -21,9 +22,9 @@ from pipeline.transfer import gradual, optim
 _logger = logging.getLogger(__name__)
 
 
-def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None:
+def maybe_thaw(model, optimizer, scheduler, epoch: int, *, strategy: StrategyConfig, optim: OptimConfig) -> None:
     """`strategy.mode=gradual`: thaw layer groups from the top at this epoch's scheduled depth."""
-    s, o = cfg.strategy, cfg.optim
+    s = strategy
     if s.mode != "gradual":
         return
     n_groups = len(freezing.layer_groups(model))
@@ -34,24 +35,47 @@ def maybe_thaw(model, optimizer, scheduler, cfg: DictConfig, epoch: int) -> None
                         for g in freezing.layer_groups(model)]
     current = trainable_groups.index(True) if any(trainable_groups) else n_groups
     if depth < current:
-        gradual.thaw_to_depth(model, optimizer, depth, bn=s.bn, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
-                              layer_decay=o.layer_decay, weight_decay=o.weight_decay)
+        gradual.thaw_to_depth(model, optimizer, depth, bn=s.bn, optim=optim)
         scheduler.refresh()
 
 
-def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device: torch.device,
-        class_weights: torch.Tensor | None = None, resume_state: dict | None = None,
-        stop: interrupts.GracefulStop | None = None, accel=None, started: float | None = None,
-        test_images: int = 0, net: torch.nn.Module | None = None) -> dict:
+@dataclass(frozen=True)
+class FitSettings:
+    """What the fit reads of the config: its groups (schema nodes, e.g. `cfg.trainer`) and where torch.compile
+    keeps its inductor cache (`<data_dir>/cache/inductor`)."""
+    trainer: TrainerConfig
+    optim: OptimConfig
+    strategy: StrategyConfig
+    augment: AugmentConfig
+    loss: LossConfig
+    compile_cache_dir: Path
+
+
+@dataclass(frozen=True)
+class FitRun:
+    """The run the fit belongs to: its dir; the checkpoint meta (`num_classes`; `config`, the resolved config as
+    a plain dict, which last.pt and MLflow keep); the last.pt state to continue (training/resume.py); the
+    SIGINT/SIGTERM stop (training/interrupts.py); when the run started (a budget.now() reading: the time limit
+    counts from it) and the test split's size (the time budget keeps time for its evaluation)."""
+    run_dir: Path
+    meta: dict
+    resume_state: dict | None = None
+    stop: interrupts.GracefulStop | None = None
+    started: float | None = None
+    test_images: int = 0
+
+
+def fit(model, loaders: dict, settings: FitSettings, run: FitRun, *, accel: Accel,
+        class_weights: torch.Tensor | None = None, net: torch.nn.Module | None = None) -> dict:
     """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
 
-    Writes `last.pt` after every epoch (mid-epoch once `stop()` is set by SIGINT/SIGTERM, then raises
-    TrainingInterrupted) and continues from `resume_state` (training/resume.py); NaN/inf: training/guard.py.
+    Writes `last.pt` after every epoch (mid-epoch once `run.stop()` is set by SIGINT/SIGTERM, then raises
+    TrainingInterrupted) and continues from `run.resume_state` (training/resume.py); NaN/inf: training/guard.py.
     Each epoch's history row carries `lr_<group>`; training/tracking.py writes history.csv, TensorBoard, MLflow.
-    `trainer.time_limit`: a TimeBudget (counting from `started`, a budget.now() reading; `test_images` sizes the
-    time kept for the test evaluation) plans the epochs, spans the LR schedule over them and ends an epoch early
-    at the limit. Returns history, best epoch, the eval loss, the best epoch's val (logits, labels) and the
-    budget (None without a limit).
+    `trainer.time_limit`: a TimeBudget (counting from `run.started`; `run.test_images` sizes the time kept for the
+    test evaluation) plans the epochs, spans the LR schedule over them and ends an epoch early at the limit.
+    Returns history, best epoch, the eval loss, the best epoch's val (logits, labels) and the budget (None
+    without a limit).
 
     `trainer.ema`: a weight average (training/averaging.py) follows every optimizer step and is evaluated on val
     beside the raw weights each epoch (history `ema_val_<metric>` next to the raw `val_<metric>`); the better of
@@ -61,84 +85,144 @@ def fit(model, loaders: dict, cfg: DictConfig, run_dir: Path, meta: dict, device
     `net`: the module a batch goes through when it is not `model` itself: the top of a boundary-cached partial
     fine-tune (training/boundary.py), whose loaders hold activations. It shares `model`'s parameters, and
     `model` is what the checkpoints hold."""
-    t, o, max_epochs = cfg.trainer, cfg.optim, budget.max_epochs(cfg.trainer)
-    accel = accel or build_accel(device, amp=t.amp, channels_last=t.channels_last)
-    prepare_model(model, accel, compile_model=t.compile, cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
-    steps = len(loaders["train"]) if not t.max_train_batches else min(len(loaders["train"]), t.max_train_batches)
-    optimizer, scheduler = build_optimization(model, o, steps_per_epoch=steps, epochs=max_epochs)
-    val_images = len(loaders["val"].dataset) * (2 if t.ema else 1)  # EMA: two val evaluations per epoch
-    clock = budget.from_config(t, started=started, steps_per_epoch=steps, val_images=val_images,
-                               test_images=test_images,
-                               on_plan=lambda epochs: scheduler.set_total_steps(epochs * steps))  # LR over the plan
-    mix = mixing.build_mixer(cfg.augment, meta["num_classes"])  # mixup/cutmix: None when off
-    loss_fn, eval_loss = loss.build_losses(cfg.loss, class_weights, device, soft_targets=mix is not None)
-    tracker, history, best_val = MonitorTracker(t.monitor, t.early_stop_patience), [], None
-    guard = StepGuard(t.max_nonfinite_steps, t.grad_clip)
-    ema = averaging.WeightAverage(model, t.ema_decay) if t.ema else None  # of the unwrapped model: DDP re-wraps
-    last = resume.LastCheckpoint(run_dir, cfg, model=model, optimizer=optimizer, scheduler=scheduler, tracker=tracker,
-                                 guard=guard, loader=loaders["train"], scaler=accel.scaler, budget=clock,
-                                 averager=ema)
-    first, partial, stop = 1, None, stop or interrupts.GracefulStop()  # not entered: never set
-    stop_all, ddp = distributed.agreed_stop(stop), None  # DDP: ranks stop at the same step; wrapper (re)built below
-    halt = stop_all if clock is None else lambda: stop_all() or clock.after_step()  # signal first, then the budget
-    if resume_state is not None:  # replay gradual thaws in order, so the optimizer groups match the saved ones
-        for epoch in range(1, resume_state["epoch"] + 1 + bool(resume_state["partial"])):
-            maybe_thaw(model, optimizer, scheduler, cfg, epoch)
-        first, partial, history, best_val = last.restore(resume_state)
-    with tracking.RunTracker(run_dir, cfg, first_epoch=first) as curves:  # history.csv, TensorBoard, MLflow
-        for epoch in range(first, max_epochs + 1):
-            if clock is not None and not clock.can_start_epoch(epoch):
+    epochs = EpochLoop(model, loaders, settings, run, accel=accel, class_weights=class_weights, net=net)
+    if run.resume_state is not None:
+        epochs.restore(run.resume_state)
+    with tracking.RunTracker(run.run_dir, settings.trainer, run.meta["config"], first_epoch=epochs.first) as curves:
+        for epoch in range(epochs.first, epochs.max_epochs + 1):
+            if not epochs.run_epoch(epoch, curves):
                 break
-            maybe_thaw(model, optimizer, scheduler, cfg, epoch)
-            ddp = distributed.wrap_ddp(net or model, device, current=ddp)  # new wrapper when a thaw changed trainables
-            last.mark_epoch_start()
-            if clock is not None:
-                clock.start_epoch(epoch, done_steps=(partial or {}).get("steps", 0))
-            stats = loop.train_one_epoch(ddp, loaders["train"], loss_fn, optimizer, scheduler, device,
-                                           epoch=epoch, max_batches=t.max_train_batches, progress=t.progress,
-                                           guard=guard, stop=halt, resume_from=partial, accel=accel,
-                                           after_step=(lambda: ema.update(model)) if ema is not None else None,
-                                           mix=mix)
-            partial = None
-            if stats.get("interrupted") and not (clock is not None and clock.stopped):  # SIGINT/SIGTERM
-                last.save(epoch - 1, history, best_val, partial=stats["partial"])
-                raise stop.interrupted(run_dir, f"at step {stats['partial']['steps']} of epoch {epoch}")
-            if stats.get("interrupted"):  # the time limit ended the epoch early: evaluate it if there is time
-                if best_val is not None and not clock.time_for_eval():
-                    break
-                stats = budget.partial_stats(stats["partial"])
-            stats = distributed.reduce_train_stats(stats)
-            with budget.measure(clock, "eval"):
-                ev = evaluate_epoch(model, ema, loaders["val"], eval_loss, device, meta["num_classes"], t, accel,
-                                    tracker.mode, net=net)
-            history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in ev.raw.items()},
-                            **({f"ema_val_{k}": v for k, v in ev.ema.items()} if ev.ema is not None else {}),
-                            **tracking.group_lrs(optimizer)})  # each group's LR at the epoch's end
-            guard.check_weights(model, optimizer, epoch)  # never save non-finite weights as `best` or `last`
-            improved = tracker.update(ev.val[t.monitor], epoch)
-            with budget.measure(clock, "checkpoint"):
-                if improved:
-                    best_val = ev.val_out
-                    if distributed.is_main():  # the unwrapped model: loads without DDP
-                        checkpoint.save_checkpoint(run_dir, "best", ev.weights,
-                                                   {**meta, "epoch": epoch, "val_metrics": ev.val, **ev.meta})
-                last.save(epoch, history, best_val)
-            if clock is not None:
-                clock.end_epoch(stats)  # the first epoch measured (train, eval, checkpoints) gives the plan
-            curves.log(history)
-            log_epoch(epoch, clock.planned if clock else max_epochs, stats, ev, history[-1].get("lr_head"), t.monitor,
-                      improved)
-            if stop_all():
-                raise stop.interrupted(run_dir, f"at the end of epoch {epoch}")
-            if clock is not None and clock.stopped:
-                break
-            if tracker.should_stop and epoch < max_epochs:
-                stop_early(tracker, clock)
-                break
-    return fit_result(history, tracker, eval_loss, best_val, clock, ema)
+    return fit_result(epochs.history, epochs.tracker, epochs.eval_loss, epochs.best_val, epochs.clock, epochs.ema)
 
 
-def build_optimization(model, o: DictConfig, *, steps_per_epoch: int, epochs: int):
+class EpochLoop:
+    """One fit's parts and progress. The set-up (`__init__`) prepares the model (channels_last, torch.compile) and
+    builds the optimizer and LR schedule, the time budget, the batch mixer and losses, the monitor tracker, the
+    NaN guard, the weight average and last.pt; `restore` continues a saved state; `run_epoch` runs one epoch."""
+
+    def __init__(self, model, loaders: dict, settings: FitSettings, run: FitRun, *, accel: Accel,
+                 class_weights: torch.Tensor | None = None, net: torch.nn.Module | None = None):
+        t, self.max_epochs = settings.trainer, budget.max_epochs(settings.trainer.epochs)
+        self.model, self.net, self.loaders, self.accel = model, net, loaders, accel
+        self.settings, self.run = settings, run
+        prepare_model(model, accel, compile_model=t.compile, cache_dir=settings.compile_cache_dir)
+        steps = len(loaders["train"]) if not t.max_train_batches else min(len(loaders["train"]), t.max_train_batches)
+        optimizer, scheduler = build_optimization(model, settings.optim, steps_per_epoch=steps, epochs=self.max_epochs)
+        val_images = len(loaders["val"].dataset) * (2 if t.ema else 1)  # EMA: two val evaluations per epoch
+        clock = budget.from_config(t, started=run.started, steps_per_epoch=steps, val_images=val_images,
+                                   test_images=run.test_images,
+                                   on_plan=lambda epochs: scheduler.set_total_steps(epochs * steps))  # LR over the plan
+        mix = mixing.build_mixer(settings.augment, run.meta["num_classes"])  # mixup/cutmix: None when off
+        loss_fn, self.eval_loss = loss.build_losses(settings.loss, class_weights, accel.device,
+                                                    soft_targets=mix is not None)
+        tracker, self.history, self.best_val = MonitorTracker(t.monitor, t.early_stop_patience), [], None
+        guard = StepGuard(t.max_nonfinite_steps, t.grad_clip)
+        ema = averaging.WeightAverage(model, t.ema_decay) if t.ema else None  # of the unwrapped model: DDP re-wraps
+        self.optimizer, self.scheduler, self.clock, self.tracker, self.guard, self.ema = \
+            optimizer, scheduler, clock, tracker, guard, ema
+        self.last = resume.LastCheckpoint(run.run_dir, run.meta["config"], resume.Resumable(
+            model, optimizer, scheduler, tracker, guard, loaders["train"], scaler=accel.scaler, budget=clock,
+            averager=ema))
+        self.first, self.partial, self.stop = 1, None, run.stop or interrupts.GracefulStop()  # not entered: never set
+        self.stop_all, self.ddp = distributed.agreed_stop(self.stop), None  # DDP: ranks stop at the same step
+        halt = self.stop_all if clock is None else lambda: self.stop_all() or clock.after_step()  # signal, then budget
+        self.step = loop.TrainStep(loss_fn, optimizer, scheduler, accel, guard=guard, mix=mix, stop=halt,
+                                   after_step=(lambda: ema.update(model)) if ema is not None else None)
+
+    def thaw(self, epoch: int) -> None:
+        maybe_thaw(self.model, self.optimizer, self.scheduler, epoch, strategy=self.settings.strategy,
+                   optim=self.settings.optim)
+
+    def restore(self, state: dict) -> None:
+        """Continue a last.pt state: the gradual thaws replayed in order (so the optimizer groups match the saved
+        ones), then the state loaded; the loop starts at `first`, from the `partial` epoch's counters."""
+        for epoch in range(1, state["epoch"] + 1 + bool(state["partial"])):
+            self.thaw(epoch)
+        self.first, self.partial, self.history, self.best_val = self.last.restore(state)
+
+    def run_epoch(self, epoch: int, curves: tracking.RunTracker) -> bool:
+        """Train, evaluate and save epoch `epoch`; False when the loop ends here (time budget, early stop). Raises
+        TrainingInterrupted on SIGINT/SIGTERM."""
+        t, clock = self.settings.trainer, self.clock
+        if clock is not None and not clock.can_start_epoch(epoch):
+            return False
+        stats = self.train(epoch)
+        if stats is None:
+            return False
+        with budget.measure(clock, "eval"):
+            ev = self.evaluate()
+        self.history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in ev.raw.items()},
+                             **({f"ema_val_{k}": v for k, v in ev.ema.items()} if ev.ema is not None else {}),
+                             **tracking.group_lrs(self.optimizer)})  # each group's LR at the epoch's end
+        self.guard.check_weights(self.model, self.optimizer, epoch)  # never save non-finite weights as best or last
+        improved = self.tracker.update(ev.val[t.monitor], epoch)
+        with budget.measure(clock, "checkpoint"):
+            self.save(epoch, ev, improved)
+        if clock is not None:
+            clock.end_epoch(stats)  # the first epoch measured (train, eval, checkpoints) gives the plan
+        curves.log(self.history)
+        log_epoch(epoch, clock.planned if clock else self.max_epochs, stats, ev, self.history[-1].get("lr_head"),
+                  t.monitor, improved)
+        if self.stop_all():
+            raise self.stop.interrupted(self.run.run_dir, f"at the end of epoch {epoch}")
+        if clock is not None and clock.stopped:
+            return False
+        if self.tracker.should_stop and epoch < self.max_epochs:
+            stop_early(self.tracker, clock)
+            return False
+        return True
+
+    def train(self, epoch: int) -> dict | None:
+        """Train epoch `epoch` (from the `partial` counters of a resumed one): its train stats, or None when the time
+        limit ended it with no time left to evaluate it. SIGINT/SIGTERM: saves last.pt mid-epoch and raises."""
+        t, clock = self.settings.trainer, self.clock
+        self.thaw(epoch)
+        self.ddp = distributed.wrap_ddp(self.net or self.model, self.accel.device,
+                                        current=self.ddp)  # new wrapper when a thaw changed trainables
+        self.last.mark_epoch_start()
+        if clock is not None:
+            clock.start_epoch(epoch, done_steps=(self.partial or {}).get("steps", 0))
+        stats = loop.train_one_epoch(self.ddp, self.loaders["train"], self.step, epoch=epoch,
+                                     max_batches=t.max_train_batches, progress=t.progress, resume_from=self.partial)
+        self.partial = None
+        if stats.get("interrupted") and not (clock is not None and clock.stopped):  # SIGINT/SIGTERM
+            self.last.save(epoch - 1, self.history, self.best_val, partial=stats["partial"])
+            raise self.stop.interrupted(self.run.run_dir, f"at step {stats['partial']['steps']} of epoch {epoch}")
+        if stats.get("interrupted"):  # the time limit ended the epoch early: evaluate it if there is time
+            if self.best_val is not None and not clock.time_for_eval():
+                return None
+            stats = budget.partial_stats(stats["partial"])
+        return distributed.reduce_train_stats(stats)
+
+    def evaluate(self) -> EpochEval:
+        """Evaluate the raw weights (and the EMA, if kept) on val and pick the epoch's candidate for `best`. The val
+        batches go through `net` when there is one (fit's docstring; no EMA then)."""
+        t, model, ema = self.settings.trainer, self.model, self.ema
+
+        def on_val(module: torch.nn.Module, desc: str):
+            return loop.evaluate(module, self.loaders["val"], self.eval_loss, self.accel, self.run.meta["num_classes"],
+                                 progress=t.progress, desc=desc)
+
+        val, *val_out = on_val(self.net or model, "val")
+        if ema is None:
+            return EpochEval(val, None, model, val, tuple(val_out), {})
+        ema_val, *ema_out = on_val(ema.module, "val (ema)")
+        if averaging.ema_wins(ema_val[t.monitor], val[t.monitor], self.tracker.mode):
+            return EpochEval(val, ema_val, ema.module, ema_val, tuple(ema_out), {"weights_source": "ema"})
+        return EpochEval(val, ema_val, model, val, tuple(val_out), {"weights_source": "raw"})
+
+    def save(self, epoch: int, ev: EpochEval, improved: bool) -> None:
+        """`best` when the epoch improved on the monitor (rank 0, the unwrapped model: it loads without DDP), then
+        last.pt."""
+        if improved:
+            self.best_val = ev.val_out
+            if distributed.is_main():
+                checkpoint.save_checkpoint(self.run.run_dir, "best", ev.weights,
+                                           {**self.run.meta, "epoch": epoch, "val_metrics": ev.val, **ev.meta})
+        self.last.save(epoch, self.history, self.best_val)
+
+
+def build_optimization(model, o: OptimConfig, *, steps_per_epoch: int, epochs: int):
     """The optimizer over the trainable param groups (differential LRs, layer decay) and its LR schedule over
     `epochs` (a time budget re-spans it over its plan: TimeBudget on_plan)."""
     groups = optim.build_param_groups(model, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
@@ -183,20 +267,6 @@ class EpochEval:
     val: dict
     val_out: tuple
     meta: dict
-
-
-def evaluate_epoch(model, ema: averaging.WeightAverage | None, loader, eval_loss, device: torch.device,
-                   num_classes: int, t: DictConfig, accel, mode: str, net=None) -> EpochEval:
-    """Evaluate the raw weights (and the EMA, if kept) on val and pick the epoch's candidate for `best`. `net`:
-    the module the val batches go through, when not `model` (fit's docstring; no EMA then)."""
-    val, *val_out = loop.evaluate(net or model, loader, eval_loss, device, num_classes, t.progress, "val", accel=accel)
-    if ema is None:
-        return EpochEval(val, None, model, val, tuple(val_out), {})
-    ema_val, *ema_out = loop.evaluate(ema.module, loader, eval_loss, device, num_classes, t.progress, "val (ema)",
-                                      accel=accel)
-    if averaging.ema_wins(ema_val[t.monitor], val[t.monitor], mode):
-        return EpochEval(val, ema_val, ema.module, ema_val, tuple(ema_out), {"weights_source": "ema"})
-    return EpochEval(val, ema_val, model, val, tuple(val_out), {"weights_source": "raw"})
 
 
 def log_epoch(epoch: int, planned: int, stats: dict, ev: EpochEval, lr: float | None, monitor: str,

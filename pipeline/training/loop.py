@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,13 +24,31 @@ def _grads_finite(optimizer) -> bool:
     return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
-def _step(model, images, labels, loss_fn, optimizer, guard, accel: Accel) -> float | None:
+@dataclass(frozen=True)
+class TrainStep:
+    """How each train step runs: the loss, the optimizer and its per-batch LR schedule, the precision (`accel`),
+    and the optional parts: `guard` (pipeline.training.guard.StepGuard) clips gradients and skips non-finite
+    steps, `mix(images, labels)` -> (images, targets) mixes the batch (training/mixing.py: mixup/cutmix, soft
+    targets), `after_step()` runs after every optimizer step that was not skipped (the fit's weight average), and
+    `stop()` true after a step ends the epoch early (SIGINT/SIGTERM, the time budget)."""
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    accel: Accel
+    guard: object = None
+    mix: Callable | None = None
+    after_step: Callable[[], None] | None = None
+    stop: Callable[[], bool] | None = None
+
+
+def _step(model, images, labels, step: TrainStep) -> float | None:
     """One optimizer step; None when the guard skipped it (non-finite inputs, loss or gradients) or the fp16
     GradScaler did (an overflow: the scaler lowers its scale; not a divergence, so the guard does not count it)."""
+    optimizer, guard, accel = step.optimizer, step.guard, step.accel
     if guard is not None and not guard.inputs_ok(model, optimizer, images):
         return None
     with accel.autocast():
-        loss = loss_fn(model(images), labels)
+        loss = step.loss_fn(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
     scaler = accel.scaler
     if scaler is not None:
@@ -51,45 +71,41 @@ def _step(model, images, labels, loss_fn, optimizer, guard, accel: Accel) -> flo
     return loss.item()
 
 
-def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, scheduler, device: torch.device, *,
-                    epoch: int = 0, max_batches: int = 0, progress: bool = False, guard=None, stop=None,
-                    resume_from: dict | None = None, accel: Accel | None = None, after_step=None,
-                    mix=None) -> dict:
-    """One pass over `loader`; the scheduler steps per batch. Returns mean loss, images and seconds.
-    `mix(images, labels)` -> (images, targets) mixes each batch (training/mixing.py: mixup/cutmix, soft targets).
-    `after_step()` runs after every optimizer step that was not skipped (the fit's weight average).
+def train_one_epoch(model: torch.nn.Module, loader, step: TrainStep, *, epoch: int = 0, max_batches: int = 0,
+                    progress: bool = False, resume_from: dict | None = None) -> dict:
+    """One pass over `loader`, each batch a `step` (skipped non-finite steps do not count in the loss); the
+    scheduler steps per batch. Returns mean loss, images and seconds.
 
-    `guard` (pipeline.training.guard.StepGuard) clips gradients and skips non-finite steps (they do not count in
-    the loss). `stop()` true after a step ends the epoch early (SIGINT/SIGTERM): the result then has
-    `interrupted` and the `partial` counters; passed back as `resume_from`, they make a later call load
-    (not train on) the batches already done, so data order and augmentation draws continue exactly.
+    Ended early by `step.stop()`, the result has `interrupted` and the `partial` counters; passed back as
+    `resume_from`, they make a later call load (not train on) the batches already done, so data order and
+    augmentation draws continue exactly.
     """
     model.train()
-    accel = accel or Accel(device)
+    accel, stop = step.accel, step.stop
     done = resume_from or {}
     skip, total_loss, seen = done.get("steps", 0), done.get("loss_sum", 0.0), done.get("seen", 0)
     skipped_steps, start = done.get("nonfinite_steps", 0), time.perf_counter() - done.get("seconds", 0.0)
     n_batches = min(len(loader), max_batches) if max_batches else len(loader)
     with progress_bar(progress) as bar:
         task = bar.add_task(f"epoch {epoch}", total=n_batches, info="")
-        for step, batch in enumerate(loader):
-            if max_batches and step >= max_batches:
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
                 break
-            if step >= skip and distributed.all_true(batch is not None):  # None: all images unreadable
-                images, labels = accel.images(batch[0]), batch[1].to(device, non_blocking=True)
-                images, targets = mix(images, labels) if mix is not None else (images, labels)
-                loss = _step(model, images, targets, loss_fn, optimizer, guard, accel)
+            if i >= skip and distributed.all_true(batch is not None):  # None: all images unreadable
+                images, labels = accel.images(batch[0]), batch[1].to(accel.device, non_blocking=True)
+                images, targets = step.mix(images, labels) if step.mix is not None else (images, labels)
+                loss = _step(model, images, targets, step)
                 if loss is None:
                     skipped_steps += 1
                 else:
                     total_loss += loss * len(labels)
                     seen += len(labels)
-                    if after_step is not None:
-                        after_step()
-                scheduler.step()
+                    if step.after_step is not None:
+                        step.after_step()
+                step.scheduler.step()
             bar.update(task, advance=1, info=f"loss {total_loss / max(seen, 1):.4f}")
-            if step >= skip and stop is not None and stop():
-                partial = {"steps": step + 1, "loss_sum": total_loss, "seen": seen,
+            if i >= skip and stop is not None and stop():
+                partial = {"steps": i + 1, "loss_sum": total_loss, "seen": seen,
                            "nonfinite_steps": skipped_steps, "seconds": time.perf_counter() - start}
                 return {"interrupted": True, "partial": partial}
     seconds = time.perf_counter() - start
@@ -117,13 +133,13 @@ def top5(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     return {"top5_accuracy": float((best5 == np.asarray(labels)[:, None]).any(1).mean())}
 
 
-def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device, num_classes: int,
-             progress: bool = False, desc: str = "eval", accel: Accel | None = None) -> tuple[dict, np.ndarray,
-                                                                                              np.ndarray]:
-    """Metrics (+ loss) over `loader`; also returns logits and labels for reports."""
+def evaluate(model: torch.nn.Module, loader, loss_fn, accel: Accel, num_classes: int, *, progress: bool = False,
+             desc: str = "eval") -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics (+ loss) over `loader` on `accel`'s device; also returns logits and labels for reports."""
     from pipeline.training.metrics import classification_metrics
 
-    logits, labels = distributed.gather_arrays(*predict_logits(model, loader, device, progress, desc, accel))  # DDP
+    logits, labels = distributed.gather_arrays(*predict_logits(model, loader, accel.device, progress, desc,
+                                                               accel))  # DDP
     if len(labels) == 0:
         return {"loss": float("nan"), "num_samples": 0}, logits, labels
     loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 
+from pipeline.config.schema import LossConfig
+from pipeline.data.folder import DatasetSplits
 from pipeline.errors import ConfigError
+from pipeline.runtime import distributed
+from pipeline.runtime.files import write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -180,3 +185,23 @@ def plan_imbalance(counts: Sequence[int], class_names: Sequence[str], *, class_w
                  plan["imbalance_ratio"], mode, {c: round(w, 4) for c, w in plan["weights"].items()}, sampler,
                  "on" if use_prior else "off")
     return plan
+
+
+def setup_imbalance(loss: LossConfig, sampler: str, splits: DatasetSplits, model: torch.nn.Module,
+                    run_dir: Path) -> dict:
+    """The run's class weights and prior-bias init from `loss` and `dataset.sampler`; writes class_weights.json
+    (rank 0) and returns the plan."""
+    mode = _plain(loss.class_weights)
+    counts = splits.train.counts()
+    plan = plan_imbalance([counts[k] for k in splits.classes], splits.classes, class_weights=mode,
+                          beta=loss.beta, sampler=sampler, prior_bias=loss.prior_bias)
+    if plan["prior_bias"]["enabled"]:
+        plan["prior_bias"]["bias"] = init_prior_bias(model, list(plan["prior_bias"]["prior"].values()))
+    if distributed.is_main():
+        write_json(run_dir / "class_weights.json", plan)
+    return plan
+
+
+def _plain(value):
+    """A {class: weight} config node as a plain dict (a mode string as it is)."""
+    return dict(value) if isinstance(value, Mapping) else value

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config.schema import DatasetConfig
 from pipeline.errors import ConfigError, MissingFileError, OutputError
 from pipeline.model.checkpoint import LAST, load_state, save_state
 from pipeline.runtime import distributed, run_lock, seeding
@@ -45,20 +48,22 @@ RUNTIME_KEYS = ("trainer.resume", "trainer.progress", "trainer.num_workers", "tr
                 "output_dir")
 
 
-def _runs_root(cfg: DictConfig) -> Path:
+def _runs_root() -> Path:
+    """Where this run's sibling run dirs are: Hydra's run dir's parent, else outputs/runs."""
     from hydra.core.hydra_config import HydraConfig
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir).parent
     return Path("outputs/runs")
 
 
-def _same_dataset(run_dir: Path, cfg: DictConfig) -> bool:
+def _same_dataset(run_dir: Path, dataset: DatasetConfig) -> bool:
+    """Whether `run_dir`'s saved config.yaml names `dataset` (its name and root)."""
     try:
         saved = OmegaConf.load(run_dir / "config.yaml").dataset
     except Exception:  # noqa: BLE001 - no or unreadable config: not a candidate
         return False
     resolve = lambda r: str(Path(str(r)).expanduser().resolve())
-    return saved.name == cfg.dataset.name and resolve(saved.root) == resolve(cfg.dataset.root)
+    return saved.name == dataset.name and resolve(saved.root) == resolve(dataset.root)
 
 
 def _passed_over_live(run_dirs: list[Path]) -> list[Path]:
@@ -70,9 +75,9 @@ def _passed_over_live(run_dirs: list[Path]) -> list[Path]:
     return [d for d, pid in live.items() if pid is None]
 
 
-def find_run_to_resume(cfg: DictConfig) -> Path | None:
-    """The run dir `trainer.resume` names (see the module doc), or None for a fresh run."""
-    value = str(cfg.trainer.resume)
+def find_run_to_resume(resume: str, *, output_dir: str | None, dataset: DatasetConfig) -> Path | None:
+    """The run dir `trainer.resume` (`resume`) names (see the module doc), or None for a fresh run."""
+    value = str(resume)
     if value != "auto":
         path = Path(value).expanduser()
         run_dir = path.parent if path.name == LAST else path
@@ -83,17 +88,17 @@ def find_run_to_resume(cfg: DictConfig) -> Path | None:
             raise OutputError(f"trainer.resume={value}: {run_dir} is still training (pid {run_lock.live_pid(run_dir)}"
                               "); wait for it to end, or stop it first (Ctrl-C / kill: it saves last.pt)")
         return run_dir
-    if cfg.output_dir:
-        run_dir = Path(cfg.output_dir)
+    if output_dir:
+        run_dir = Path(output_dir)
         unfinished = (run_dir / LAST).is_file() and not (run_dir / "metrics.json").exists()
         return run_dir if unfinished and _passed_over_live([run_dir]) else None
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError("trainer.resume=auto is for single runs; in a sweep set trainer.resume=<job dir> per job")
-    root = _runs_root(cfg)
+    root = _runs_root()
     candidates = _passed_over_live([p.parent for p in root.glob(f"*/{LAST}") if not (p.parent / "metrics.json")
-                                    .exists() and _same_dataset(p.parent, cfg)])
+                                    .exists() and _same_dataset(p.parent, dataset)])
     return max(candidates, key=lambda d: (d / LAST).stat().st_mtime) if candidates else None
 
 
@@ -102,22 +107,23 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
             for k in (_flat_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
 
 
-def _ignored_settings(cfg: DictConfig, saved: DictConfig) -> list[str]:
-    """Settings of this command that differ from the saved config and are not RUNTIME_KEYS."""
+def _command_keys(saved: dict) -> list[str]:
+    """This command's setting keys that a resume takes from the saved config instead (all but RUNTIME_KEYS and
+    hydra.*): its Hydra overrides, else every key of the saved config."""
     from hydra.core.hydra_config import HydraConfig
     if HydraConfig.initialized():
         keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
     else:
-        keys = _flat_keys(OmegaConf.to_container(saved))
-    return [k for k in keys if k not in RUNTIME_KEYS and not k.startswith("hydra")
-            and OmegaConf.select(cfg, k, default=None) != OmegaConf.select(saved, k, default=None)]
+        keys = _flat_keys(saved)
+    return [k for k in keys if k not in RUNTIME_KEYS and not k.startswith("hydra")]
 
 
 def adopt_saved_config(cfg: DictConfig, saved: dict, run_dir: Path) -> None:
     """In place: the saved config of the run, with this command's RUNTIME_KEYS and `output_dir=run_dir`."""
     runtime = {k: OmegaConf.select(cfg, k) for k in RUNTIME_KEYS}
     saved_cfg = OmegaConf.create(saved)
-    ignored = _ignored_settings(cfg, saved_cfg)
+    ignored = [k for k in _command_keys(OmegaConf.to_container(saved_cfg))  # settings of this command it ignores
+               if OmegaConf.select(cfg, k, default=None) != OmegaConf.select(saved_cfg, k, default=None)]
     if ignored:
         _logger.warning("Resuming with the run's saved config; ignored setting(s) of this command: %s "
                         "(only %s apply on resume)", ", ".join(ignored[:8]), ", ".join(RUNTIME_KEYS))
@@ -150,7 +156,7 @@ def prepare_resume(cfg: DictConfig) -> dict | None:
     """Resolve `trainer.resume`; when resuming, adopt the run's config and dir (in place) and return its state."""
     if not cfg.trainer.resume:
         return None
-    run_dir = find_run_to_resume(cfg)
+    run_dir = find_run_to_resume(cfg.trainer.resume, output_dir=cfg.output_dir, dataset=cfg.dataset)
     if run_dir is None:
         _logger.info("trainer.resume=auto: no unfinished run of dataset '%s' found; starting a fresh run",
                      cfg.dataset.name)
@@ -189,11 +195,11 @@ def saved_decision(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def save_cached_state(run_dir: Path, cfg: DictConfig) -> None:
-    """The cached linear probe's `last.pt`: its config, so `trainer.resume` finds and continues the run."""
+def save_cached_state(run_dir: Path, run_config: dict) -> None:
+    """The cached linear probe's `last.pt`: its config (`run_config`: the run's resolved config as a plain dict,
+    the checkpoint meta's `config`), so `trainer.resume` finds and continues the run."""
     if distributed.is_main():
-        save_state(run_dir, {"format": FORMAT, "kind": CACHED, "epoch": 0, "partial": None,
-                             "config": OmegaConf.to_container(cfg, resolve=True)})
+        save_state(run_dir, {"format": FORMAT, "kind": CACHED, "epoch": 0, "partial": None, "config": run_config})
 
 
 def finish(run_dir: Path, keep_last: bool) -> None:
@@ -207,22 +213,36 @@ def _to_tensors(best_val):
     return None if best_val is None else [torch.from_numpy(np.ascontiguousarray(a)) for a in best_val]
 
 
-class LastCheckpoint:
-    """Saves and restores everything the epoch loop needs to continue exactly where it stopped."""
+@dataclass(frozen=True)
+class Resumable:
+    """The live objects of the epoch loop whose state `last.pt` holds: the (unwrapped) model, its optimizer and
+    LR schedule, the monitor tracker, the NaN guard, the train loader (its generator, sampler and transform
+    RNGs), and where used the fp16 GradScaler (CUDA), the time budget (training/budget.py TimeBudget,
+    `trainer.time_limit`) and the weight average (training/averaging.py WeightAverage, `trainer.ema`)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tracker: Any
+    guard: Any
+    loader: Any
+    scaler: Any = None
+    budget: Any = None
+    averager: Any = None
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, *, model, optimizer, scheduler, tracker, guard, loader,
-                 scaler=None, budget=None, averager=None):
-        self.run_dir, self.cfg, self.model, self.optimizer = Path(run_dir), cfg, model, optimizer
-        self.scheduler, self.tracker, self.guard, self.loader = scheduler, tracker, guard, loader
-        self.scaler = scaler  # fp16 GradScaler (CUDA), else None
-        self.budget = budget  # training/budget.py TimeBudget (`trainer.time_limit`), else None
-        self.averager = averager  # training/averaging.py WeightAverage (`trainer.ema`), else None
+
+class LastCheckpoint:
+    """Saves and restores everything the epoch loop needs to continue exactly where it stopped: the state of
+    `parts` and the run's `run_config` (its resolved config as a plain dict: the checkpoint meta's `config`)."""
+
+    def __init__(self, run_dir: Path, run_config: dict, parts: Resumable):
+        self.run_dir, self.run_config, self.parts = Path(run_dir), run_config, parts
         self._epoch_start = None
 
     def _data_rng(self) -> dict:
-        sampler = self.loader.sampler
-        transform = seeding.get_transform_rng_state(self.loader.dataset.transform)
-        return {"loader": self.loader.generator.get_state() if self.loader.generator is not None else None,
+        loader = self.parts.loader
+        sampler = loader.sampler
+        transform = seeding.get_transform_rng_state(loader.dataset.transform)
+        return {"loader": loader.generator.get_state() if loader.generator is not None else None,
                 "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
                 "transform": transform if not distributed.is_distributed() else distributed.all_gather_object(
                     transform)}  # DDP: one augmentation stream per rank
@@ -237,55 +257,57 @@ class LastCheckpoint:
         data_rng = self._epoch_start if partial else self._data_rng()
         if not distributed.is_main():
             return
-        state = {"format": FORMAT, "epoch": epoch, "partial": partial, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(),
-                 "optimizer_groups": [g.get("name") for g in self.optimizer.param_groups],
-                 "scheduler": self.scheduler.state_dict(), "tracker": self.tracker.state_dict(),
-                 "guard": self.guard.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+        p = self.parts
+        state = {"format": FORMAT, "epoch": epoch, "partial": partial, "model": p.model.state_dict(),
+                 "optimizer": p.optimizer.state_dict(),
+                 "optimizer_groups": [g.get("name") for g in p.optimizer.param_groups],
+                 "scheduler": p.scheduler.state_dict(), "tracker": p.tracker.state_dict(),
+                 "guard": p.guard.state_dict(), "scaler": p.scaler.state_dict() if p.scaler else None,
                  "history": history, "best_val": _to_tensors(best_val),
-                 "budget": self.budget.state_dict() if self.budget is not None else None,
+                 "budget": p.budget.state_dict() if p.budget is not None else None,
                  "global_rng": seeding.get_global_rng_state(),
                  "data_rng": data_rng,
-                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
-        if self.averager is not None:
-            state["ema"] = self.averager.state_dict()
+                 "config": self.run_config}
+        if p.averager is not None:
+            state["ema"] = p.averager.state_dict()
         save_state(self.run_dir, state)
-        self.guard.last_good = f"{self.run_dir / LAST} (epoch {epoch}{', mid-epoch' if partial else ''})"
+        p.guard.last_good = f"{self.run_dir / LAST} (epoch {epoch}{', mid-epoch' if partial else ''})"
 
     def restore(self, state: dict) -> tuple[int, dict | None, list, tuple | None]:
         """Load a `save` state (gradual thaws must be replayed first). Returns (first epoch to run, partial
         counters for it, history, best val outputs)."""
-        groups = [g.get("name") for g in self.optimizer.param_groups]
+        p = self.parts
+        groups = [g.get("name") for g in p.optimizer.param_groups]
         if groups != state["optimizer_groups"]:
             raise ConfigError(f"{self.run_dir / LAST}: optimizer groups {state['optimizer_groups']} do not match "
                               f"this model's {groups}; was the config changed? start a fresh run")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.tracker.load_state_dict(state["tracker"])
-        self.guard.load_state_dict(state["guard"])
-        if self.averager is not None:
+        p.model.load_state_dict(state["model"])
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        p.tracker.load_state_dict(state["tracker"])
+        p.guard.load_state_dict(state["guard"])
+        if p.averager is not None:
             if state.get("ema") is None:
                 raise ConfigError(f"{self.run_dir / LAST} holds no weight average (saved without trainer.ema); "
                                   "start a fresh run")
-            self.averager.load_state_dict(state["ema"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+            p.averager.load_state_dict(state["ema"])
+        if p.scaler is not None and state.get("scaler"):
+            p.scaler.load_state_dict(state["scaler"])
         data = state["data_rng"]
         if data["loader"] is not None:
-            self.loader.generator.set_state(data["loader"])
+            p.loader.generator.set_state(data["loader"])
         if data["sampler"] is not None:
-            self.loader.sampler.load_state_dict(data["sampler"])
+            p.loader.sampler.load_state_dict(data["sampler"])
         transform = data["transform"]
         if isinstance(transform, list):  # saved by a DDP run: this rank's stream
             if len(transform) != distributed.world_size():
                 raise ConfigError(f"{self.run_dir / LAST} was saved by {len(transform)} processes; resume it with "
                                   f"the same number (torchrun --nproc_per_node / NPROC={len(transform)})")
             transform = transform[distributed.rank()]
-        seeding.set_transform_rng_state(self.loader.dataset.transform, transform)
+        seeding.set_transform_rng_state(p.loader.dataset.transform, transform)
         seeding.set_global_rng_state(state["global_rng"])
-        if self.budget is not None:  # after the scheduler: a re-plan re-spans it over what is left of the budget
-            self.budget.load_state_dict(state.get("budget"), done_epochs=state["epoch"])
+        if p.budget is not None:  # after the scheduler: a re-plan re-spans it over what is left of the budget
+            p.budget.load_state_dict(state.get("budget"), done_epochs=state["epoch"])
         best_val = tuple(t.numpy() for t in state["best_val"]) if state["best_val"] is not None else None
-        self.guard.last_good = f"{self.run_dir / LAST} (epoch {state['epoch']})"
+        p.guard.last_good = f"{self.run_dir / LAST} (epoch {state['epoch']})"
         return state["epoch"] + 1, state["partial"], list(state["history"]), best_val

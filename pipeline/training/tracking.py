@@ -10,8 +10,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
+from pipeline.config.schema import TrainerConfig
 from pipeline.errors import ConfigError
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_csv
@@ -48,9 +47,9 @@ def history_table(history: list[dict]) -> tuple[list[str], list[list]]:
     return [CSV_COLUMNS.get(k, k) for k in keys], [[h.get(k, "") for k in keys] for h in history]
 
 
-def check_mlflow(trainer_cfg: DictConfig) -> None:
+def check_mlflow(trainer: TrainerConfig) -> None:
     """`trainer.mlflow=true` needs the mlflow package (checked at start-up)."""
-    if trainer_cfg.mlflow and importlib.util.find_spec("mlflow") is None:
+    if trainer.mlflow and importlib.util.find_spec("mlflow") is None:
         raise ConfigError("trainer.mlflow=true needs the mlflow package: pip install mlflow "
                           "(or set trainer.mlflow=false)")
 
@@ -64,15 +63,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 class RunTracker:
     """Context manager over one fit: `log(history)` after each epoch rewrites history.csv and sends the newest
     row's scalars (step = epoch) to TensorBoard and MLflow. `first_epoch` > 1 (a resumed run): TensorBoard
-    drops events a killed process logged from that epoch on, so no epoch appears twice."""
+    drops events a killed process logged from that epoch on, so no epoch appears twice. `run_config`: the run's
+    resolved config as a plain dict (the checkpoint meta's `config`): MLflow's experiment is its dataset name,
+    and its MLFLOW_GROUPS are the run's parameters."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, first_epoch: int = 1):
-        self.run_dir, self.cfg, self.first_epoch = Path(run_dir), cfg, first_epoch
-        self.enabled = distributed.is_main()
+    def __init__(self, run_dir: Path, trainer: TrainerConfig, run_config: dict, first_epoch: int = 1):
+        self.run_dir, self.trainer, self.run_config = Path(run_dir), trainer, run_config
+        self.first_epoch, self.enabled = first_epoch, distributed.is_main()
         self.writer, self.mlflow = None, None
 
     def __enter__(self) -> RunTracker:
-        t = self.cfg.trainer
+        t = self.trainer
         if self.enabled and t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR),
@@ -80,10 +81,10 @@ class RunTracker:
         if self.enabled and t.mlflow:
             check_mlflow(t)
             import mlflow
-            mlflow.set_experiment(str(self.cfg.dataset.name))
+            mlflow.set_experiment(str(self.run_config["dataset"]["name"]))
             mlflow.start_run(run_name=self.run_dir.name)
-            config = OmegaConf.to_container(self.cfg, resolve=True)
-            mlflow.log_params({k: str(v)[:250] for k, v in _flat({g: config[g] for g in MLFLOW_GROUPS}).items()})
+            groups = {g: self.run_config[g] for g in MLFLOW_GROUPS}
+            mlflow.log_params({k: str(v)[:250] for k, v in _flat(groups).items()})
             self.mlflow = mlflow
         return self
 

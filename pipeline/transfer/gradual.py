@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from pipeline.config.schema import OptimConfig
 from pipeline.model.freezing import freeze_to_depth, param_counts
 from pipeline.transfer.optim import build_param_groups
 
@@ -22,13 +23,14 @@ def gradual_depth(epoch: int, *, n_groups: int, floor: int, warmup_epochs: int, 
 
 
 def thaw_to_depth(model: torch.nn.Module, optimizer: torch.optim.Optimizer, depth: int, *, bn: str,
-                  lr: float, backbone_lr_mult: float, layer_decay: float, weight_decay: float) -> list[str]:
-    """Unfreeze down to `depth` and add the newly trainable params to `optimizer`. Returns the new group names."""
+                  optim: OptimConfig) -> list[str]:
+    """Unfreeze down to `depth` and add the newly trainable params to `optimizer`, at the LRs and weight decay of
+    `optim` (as transfer/optim.py build_param_groups). Returns the new group names."""
     freeze_to_depth(model, depth, bn)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     added = []
-    for group in build_param_groups(model, lr=lr, backbone_lr_mult=backbone_lr_mult, layer_decay=layer_decay,
-                                    weight_decay=weight_decay):
+    for group in build_param_groups(model, lr=optim.lr, backbone_lr_mult=optim.backbone_lr_mult,
+                                    layer_decay=optim.layer_decay, weight_decay=optim.weight_decay):
         new = [p for p in group["params"] if id(p) not in in_optimizer]
         if new:
             optimizer.add_param_group({**group, "params": new})

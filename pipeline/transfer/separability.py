@@ -1,8 +1,10 @@
-"""Frozen-backbone features: pooled pre-logits embeddings and how well they separate the classes."""
+"""Frozen-backbone features: the one extractor of pooled embeddings (`extract_features`; features/cache.py caches
+its output) and how well the pre-logits ones separate the classes."""
 from __future__ import annotations
 
 import logging
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,14 +22,27 @@ from pipeline.transfer.logme import logme_score
 
 _logger = logging.getLogger(__name__)
 
+BATCH_SIZE = 32  # of the separability sample's loader
 
-def extract_features(model: torch.nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled pre-logits features (timm `forward_head(pre_logits=True)`) and labels, model in eval mode."""
-    was_training = model.training
+
+def extract_features(model: torch.nn.Module, loader, levels: Sequence, device: torch.device,
+                     channels_last: bool = False) -> dict:
+    """Pooled features of `levels` (model/multidepth.py; [HEAD]: timm's `forward_head(pre_logits=True)`) of every
+    decodable sample in `loader`, model in eval mode (left so), their labels and the loader's index field where it
+    has one, with speed. The one frozen-feature extractor: the feature cache (features/cache.py) and
+    `measure_separability` both run it. Empty tensors when nothing decoded (a DDP shard may hold nothing)."""
     model.eval()
-    feats, labels, _ = run_batches(lambda x: pooled_features(model, x, [HEAD]), loader, Accel(device))
-    model.train(was_training)
-    return feats.numpy(), labels.numpy()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    feats, labels, extras = run_batches(lambda x: pooled_features(model, x, levels), loader,
+                                        Accel(device, channels_last=channels_last))
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    seconds = time.perf_counter() - start
+    index = extras[0].long() if extras else torch.zeros(0, dtype=torch.long)
+    return {"features": feats, "labels": labels, "index": index, "seconds": seconds,
+            "img_per_s": len(labels) / max(seconds, 1e-9)}
 
 
 def sample_per_class(split: Split, max_per_class: int, max_total: int, seed: int) -> Split:
@@ -61,14 +76,16 @@ def cv_separability(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> 
 
 
 def measure_separability(model: torch.nn.Module, split: Split, transform, device: torch.device, *,
-                         max_per_class: int = 50, max_total: int = 400, batch_size: int = 32,
-                         seed: int = 0) -> dict:
+                         max_per_class: int = 50, max_total: int = 400, seed: int = 0) -> dict:
     """How well the frozen pretrained features already separate the classes, on a bounded sample."""
     start = time.perf_counter()
     sample = sample_per_class(split, max_per_class, max_total, seed)
-    loader = torch.utils.data.DataLoader(ImageDataset(sample, transform), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(ImageDataset(sample, transform), batch_size=BATCH_SIZE,
                                          collate_fn=collate_skip_none)
-    features, labels = extract_features(model, loader, device)
+    was_training = model.training
+    out = extract_features(model, loader, [HEAD], device)
+    model.train(was_training)
+    features, labels = out["features"].numpy(), out["labels"].numpy()
     result = cv_separability(features, labels, seed)
     result["logme"] = logme_score(features, labels) if len(np.unique(labels)) > 1 else float("nan")
     result.update(n_samples=int(len(labels)), feature_dim=int(features.shape[1]),

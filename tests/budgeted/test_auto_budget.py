@@ -7,6 +7,7 @@ different -> partial), `similar_gain=-5` makes it "similar" (small + similar -> 
 probe and then a fine-tune where one can pay)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -205,14 +206,15 @@ def test_plan_times_each_depth_on_the_real_model():
     freezing.apply_strategy(model, mode="partial", freeze_depth=4)
     batch = (torch.randn(8, 3, 64, 64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     sizes = auto_budget.Sizes(train=40, val=12, test=0, steps_per_epoch=5, views=2, max_epochs=100)
-    kwargs = dict(depths=[1, 4], bn="frozen", accel=Accel(torch.device("cpu")), sizes=sizes, load_s_per_image=0.001,
-                  min_epochs=3, boundary_cache="auto", memory_bytes=2**34)
+    rules = auto_budget.PlanRules(depths=[1, 4], bn="frozen", boundary_cache="auto", memory_bytes=2**34, min_epochs=3)
+    kwargs = dict(rules=rules, accel=Accel(torch.device("cpu")), sizes=sizes, load_s_per_image=0.001)
     plan = auto_budget.plan_finetune(model, batch, time_left_s=3600.0, **kwargs)
     assert [(c.freeze_depth, c.boundary) for c in plan.candidates] == [(1, False), (1, True), (4, False), (4, True)]
     assert all(c.step_s > 0 and c.epoch_s > 0 for c in plan.candidates)
     assert plan.chosen.freeze_depth == 1
     assert auto_budget.plan_finetune(model, batch, time_left_s=6.0, **kwargs).chosen is None
-    never = auto_budget.plan_finetune(model, batch, time_left_s=3600.0, **{**kwargs, "boundary_cache": "never"})
+    never = auto_budget.plan_finetune(model, batch, time_left_s=3600.0,
+                                      **{**kwargs, "rules": dataclasses.replace(rules, boundary_cache="never")})
     assert not any(c.boundary for c in never.candidates)
     assert all(p.requires_grad for p in model.get_classifier().parameters())  # the model itself is untouched
 

@@ -74,4 +74,4 @@ def test_real_embedded_lite0_on_digits_subset_beats_chance(cfg_factory, tmp_path
     cfg = cfg_factory("dataset=folder", f"dataset.root={root}", "dataset.input_size=96", "strategy=linear_probe",
                       "optim.lr=0.01", "trainer.epochs=8", "trainer.max_train_batches=0", "trainer.batch_size=24")
     metrics = train(cfg)
-    assert metrics["val"]["accuracy"] >= 0.6  # chance is 0.2
+    assert metrics["val"]["accuracy"] >= 0.85  # chance is 0.2; measured 0.9625 (77 of 80)

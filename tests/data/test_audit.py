@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import compose_cfg, make_imagefolder
 from pipeline.data.data_audit import audit_dataset, run_audit
-from pipeline.data.folder import load_imagefolder
+from pipeline.data.folder import SplitLayout, load_imagefolder
 from pipeline.reports.audit_report import audit_markdown
 
 
@@ -57,13 +57,11 @@ def test_dedup_drop_from_eval_removes_leaked_files_only(tmp_path):
     root = _planted(tmp_path)
     data = load_imagefolder(root)
     checks = compose_cfg().audit
-    kept, _ = run_audit(data, name="planted", root=root, dedup="drop_from_eval", checks=checks, seed=0,
-                        out_dir=tmp_path)
+    kept, report = run_audit(data, name="planted", root=root, dedup="drop_from_eval", checks=checks, seed=0)
     assert len(kept.val) == len(data.val) - 1 and len(kept.test) == len(data.test) - 1
     assert not any(p.endswith(("leaked.png", "leaked_too.png")) for p in kept.val.paths + kept.test.paths)
     assert kept.train.paths == data.train.paths
-    saved = json.loads((tmp_path / "audit.json").read_text())
-    assert saved["dedup"]["mode"] == "drop_from_eval" and len(saved["dedup"]["dropped"]) == 2
+    assert report["dedup"]["mode"] == "drop_from_eval" and len(report["dedup"]["dropped"]) == 2
     _, warn_only = run_audit(data, name="planted", root=root, dedup="none", checks=checks, seed=0)
     assert warn_only["dedup"]["dropped"] == [] and len(data.val) == 7
 
@@ -72,7 +70,7 @@ def test_auto_val_split_keeps_identical_files_on_one_side(tmp_path):
     root = make_imagefolder(tmp_path / "ds", {"blue": 10, "red": 10}, "train")
     for i in range(5):  # five duplicated pairs: a plain split would put some pairs across train/val
         shutil.copy(root / f"train/blue/blue_{i}.png", root / f"train/blue/dup_{i}.png")
-    data = load_imagefolder(root, val_fraction=0.4, seed=0)
+    data = load_imagefolder(root, SplitLayout(val_fraction=0.4), seed=0)
     report = audit_dataset(data, root=root)
     assert report["summary"]["cross_split_groups"] == 0 and report["summary"]["within_split_groups"] == 5
     assert len(data.val) + len(data.train) == 25

@@ -13,7 +13,7 @@ from sklearn.datasets import load_sample_image
 from torchvision.transforms import v2
 
 from conftest import CONF_DIR, compose_cfg
-from pipeline.data.augment import AutoAugment, build_eval_transform, build_train_transform, train_transform_from_cfg
+from pipeline.data.augment import AutoAugment, TrainAugment, build_eval_transform, build_train_transform
 from pipeline.data.images import load_rgb
 from pipeline.errors import ConfigError
 from pipeline.runtime.seeding import seed_transform
@@ -23,6 +23,10 @@ LITE0 = {"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.5] 
 IMAGENET = {"input_size": [3, 160, 160], "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
             "std": [0.229, 0.224, 0.225], "crop_pct": 0.95, "crop_mode": "center"}
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "augment").glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _from_group(data_cfg: dict, group) -> A.Compose:
+    return build_train_transform(data_cfg, TrainAugment.from_group(group))
 
 
 def _ops(transform: A.Compose) -> list[str]:
@@ -45,28 +49,28 @@ def test_every_preset_builds_and_gives_model_sized_tensors():
     image = load_sample_image("china.jpg")
     for preset in PRESETS:
         cfg = compose_cfg([f"augment={preset}", "dataset=flowers"])
-        out = train_transform_from_cfg(LITE0, cfg.augment)(image=image)["image"]
+        out = _from_group(LITE0, cfg.augment)(image=image)["image"]
         assert out.shape == (3, 224, 224) and out.dtype == torch.float32, preset
-    heavy = train_transform_from_cfg(LITE0, compose_cfg(["augment=heavy", "dataset=flowers"]).augment)
+    heavy = _from_group(LITE0, compose_cfg(["augment=heavy", "dataset=flowers"]).augment)
     assert {"RandomResizedCrop", "HorizontalFlip", "ColorJitter", "Affine", "CoarseDropout"} <= set(_ops(heavy))
     assert not torch.equal(heavy(image=image)["image"], heavy(image=image)["image"])
-    none = train_transform_from_cfg(LITE0, compose_cfg(["augment=none"]).augment)
+    none = _from_group(LITE0, compose_cfg(["augment=none"]).augment)
     assert torch.equal(none(image=image)["image"], build_eval_transform(LITE0)(image=image)["image"])
 
 
 def test_dataset_domain_knobs_win_over_the_preset():
     digits = compose_cfg(["augment=heavy"]).augment  # digits (default dataset) turns hflip off, scale_min 0.7
-    ops = _ops(train_transform_from_cfg(LITE0, digits))
+    ops = _ops(_from_group(LITE0, digits))
     assert "HorizontalFlip" not in ops and digits.scale_min == 0.7 and "Affine" in ops
-    sat = build_train_transform(LITE0, preset="light", vflip=True, rot90=True)
+    sat = build_train_transform(LITE0, TrainAugment(preset="light", vflip=True, rot90=True))
     assert {"VerticalFlip", "RandomRotate90"} <= set(_ops(sat))
-    assert "VerticalFlip" not in _ops(build_train_transform(LITE0, preset="light"))
+    assert "VerticalFlip" not in _ops(build_train_transform(LITE0, TrainAugment(preset="light")))
 
 
 def test_grayscale_input_gives_equal_channels_in_train_and_eval():
     image = load_sample_image("china.jpg")
     mean, std = np.array(IMAGENET["mean"])[:, None, None], np.array(IMAGENET["std"])[:, None, None]
-    for tf in (build_train_transform(IMAGENET, preset="medium", color_jitter=0.3, grayscale_input=True),
+    for tf in (build_train_transform(IMAGENET, TrainAugment(preset="medium", color_jitter=0.3, grayscale_input=True)),
                build_eval_transform({**IMAGENET, "grayscale_input": True})):
         pixels = tf(image=image)["image"].numpy() * std + mean
         assert np.abs(pixels[0] - pixels[1]).max() < 1e-5 and np.abs(pixels[1] - pixels[2]).max() < 1e-5
@@ -75,16 +79,17 @@ def test_grayscale_input_gives_equal_channels_in_train_and_eval():
 
 
 def test_extra_transforms_by_name_and_clear_errors():
-    tf = build_train_transform(LITE0, extra=[{"name": "CLAHE", "p": 1.0, "clip_limit": 2.0}, {"name": "ToSepia"}])
+    tf = build_train_transform(LITE0, TrainAugment(extra=({"name": "CLAHE", "p": 1.0, "clip_limit": 2.0},
+                                                          {"name": "ToSepia"})))
     assert _ops(tf)[-4:-2] == ["CLAHE", "ToSepia"]
     with pytest.raises(ConfigError, match="'GausBlur' is not an albumentations transform; did you mean:.*GaussianBlur"):
-        build_train_transform(LITE0, extra=[{"name": "GausBlur"}])
+        build_train_transform(LITE0, TrainAugment(extra=[{"name": "GausBlur"}]))
     with pytest.raises(ConfigError, match=r"CLAHE has no argument\(s\) \[.clip_limt.\]; valid: clip_limit"):
-        build_train_transform(LITE0, extra=[{"name": "CLAHE", "clip_limt": 2}])
+        build_train_transform(LITE0, TrainAugment(extra=[{"name": "CLAHE", "clip_limt": 2}]))
     with pytest.raises(ConfigError, match=r"augment.extra: CLAHE\(\{'clip_limit': 'lots'\}\) is invalid"):
-        build_train_transform(LITE0, extra=[{"name": "CLAHE", "clip_limit": "lots"}])
+        build_train_transform(LITE0, TrainAugment(extra=[{"name": "CLAHE", "clip_limit": "lots"}]))
     cfg = compose_cfg(["augment=light", "dataset=flowers", "+augment.extra=[{name: Sharpen, p: 0.5}]"])
-    assert "Sharpen" in _ops(train_transform_from_cfg(LITE0, cfg.augment))
+    assert "Sharpen" in _ops(_from_group(LITE0, cfg.augment))
 
 
 def _auto_augment(transform: A.Compose) -> AutoAugment:
@@ -95,7 +100,7 @@ def test_strong_preset_adds_trivial_augment_and_erasing_and_repeats_under_a_seed
     """augment=strong: torchvision's TrivialAugmentWide after crop/flip, albumentations' Erasing before normalising.
     Draws differ; the same seed (seeding.seed_transform) gives the same draws; torch's own RNG is left alone."""
     image = load_sample_image("china.jpg")
-    strong = train_transform_from_cfg(LITE0, compose_cfg(["augment=strong", "dataset=flowers"]).augment)
+    strong = _from_group(LITE0, compose_cfg(["augment=strong", "dataset=flowers"]).augment)
     assert _ops(strong) == ["RandomResizedCrop", "HorizontalFlip", "AutoAugment", "Erasing", "Normalize",
                             "ToTensorV2"]
     assert isinstance(_auto_augment(strong).op, v2.TrivialAugmentWide)
@@ -111,7 +116,7 @@ def test_strong_preset_adds_trivial_augment_and_erasing_and_repeats_under_a_seed
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not any(torch.equal(a, b) for a, b in zip(first, other))
     assert not torch.equal(first[0], first[1])
-    rebuilt = train_transform_from_cfg(LITE0, compose_cfg(["augment=strong", "dataset=flowers"]).augment)
+    rebuilt = _from_group(LITE0, compose_cfg(["augment=strong", "dataset=flowers"]).augment)
     assert repr(strong) == repr(rebuilt) and "0x" not in repr(strong)  # a feature-cache key part
     assert "AutoAugment(p=1.0, policy='trivial', fill=(128, 128, 128), interpolation='bilinear')" in repr(strong)
 
@@ -120,17 +125,17 @@ def test_auto_augment_ops_change_the_image_and_randaugment_is_chosen_by_name():
     """The wrapped op really runs: on a fixed crop (scale 1, no flip) outputs vary with the draw and differ from the
     same pipeline without it. `auto_augment=randaugment` gives torchvision's RandAugment."""
     image = load_sample_image("flower.jpg")[:, :427]  # square: the crop keeps the whole image
-    plain = build_train_transform(IMAGENET, scale_min=1.0, hflip=False)
+    plain = build_train_transform(IMAGENET, TrainAugment(scale_min=1.0, hflip=False))
     base = plain(image=image)["image"]
     for policy, op in (("trivial", v2.TrivialAugmentWide), ("randaugment", v2.RandAugment)):
-        tf = build_train_transform(IMAGENET, scale_min=1.0, hflip=False, auto_augment=policy)
+        tf = build_train_transform(IMAGENET, TrainAugment(scale_min=1.0, hflip=False, auto_augment=policy))
         assert isinstance(_auto_augment(tf).op, op)
         seed_transform(tf, 3)
         outs = [tf(image=image)["image"] for _ in range(6)]
         assert sum(not torch.allclose(o, base, atol=1e-3) for o in outs) >= 4, policy
         assert len({o.sum().item() for o in outs}) >= 4, policy
     with pytest.raises(ConfigError, match="augment.auto_augment=autoaug is unknown"):
-        build_train_transform(IMAGENET, auto_augment="autoaug")
+        build_train_transform(IMAGENET, TrainAugment(auto_augment="autoaug"))
 
 
 def test_random_erasing_puts_noise_into_a_flat_image():
@@ -138,7 +143,7 @@ def test_random_erasing_puts_noise_into_a_flat_image():
     flat = np.full((96, 96, 3), 90, np.uint8)
     base = build_train_transform(IMAGENET)(image=flat)["image"]
     assert float(base.flatten(1).std(1).max()) < 1e-4
-    erasing = build_train_transform(IMAGENET, random_erasing=1.0)
+    erasing = build_train_transform(IMAGENET, TrainAugment(random_erasing=1.0))
     seed_transform(erasing, 0)
     for _ in range(3):
         out = erasing(image=flat)["image"]

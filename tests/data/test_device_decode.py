@@ -57,7 +57,7 @@ def test_broken_files_are_skipped_and_indices_kept(photos, tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 40)  # a JPEG header, then nothing
     paths = [photos[0], str(tmp_path / "bad.jpg"), photos[1]]
     batches = list(device_decode.DeviceBatches(Split(paths, [0, 1, 2], ["a", "b", "c"]), PREP, CPU, batch_size=8,
-                                               max_pixels=10**9, with_index=True))
+                                               max_pixels=10**9, indices=[0, 1, 2]))
     x, y, idx = batches[0]
     assert len(x) == 2 and y.tolist() == [0, 2] and idx.tolist() == [0, 2]
 
@@ -76,16 +76,17 @@ def test_extraction_on_the_device_gives_the_cpu_features(tiny_folder):
     import timm
 
     from pipeline.data.folder import list_split
-    from pipeline.features.cache import load_or_extract
+    from pipeline.features.cache import Extraction, load_or_extract
 
     classes = ["blue", "green", "red"]
     paths, labels, _ = list_split(tiny_folder / "train", classes)
     split = Split(paths, labels, classes)
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=3).eval()
-    common = dict(levels=["head"], key_parts={"k": 1}, cache_dir=None, device=CPU, batch_size=16)
-    cpu = load_or_extract(model, split, build_eval_transform(PREP), **common)
-    dev = load_or_extract(model, split, build_eval_transform(PREP), device_preprocessing=PREP, **common)
+    cpu = load_or_extract(model, split, build_eval_transform(PREP), Extraction(CPU, None, batch_size=16),
+                          key_parts={"k": 1})
+    dev = load_or_extract(model, split, build_eval_transform(PREP),
+                          Extraction(CPU, None, batch_size=16, device_preprocessing=PREP), key_parts={"k": 1})
     assert cpu["key"] != dev["key"] and torch.equal(cpu["index"], dev["index"])
     cos = torch.nn.functional.cosine_similarity(cpu["features"], dev["features"])
     assert cos.min() > 0.99, float(cos.min())
@@ -94,14 +95,14 @@ def test_extraction_on_the_device_gives_the_cpu_features(tiny_folder):
 def test_a_run_evaluates_on_the_device_path_like_on_the_cpu(tiny_folder, cfg_factory, tmp_path, monkeypatch):
     """The val/test loaders of a run use DeviceBatches when the decode resolves to gpu (forced here on the CPU):
     the same predictions as the CPU loaders on these images."""
-    import pipeline.training.setup as setup
+    import pipeline.data.loaders as loaders
     from pipeline.train import train
 
     common = ("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny", "backbone.input_size=64",
               "strategy=finetune", "trainer.epochs=1")
     on_cpu = train(cfg_factory(*common, f"output_dir={tmp_path / 'cpu'}"))
     calls = []
-    monkeypatch.setattr(setup, "resolve_decode", lambda setting, device: calls.append(device) or "gpu")
+    monkeypatch.setattr(loaders, "resolve_decode", lambda setting, device: calls.append(device) or "gpu")
     on_device = train(cfg_factory(*common, f"output_dir={tmp_path / 'dev'}"))
     assert calls and on_device["val"]["accuracy"] == on_cpu["val"]["accuracy"]
     assert on_device["val"]["loss"] == pytest.approx(on_cpu["val"]["loss"], abs=0.02)

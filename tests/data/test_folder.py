@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_imagefolder, write_image
+from conftest import compose_cfg, make_imagefolder, write_image
 from pipeline.data.augment import build_eval_transform
 from pipeline.data.folder import (
     ImageDataset,
     Split,
+    SplitLayout,
     collate_skip_none,
     load_imagefolder,
     read_skip_log,
@@ -26,7 +27,8 @@ from pipeline.data.folder import (
 )
 from pipeline.data.image_cache import DiskCache, MemoryCache, build_cache
 from pipeline.data.images import ImageDecodeError, load_rgb
-from pipeline.data.sources import prepare_root, write_digits_imagefolder
+from pipeline.data.build import dataset_root
+from pipeline.data.sources import write_digits_imagefolder
 from pipeline.errors import MissingFileError
 
 
@@ -57,7 +59,7 @@ def test_bad_files_are_skipped_and_reported(tmp_path):
     (root / "train/blue/.DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (root / "train/blue/no_extension").write_bytes(b"x")
 
-    data = load_imagefolder(root, val_fraction=0.25, seed=0)
+    data = load_imagefolder(root, SplitLayout(val_fraction=0.25), seed=0)
     reported = {p.split("/")[-1]: r for p, r in ((s["path"], s["reason"]) for s in data.skipped)}
     assert reported == {"notes.txt": "unsupported extension .txt", "empty.jpg": "0-byte file",
                         "fake.jpg": "text/HTML, not an image", "truncated.png": "truncated image file",
@@ -88,20 +90,21 @@ def test_layout_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="fewer than 1 readable train image.*'blue': 0"):
         load_imagefolder(root)
     with pytest.raises(FileNotFoundError, match="Dataset 'hymenoptera' not found.*DATASETS_DIR"):
-        prepare_root(name="hymenoptera", root=str(tmp_path / "nowhere"), download_hint="set DATASETS_DIR")
+        dataset_root(compose_cfg(["dataset=hymenoptera", f"dataset.root={tmp_path / 'nowhere'}"]).dataset)
     with pytest.raises(ValueError, match="needs a root: add dataset.root=.* \\(or dataset.manifest="):
-        prepare_root(name="folder", root=None)
+        dataset_root(compose_cfg(["dataset=folder"]).dataset)
 
 
 def test_a_flat_tree_of_class_folders_is_a_dataset(tmp_path):
     """No train/ folder: the class folders are the dataset, and val is a stratified share of all of it."""
     root = make_imagefolder(tmp_path, {"blue": 5, "red": 5}, split="flat") / "flat"
-    assert prepare_root(name="folder", root=str(root)) == root
-    data = load_imagefolder(root, val_fraction=0.2, seed=0, workers=1)
+    assert dataset_root(compose_cfg(["dataset=folder", f"dataset.root={root}"]).dataset) == root
+    data = load_imagefolder(root, SplitLayout(val_fraction=0.2), seed=0, workers=1)
     assert data.classes == ["blue", "red"] and len(data.train) == 8 and data.val.counts() == {"blue": 1, "red": 1}
     assert data.test is None and data.val_source == "stratified 20% of all images" and "no train/" in data.layout
     (tmp_path / "manifest.csv").write_text("path,label\n", encoding="utf-8")
-    assert prepare_root(name="folder", root=None, manifest=str(tmp_path / "manifest.csv")) == tmp_path
+    assert dataset_root(compose_cfg(["dataset=folder", f"dataset.manifest={tmp_path / 'manifest.csv'}"]).dataset) \
+        == tmp_path
 
 
 def test_a_download_that_cannot_connect_is_a_one_line_error_and_leaves_nothing(tmp_path):
@@ -113,8 +116,8 @@ def test_a_download_that_cannot_connect_is_a_one_line_error_and_leaves_nothing(t
         port = s.getsockname()[1]
     with pytest.raises(MissingFileError, match=rf"Could not download dataset.url=http://127.0.0.1:{port}/x.zip .*"
                                                "offline\\? set DATASETS_DIR"):
-        prepare_root(name="flowers", root=str(tmp_path / "flowers"), url=f"http://127.0.0.1:{port}/x.zip",
-                     download=True, download_hint="set DATASETS_DIR")
+        dataset_root(compose_cfg(["dataset=flowers", f"dataset.root={tmp_path / 'flowers'}",
+                                  f"dataset.url=http://127.0.0.1:{port}/x.zip", "dataset.download=true"]).dataset)
     assert list(tmp_path.iterdir()) == []  # no half-made dataset root
 
 
@@ -264,7 +267,7 @@ def test_fine_tune_uses_the_memory_cache_by_default_and_the_cached_probe_does_no
 def test_a_strip_image_is_skipped_by_the_probe_with_its_reason(tmp_path):
     root = make_imagefolder(tmp_path / "ds", {"blue": 4, "red": 4})
     Image.new("L", (60000, 1), 90).save(root / "train/red/strip.png")  # ~200 bytes, 256 x 15M px once resized
-    data = load_imagefolder(root, val_fraction=0.25, seed=0)
+    data = load_imagefolder(root, SplitLayout(val_fraction=0.25), seed=0)
     skipped = {Path(s["path"]).name: s["reason"] for s in data.skipped}
     assert list(skipped) == ["strip.png"] and skipped["strip.png"].startswith("60000x1 is a strip, not a picture")
     assert "strip.png" not in {Path(p).name for p in data.train.paths + data.val.paths}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import COLORS, write_image
-from pipeline.data.folder import check_layout, load_imagefolder
+from pipeline.data.folder import SplitLayout, check_layout, load_imagefolder
 from pipeline.errors import ConfigError
 
 NFC, NFD = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
@@ -35,7 +35,7 @@ def test_class_folders_in_nfc_and_nfd_are_a_one_line_error_naming_the_code_point
         _images(tmp_path / "ds" / name)
     assert len(list((tmp_path / "ds").iterdir())) == 3  # two folders on disk that print the same
     with pytest.raises(ConfigError, match=r"differ only in Unicode normal form \('cafe\\u0301' vs 'caf\\xe9'") as e:
-        check_layout(tmp_path / "ds", train_split="train", val_split="val", val_fraction=0.2, min_per_class=1)
+        check_layout(tmp_path / "ds", SplitLayout(), min_per_class=1)
     assert "rename one" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -54,7 +54,7 @@ def test_manifest_labels_differing_only_in_case_or_form_are_an_error(tmp_path):
         csv.write_text("path,label\n" + "".join(f"{i}.png,{label}\n" for i, label in enumerate(labels)),
                        encoding="utf-8")
         with pytest.raises(ConfigError) as e:
-            load_imagefolder(tmp_path, manifest=str(csv))
+            load_imagefolder(tmp_path, SplitLayout(manifest=str(csv)))
         message = str(e.value)
         assert f"dataset.manifest {csv}: labels '{labels[0]}' (line 2) and '{labels[2]}' (line 4)" in message
         assert how in message and "use one spelling of the label in every row" in message
@@ -63,4 +63,4 @@ def test_manifest_labels_differing_only_in_case_or_form_are_an_error(tmp_path):
 def test_distinct_names_are_not_an_error(tmp_path):
     for name in ("cat", "cats", "Dog"):
         _images(tmp_path / "ds" / "train" / name)
-    assert load_imagefolder(tmp_path / "ds", val_fraction=0.34).classes == ["Dog", "cat", "cats"]
+    assert load_imagefolder(tmp_path / "ds", SplitLayout(val_fraction=0.34)).classes == ["Dog", "cat", "cats"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from conftest import CLASSES, COLORS, write_image
-from pipeline.data.folder import check_layout, load_imagefolder
+from pipeline.data.folder import SplitLayout, check_layout, load_imagefolder
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import ConfigError, MissingFileError, PipelineError
 
@@ -82,7 +83,7 @@ def test_identical_files_stay_on_one_side_of_every_drawn_split(tmp_path):
         for i in range(2):
             for k in range(3):
                 shutil.copy(flat / c / f"{c}_{i}.png", flat / c / f"{c}_{i}_dup{k}.png")
-    data = load_imagefolder(flat, val_fraction=0.25, test_fraction=0.25, seed=3, workers=1)
+    data = load_imagefolder(flat, SplitLayout(val_fraction=0.25, test_fraction=0.25), seed=3, workers=1)
     side = {p: name for name in ("train", "val", "test") for p in getattr(data, name).paths}
     assert len(side) == 3 * 14
     for c in CLASSES:
@@ -98,7 +99,7 @@ def test_manifest_split_column_is_used_as_given_and_hidden_rows_are_skipped(tmp_
     write_image(flat / ".cache" / "x.png", (0, 0, 0))
     rows = [(f"img/{c}/{c}_{i}.png", c, ["train", "train", "val", "test"][i]) for c in CLASSES for i in range(4)]
     manifest = write_manifest(tmp_path / "m.csv", rows + [("img/.cache/x.png", "red", "train")], "Path, Label ,SPLIT")
-    data = load_imagefolder(tmp_path, manifest=str(manifest), workers=1)
+    data = load_imagefolder(tmp_path, SplitLayout(manifest=str(manifest)), workers=1)
     assert (len(data.train), len(data.val), len(data.test)) == (6, 3, 3)
     assert data.val_source == data.test_source == "manifest split column"
     assert data.skipped == [{"path": str(flat / ".cache" / "x.png"), "reason": "in a hidden folder (.cache)"}]
@@ -129,19 +130,20 @@ def test_bad_manifest_is_a_one_line_error_naming_the_row_and_the_fix(tmp_path, c
 
 def test_layout_checks_at_start_up_on_flat_trees_and_manifests(tmp_path):
     flat = write_flat(tmp_path / "flat", per_class=1)
-    args = dict(train_split="train", val_split="val", val_fraction=0.2, min_per_class=1)
+    layout = SplitLayout(train_split="train", val_split="val", val_fraction=0.2)
     with pytest.raises(ConfigError, match=r"Class folders in .*flat and only 3 train images for 3 classes: holding "
                                           r"out 3 val images"):
-        check_layout(flat, **args)
+        check_layout(flat, layout, min_per_class=1)
     with pytest.raises(ConfigError, match=r"dataset.val_fraction=0.5 \+ dataset.test_fraction=0.5 leave no train"):
-        check_layout(write_flat(tmp_path / "big"), **{**args, "val_fraction": 0.5}, test_fraction=0.5)
+        check_layout(write_flat(tmp_path / "big"), replace(layout, val_fraction=0.5, test_fraction=0.5),
+                     min_per_class=1)
     manifest = write_manifest(tmp_path / "m.csv", [(f"flat/{c}/{c}_0.png", c, "val") for c in CLASSES],
                               "path,label,split")
     with pytest.raises(ConfigError, match=r"has no train rows: mark rows split=train"):
-        check_layout(tmp_path, **args, manifest=str(manifest))
+        check_layout(tmp_path, replace(layout, manifest=str(manifest)), min_per_class=1)
     (tmp_path / "mixed" / "val" / "red").mkdir(parents=True)
     with pytest.raises(MissingFileError, match=r"has val/ but no train/ folder: expected .*/<class>/<image>"):
-        check_layout(tmp_path / "mixed", **args)
+        check_layout(tmp_path / "mixed", layout, min_per_class=1)
 
 
 def test_audit_and_preview_work_on_a_flat_tree_and_a_manifest(tmp_path, capsys):

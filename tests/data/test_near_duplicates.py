@@ -75,8 +75,7 @@ def test_dedup_drop_near_from_eval_drops_the_near_duplicates(tmp_path):
     root = scene_folder(tmp_path / "ds", n=4)
     data = load_imagefolder(root)
     checks = compose_cfg().audit
-    kept, report = run_audit(data, name="scenes", root=root, dedup="drop_near_from_eval", checks=checks, seed=0,
-                             out_dir=tmp_path)
+    kept, report = run_audit(data, name="scenes", root=root, dedup="drop_near_from_eval", checks=checks, seed=0)
     dropped = sorted(Path(p).name for p in report["dedup"]["dropped"])
     assert dropped == ["a0_half_q60.jpg", "a2_relabelled.png", "b1_q50.jpg"]
     assert len(kept.val) == len(data.val) - 1 and len(kept.test) == len(data.test) - 2

@@ -7,9 +7,9 @@ import numpy as np
 
 from conftest import make_imagefolder
 from pipeline.data.augment import build_eval_transform
-from pipeline.data.folder import load_imagefolder
+from pipeline.data.folder import SplitLayout, load_imagefolder
+from pipeline.data.loaders import LoaderSettings, make_loader
 from pipeline.data.sampler import BalancedClassSampler, build_sampler
-from pipeline.train import make_loader
 
 LABELS = [0] * 10 + [1] * 100 + [2] * 1000  # 1:10:100
 
@@ -46,11 +46,12 @@ def test_shuffle_is_a_plain_dataloader_shuffle():
 
 def test_train_loader_uses_balanced_sampler(tmp_path, cfg_factory):
     root = make_imagefolder(tmp_path / "imb", {"blue": 4, "green": 20})
-    splits = load_imagefolder(root, val_fraction=0.25, seed=0)
+    splits = load_imagefolder(root, SplitLayout(val_fraction=0.25), seed=0)
     cfg = cfg_factory("dataset=folder", f"dataset.root={root}", "dataset.sampler=balanced", "trainer.batch_size=6")
     transform = build_eval_transform({"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3,
                                       "std": [0.5] * 3, "crop_pct": 1.0, "crop_mode": "center"})
-    loader = make_loader(splits.train, transform, cfg, train=True)
+    loader = make_loader(splits.train, transform, LoaderSettings.from_groups(cfg.trainer, cfg.dataset, cfg.seed),
+                         train=True)
     labels = np.concatenate([y.numpy() for _, y in loader])
     assert len(labels) == len(splits.train) and abs(int((labels == 0).sum()) - len(labels) / 2) <= 1
     assert Counter(splits.train.labels)[0] < len(splits.train) / 4  # the split itself is imbalanced

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import HYMENOPTERA, compose_cfg
 from pipeline.data.data_audit import audit_dataset
-from pipeline.data.folder import load_imagefolder
+from pipeline.data.folder import SplitLayout, load_imagefolder
 from pipeline.data.images import check_decodable_image
 from pipeline.reports.audit_report import audit_markdown
 
@@ -28,7 +28,7 @@ def test_colour_mode_that_gives_the_label_away_is_flagged(tmp_path):
     for i in range(24):
         write_photo(root / "train/NORMAL" / f"n{i}.jpg", seed=i, mode="L")  # one class saved as greyscale JPEG
         write_photo(root / "train/PNEUMONIA" / f"p{i}.jpg", seed=100 + i, mode="RGB")  # the other as RGB JPEG
-    data = load_imagefolder(root, val_fraction=0.25)
+    data = load_imagefolder(root, SplitLayout(val_fraction=0.25))
     report = audit_dataset(data, root=root, checks=compose_cfg().audit, seed=0)
     found = report["shortcuts"]
     assert found["flagged"] and found["classifier"]["balanced_accuracy"] >= 0.9 and found["classifier"]["chance"] == 0.5

@@ -29,14 +29,14 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, ".")
 from pipeline.features import cache
-marker, calls, original = Path(sys.argv[1]), [], cache.extract
+marker, calls, original = Path(sys.argv[1]), [], cache.extract_features
 def extract(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
         marker.write_text("ready")
         time.sleep(120)
     return original(*args, **kwargs)
-cache.extract = extract
+cache.extract_features = extract
 from pipeline.train import main
 sys.argv = ["train"] + sys.argv[2:]
 main()

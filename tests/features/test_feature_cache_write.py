@@ -19,9 +19,9 @@ PREP = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "inter
 def extract(model, root: Path, cache_dir: Path) -> dict:
     classes = ["blue", "green", "red"]
     paths, labels, _ = list_split(root / "train", classes)
-    return cache.load_or_extract(model, Split(paths, labels, classes), build_eval_transform(PREP), levels=["head"],
-                                 key_parts={"arch": "test_efficientnet"}, cache_dir=cache_dir,
-                                 device=torch.device("cpu"), batch_size=16)
+    return cache.load_or_extract(model, Split(paths, labels, classes), build_eval_transform(PREP),
+                                 cache.Extraction(torch.device("cpu"), cache_dir, batch_size=16),
+                                 key_parts={"arch": "test_efficientnet"})
 
 
 def test_feature_cache_on_a_full_disk_warns_and_returns_the_features(tiny_folder, tmp_path, monkeypatch, caplog):

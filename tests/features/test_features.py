@@ -15,7 +15,7 @@ from conftest import write_image
 from pipeline.data.augment import build_eval_transform
 from pipeline.data.folder import Split, list_split
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.features.cache import load_or_extract, weights_hash
+from pipeline.features.cache import Extraction, load_or_extract, weights_hash
 from pipeline.features.heads import fit_logistic_head, fold_standardization, resolve_head, standardizer
 from pipeline.ship import loading, saving
 from pipeline.train import train
@@ -32,10 +32,10 @@ def _split(root: Path) -> Split:
 
 
 def _extract(model, split, cache_dir, transform=None):
-    return load_or_extract(model, split, transform or build_eval_transform(PREP), levels=["head"],
+    return load_or_extract(model, split, transform or build_eval_transform(PREP),
+                           Extraction(torch.device("cpu"), cache_dir, batch_size=16),
                            key_parts={"arch": "test_efficientnet", "weights": weights_hash(model),
-                                      "transform": repr(transform or build_eval_transform(PREP))},
-                           cache_dir=cache_dir, device=torch.device("cpu"), batch_size=16)
+                                      "transform": repr(transform or build_eval_transform(PREP))})
 
 
 def test_cache_hits_on_same_inputs_and_misses_on_any_change(tiny_folder, tmp_path):
@@ -77,8 +77,8 @@ def test_threaded_extraction_equals_the_dataloader_and_skips_a_broken_file(tiny_
     split = Split(split.paths + [str(broken)], split.labels + [2], split.classes)
 
     def run(workers):
-        return load_or_extract(model, split, build_eval_transform(PREP), levels=["head"], key_parts={},
-                               cache_dir=None, device=torch.device("cpu"), batch_size=5, num_workers=workers)
+        return load_or_extract(model, split, build_eval_transform(PREP),
+                               Extraction(torch.device("cpu"), None, batch_size=5, num_workers=workers), key_parts={})
 
     threaded, loader = run(0), run(2)
     assert torch.equal(threaded["features"], loader["features"]) and torch.equal(threaded["index"], loader["index"])
@@ -86,16 +86,15 @@ def test_threaded_extraction_equals_the_dataloader_and_skips_a_broken_file(tiny_
 
 
 def test_augmented_views_with_workers_repeat_per_seed_and_differ_between_seeds(tiny_folder):
-    from pipeline.data.augment import build_train_transform
+    from pipeline.data.augment import TrainAugment, build_train_transform
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=3).eval()
 
     def view(seed):
-        tf = build_train_transform(PREP, preset="light", scale_min=0.3)
-        return load_or_extract(model, _split(tiny_folder), tf, levels=["head"], key_parts={"view": seed},
-                               cache_dir=None, device=torch.device("cpu"), batch_size=8, num_workers=2,
-                               seed=seed)["features"]
+        tf = build_train_transform(PREP, TrainAugment(scale_min=0.3))
+        return load_or_extract(model, _split(tiny_folder), tf, Extraction(torch.device("cpu"), None, batch_size=8,
+                               num_workers=2), key_parts={"view": seed}, seed=seed)["features"]
 
     first, again, other = view(1), view(1), view(2)
     assert torch.equal(first, again)
@@ -104,8 +103,8 @@ def test_augmented_views_with_workers_repeat_per_seed_and_differ_between_seeds(t
     # workers would give the two batches the same augmentations
     split = _split(tiny_folder)
     same = Split([split.paths[0]] * 16, [split.labels[0]] * 16, split.classes)
-    feats = load_or_extract(model, same, build_train_transform(PREP, preset="light", scale_min=0.3), levels=["head"],
-                            key_parts={}, cache_dir=None, device=torch.device("cpu"), batch_size=8, num_workers=2,
+    feats = load_or_extract(model, same, build_train_transform(PREP, TrainAugment(scale_min=0.3)),
+                            Extraction(torch.device("cpu"), None, batch_size=8, num_workers=2), key_parts={},
                             seed=3)["features"]
     assert not torch.allclose(feats[:8], feats[8:])
 
@@ -249,22 +248,22 @@ def test_a_split_with_no_decodable_image_is_a_one_line_error(tmp_path):
     model = timm.create_model("test_efficientnet", num_classes=2)
     with pytest.raises(PipelineError, match=r"No image of the val split could be decoded \(3 file\(s\), e.g. .*0.png\);"
                                             " run `make audit`"):
-        load_or_extract(model, Split(paths, [0, 0, 0], ["red", "blue"]), build_eval_transform(PREP), levels=["head"],
-                        key_parts={"k": 1}, cache_dir=None, device=torch.device("cpu"), name="val")
+        load_or_extract(model, Split(paths, [0, 0, 0], ["red", "blue"]), build_eval_transform(PREP),
+                        Extraction(torch.device("cpu"), None), key_parts={"k": 1}, name="val")
 
 
 def test_rank_scores_every_level_and_reports_a_backbone_it_cannot_build(tiny_folder, cfg_factory):
-    from pipeline.features.ranking import rank_backbones
+    from pipeline.rank import rank
 
     cfg = cfg_factory("dataset=folder", f"dataset.root={tiny_folder}", "backbone=tiny", "backbone.input_size=64",
                       "backbones=[test_efficientnet,not_a_timm_model]")
-    result = rank_backbones(cfg)
+    result = rank(cfg)
     assert [r["level"] for r in result["rows"]] == ["0", "1", "2", "3", "4", "head"]
     assert all(np.isfinite(r["logme"]) and r["images"] == 36 and r["cache"] == "miss" for r in result["rows"])
     assert [s["backbone"] for s in result["skipped"]] == ["not_a_timm_model"]
     text = (Path(cfg.output_dir) / "rank.md").read_text()
     assert "| 1 | test_efficientnet |" in text and "not_a_timm_model" in text
-    assert rank_backbones(cfg)["rows"][0]["cache"] == "hit"
+    assert rank(cfg)["rows"][0]["cache"] == "hit"
 
 
 def test_cached_head_trains_for_features_head_epochs_not_trainer_epochs(tiny_folder, cfg_factory):
@@ -275,12 +274,15 @@ def test_cached_head_trains_for_features_head_epochs_not_trainer_epochs(tiny_fol
 
 
 def test_cached_head_stops_after_features_head_patience_epochs_without_gain(cfg_factory):
-    from pipeline.features.cached_fit import train_head
+    from pipeline.features.cached_fit import HeadFit, head_training, train_head
+    from pipeline.features.heads import HeadData
 
     rng = np.random.default_rng(0)
     y, val_y = rng.integers(0, 3, 300), rng.integers(0, 3, 60)
     x, val_x = (rng.normal(size=(n, 8)) + 3 * np.eye(3, 8)[labels] for n, labels in ((300, y), (60, val_y)))
     cfg = cfg_factory("features.head_epochs=100", "features.head_patience=2", "trainer.early_stop_patience=0",
                       "trainer.epochs=1", "optim.lr=0.05", "features.head=linear")
-    head = train_head(cfg, x, y, val_x, val_y, 3, None, None, standardize=False)
+    fit = HeadFit(cfg.features.head, head_training(cfg.features, cfg.trainer, cfg.optim, seed=cfg.seed,
+                                                   sampler=cfg.dataset.sampler), cfg.loss)
+    head = train_head(HeadData(x, y, val_x, val_y, 3), fit, standardize=False)
     assert len(head["history"]) == head["best_epoch"] + 2 < 100

@@ -9,6 +9,7 @@ import torch
 
 from conftest import make_imagefolder
 from pipeline.data.folder import load_imagefolder
+from pipeline.features.cached_fit import FeatureSource, extraction
 from pipeline.features.label_issues import audit_model, find_candidates, label_issues_markdown, rank_label_issues
 
 FLIPS = 10
@@ -33,8 +34,10 @@ def test_injected_label_flips_are_in_the_top_candidates(tmp_path, cfg_factory):
     root, flipped = flipped_folder(tmp_path / "ds")
     cfg = cfg_factory("dataset=folder", f"dataset.root={root}", "backbone=tiny", "backbone.input_size=32")
     data = load_imagefolder(root)
-    model, eval_tf, desc = audit_model(cfg, len(data.classes))
-    report = find_candidates(model, data, cfg, torch.device("cpu"), eval_tf, weights_desc=desc)
+    build = dict(input_size=cfg.dataset.input_size, grayscale_input=cfg.augment.grayscale_input, seed=cfg.seed)
+    model, eval_tf, desc = audit_model(cfg.backbone, len(data.classes), **build)
+    source = FeatureSource(extraction(cfg.features, cfg.trainer, torch.device("cpu")), cfg.backbone.name, eval_tf)
+    report = find_candidates(model, data, source, audit=cfg.audit, seed=cfg.seed, weights_desc=desc)
     top = report["candidates"]
     assert len(top) <= cfg.audit.label_issues_top == 20 and report["images"] == 102
     assert len({c["path"] for c in top} & flipped) >= 7
@@ -43,8 +46,8 @@ def test_injected_label_flips_are_in_the_top_candidates(tmp_path, cfg_factory):
     assert [c["p_given"] for c in top] == sorted(c["p_given"] for c in top)  # ranked by self-confidence
     text = "\n".join(label_issues_markdown(report))
     assert "### Label-error candidates" in text and f"`{Path(first['path']).name}`" in text
-    rebuilt, _, _ = audit_model(cfg, len(data.classes))
-    again = find_candidates(rebuilt, data, cfg, torch.device("cpu"), eval_tf)
+    rebuilt, _, _ = audit_model(cfg.backbone, len(data.classes), **build)
+    again = find_candidates(rebuilt, data, source, audit=cfg.audit, seed=cfg.seed)
     assert again["feature_cache"] == "hit" and again["candidates"] == top  # seeded model, cached features
 
 

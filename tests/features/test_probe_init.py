@@ -92,5 +92,6 @@ def test_zero_head_init_starts_the_fine_tune_from_a_zero_head(tiny_folder, cfg_f
 def test_probe_does_not_apply_where_the_head_trains_alone(tiny_folder, cfg_factory):
     cfg = _finetune_cfg(cfg_factory, tiny_folder, "strategy.head_init=probe")
     # linear_probe with features.cached=false: the fine-tune fit trains the head alone, from zero as before
-    assert probe_init.init_head(None, None, cfg, Path("unused"), mode="linear_probe", device=torch.device("cpu"),
-                                eval_tf=None, data_cfg={}) is None
+    assert probe_init.init_head(lambda head: pytest.fail("no probe for a head that trains alone"),
+                                head_init=cfg.strategy.head_init, head=cfg.features.head, mode="linear_probe",
+                                run_dir=Path("unused")) is None

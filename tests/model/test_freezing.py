@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 
+from pipeline.config.schema import OptimConfig
 from pipeline.errors import ConfigError
 from pipeline.model import freezing
 from pipeline.transfer import gradual, optim
@@ -109,8 +110,8 @@ def test_gradual_schedule_and_thaw_adds_groups():
     sched = optim.build_scheduler(opt, name="cosine", total_steps=10)
     bn_stem = model.bn1
     stem_stats = bn_stem.running_mean.clone()
-    added = gradual.thaw_to_depth(model, opt, 0, bn="frozen", lr=1e-2, backbone_lr_mult=0.1, layer_decay=1.0,
-                                  weight_decay=0.0)
+    added = gradual.thaw_to_depth(model, opt, 0, bn="frozen", optim=OptimConfig(
+        lr=1e-2, backbone_lr_mult=0.1, layer_decay=1.0, weight_decay=0.0))
     sched.refresh()
     assert "group0" in added and all(p.requires_grad for p in model.parameters())
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}

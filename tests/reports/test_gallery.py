@@ -57,10 +57,10 @@ def test_rows_skip_the_files_that_failed_to_decode(tmp_path):
     assert np.allclose(gallery.per_image_loss(logits, labels), torch.nn.functional.cross_entropy(
         torch.tensor(logits), torch.tensor(labels), reduction="none").numpy())
     splits = DatasetSplits(classes=classes, train=split, val=split)
-    gallery.write_galleries(tmp_path, {"val": (logits, labels)}, splits, classes, n=2, skipped=[{"path": paths[2]}])
+    gallery.write_galleries(tmp_path, {"val": (logits, labels)}, splits, n=2, skipped=[{"path": paths[2]}])
     rows = _read(tmp_path / "top_losses_val.csv")
     assert [r["path"] for r in rows] == [paths[3], paths[4]]  # file 3: label a, predicted b with p=0.98
     assert rows[0]["predicted"] == "b" and rows[0]["true"] == "a"
     (tmp_path / "top_losses_val.csv").unlink()
-    gallery.write_galleries(tmp_path, {"val": (logits, labels)}, splits, classes, n=2, skipped=[])  # 5 files, 4 rows
+    gallery.write_galleries(tmp_path, {"val": (logits, labels)}, splits, n=2, skipped=[])  # 5 files, 4 rows
     assert not (tmp_path / "top_losses_val.csv").exists()

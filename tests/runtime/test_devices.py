@@ -39,7 +39,7 @@ def _epoch(accel: Accel, model):
     loader = [(x[:8], y[:8]), (x[8:], y[8:])]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    stats = loop.train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), opt, sched, accel.device, accel=accel)
+    stats = loop.train_one_epoch(model, loader, loop.TrainStep(torch.nn.CrossEntropyLoss(), opt, sched, accel))
     logits, _ = loop.predict_logits(model, loader, accel.device, accel=accel)
     return stats, logits
 

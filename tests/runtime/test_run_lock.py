@@ -104,8 +104,8 @@ def test_resume_passes_over_a_live_run_and_refuses_to_join_it(held_elsewhere, tm
     monkeypatch.chdir(tmp_path)
     cfg = compose_cfg(["dataset=folder", f"dataset.root={tmp_path / 'data'}", "trainer.resume=auto"])
     with caplog.at_level("INFO"):
-        assert resume.find_run_to_resume(cfg) is None
+        assert resume.find_run_to_resume(cfg.trainer.resume, output_dir=cfg.output_dir, dataset=cfg.dataset) is None
     assert f"passing over {Path('outputs/runs') / run_dir.name}, still training (pid {child.pid})" in caplog.text
     cfg.trainer.resume = str(runs / run_dir.name)
     with pytest.raises(OutputError, match=rf"is still training \(pid {child.pid}\); wait for it to end"):
-        resume.find_run_to_resume(cfg)
+        resume.find_run_to_resume(cfg.trainer.resume, output_dir=cfg.output_dir, dataset=cfg.dataset)

@@ -117,7 +117,7 @@ def test_best_holds_the_weights_that_won_on_val(tiny_folder, cfg_factory, monkey
 def test_ema_off_adds_nothing(tiny_folder, cfg_factory, monkeypatch):
     """trainer.ema=false: one val evaluation per epoch, no ema_* history keys, no weights_source, no record."""
     descs, real = [], loop.evaluate
-    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: descs.append(a[6]) or real(*a, **k))
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: descs.append(k["desc"]) or real(*a, **k))
     cfg = cfg_factory(*RUN, f"dataset.root={tiny_folder}", "trainer.epochs=2")
     metrics = train(cfg)
     run = Path(cfg.output_dir)

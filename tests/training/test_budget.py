@@ -57,8 +57,8 @@ def test_plan_from_measured_speed_counts_the_time_spent_before_training():
     60 - 2 - RESERVE_S (5) = 53 s hold 8 of them; after 5 steps (eval estimated at EVAL_PER_TRAIN of the val
     images' train time: 2 val batches x 0.5 s x 0.5 = 0.5 s) the provisional plan was 53 / 5.5 -> 9."""
     clock, plans, probe = FakeClock(), [], []
-    b = budget.TimeBudget("1m", started=0.0, steps_per_epoch=10, max_epochs=50, val_images=16, test_images=0,
-                          images_per_step=8, on_plan=plans.append, clock=clock)
+    b = budget.TimeBudget("1m", budget.Workload(steps_per_epoch=10, images_per_step=8, val_images=16, test_images=0),
+                          started=0.0, max_epochs=50, on_plan=plans.append, clock=clock)
     clock.t = 2.0  # data listing, audit, model build
     _measure_one_epoch(clock, b, steps=10, step_s=0.5, eval_s=1.0, probe=probe)
     assert probe == [9] and b.planned == 8 and plans == [9, 8]
@@ -89,8 +89,8 @@ def test_the_first_warm_epoch_remakes_the_plan():
     eval per epoch: epoch 1's plan is (60 - 5) / 11 -> 5 epochs; from epoch 2's start (t = 11 s) the warm speed
     fits 1 + (60 - 11 - 5) / 6 -> 8, and the schedule re-spans to it. Epoch 3 no longer re-plans."""
     clock, plans = FakeClock(), []
-    b = budget.TimeBudget("1m", started=0.0, steps_per_epoch=10, max_epochs=50, val_images=16, test_images=0,
-                          images_per_step=8, on_plan=plans.append, clock=clock)
+    b = budget.TimeBudget("1m", budget.Workload(steps_per_epoch=10, images_per_step=8, val_images=16, test_images=0),
+                          started=0.0, max_epochs=50, on_plan=plans.append, clock=clock)
     _measure_one_epoch(clock, b, steps=10, step_s=1.0, eval_s=1.0)
     assert b.planned == 5
     _measure_one_epoch(clock, b, steps=10, step_s=0.5, eval_s=1.0, epoch=2)
@@ -106,8 +106,8 @@ def test_a_later_faster_epoch_re_plans_upward_in_the_plans_first_half():
     epoch 4 does not shrink it (the stop within an epoch guards the limit), and in the plan's second half even a
     much faster epoch 9 leaves it (re-spanning the schedule there would raise an annealed LR)."""
     clock, plans = FakeClock(), []
-    b = budget.TimeBudget("2m", started=0.0, steps_per_epoch=10, max_epochs=100, val_images=16, test_images=0,
-                          images_per_step=8, on_plan=plans.append, clock=clock)
+    b = budget.TimeBudget("2m", budget.Workload(steps_per_epoch=10, images_per_step=8, val_images=16, test_images=0),
+                          started=0.0, max_epochs=100, on_plan=plans.append, clock=clock)
     for epoch in (1, 2):
         _measure_one_epoch(clock, b, steps=10, step_s=1.0, eval_s=1.0, epoch=epoch)
     assert b.planned == 10
@@ -124,8 +124,8 @@ def test_a_slow_first_step_alone_does_not_end_the_first_epoch():
     """The first step carries the warm-up (20 s here, then 1 s): judged alone it would leave no time (20 s + a 20 s
     eval estimate > 60 - 5 s kept), so the epoch goes on; from step 2 the speed is that of the steps after it."""
     clock = FakeClock()
-    b = budget.TimeBudget("1m", started=0.0, steps_per_epoch=10, max_epochs=50, val_images=32, test_images=0,
-                          images_per_step=8, clock=clock)
+    b = budget.TimeBudget("1m", budget.Workload(steps_per_epoch=10, images_per_step=8, val_images=32, test_images=0),
+                          started=0.0, max_epochs=50, clock=clock)
     b.start_epoch(1)
     for step_s in (20.0, 1.0, 1.0):
         clock.t += step_s

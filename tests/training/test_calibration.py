@@ -123,7 +123,7 @@ def test_both_off_costs_nothing_and_changes_nothing(cfg_factory, tmp_path):
         raise AssertionError("a val pass with trainer.tta=off")
 
     best_val = (PLAIN, LABELS)
-    record, out = C.calibrate_run(cfg, tmp_path, best_val, no_loader, torch.device("cpu"), None)
+    record, out = C.calibrate_run(cfg.trainer, tmp_path, best_val, no_loader, torch.device("cpu"), None)
     assert record is None and out is best_val and list(tmp_path.iterdir()) == []
 
 
@@ -135,7 +135,8 @@ def test_calibration_alone_reuses_the_val_logits(cfg_factory, tmp_path):
     checkpoint.save_checkpoint(tmp_path, "best", timm.create_model("test_efficientnet", num_classes=3), meta)
     logits, labels = overconfident(600, 3.0)
     cfg = cfg_factory("trainer.calibrate=true")
-    record, (out, out_labels) = C.calibrate_run(cfg, tmp_path, (logits, labels), None, torch.device("cpu"), None)
+    record, (out, out_labels) = C.calibrate_run(cfg.trainer, tmp_path, (logits, labels), None, torch.device("cpu"),
+                                                None)
     t = record["temperature"]
     assert t == C.fit_temperature(logits, labels) and t > 2 and record["tta"]["views"] == ["identity"]
     np.testing.assert_allclose(out, logits / t, rtol=1e-6)

@@ -186,9 +186,10 @@ def test_auto_picks_the_newest_unfinished_run_of_the_same_dataset(tmp_path, monk
     for i, run in enumerate((old, newest)):
         os.utime(run / "last.pt", (1000 + i, 1000 + i))
     cfg = compose_cfg(["dataset=folder", "dataset.name=flowers", "dataset.root=/d/flowers", "trainer.resume=auto"])
-    assert resume.find_run_to_resume(cfg).resolve() == newest.resolve()
+    found = resume.find_run_to_resume(cfg.trainer.resume, output_dir=cfg.output_dir, dataset=cfg.dataset)
+    assert found.resolve() == newest.resolve()
     cfg = compose_cfg(["dataset=folder", "dataset.name=flowers", "dataset.root=/d/other", "trainer.resume=auto"])
-    assert resume.find_run_to_resume(cfg) is None
+    assert resume.find_run_to_resume(cfg.trainer.resume, output_dir=cfg.output_dir, dataset=cfg.dataset) is None
 
 
 def test_resume_path_without_last_is_a_one_line_error(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_cfg
@@ -72,7 +73,8 @@ def test_mlflow_gets_params_and_each_epochs_metrics(tmp_path, monkeypatch):
     cfg = compose_cfg(["trainer.mlflow=true", "trainer.tensorboard=false"])
     history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_accuracy": 0.5, "lr_head": 1e-3},
                {"epoch": 2, "train_loss": 0.8, "val_loss": 0.7, "val_accuracy": 0.75, "lr_head": 5e-4}]
-    with tracking.RunTracker(tmp_path, cfg) as curves:
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    with tracking.RunTracker(tmp_path, cfg.trainer, run_config) as curves:
         for epoch in (1, 2):
             curves.log(history[:epoch])
     assert [c[0] for c in calls] == ["set_experiment", "start_run", "log_params", "log_metrics", "log_metrics",
@@ -81,7 +83,7 @@ def test_mlflow_gets_params_and_each_epochs_metrics(tmp_path, monkeypatch):
     assert params["optim.lr"] == str(cfg.optim.lr) and len(params) < 100  # MLflow's batch limit
     assert calls[4][1][0] == {"train_loss": 0.8, "val_loss": 0.7, "val_accuracy": 0.75, "lr_head": 5e-4}
     assert calls[4][2] == {"step": 2} and calls[5][1] == ("FINISHED",)
-    with pytest.raises(KeyboardInterrupt), tracking.RunTracker(tmp_path, cfg):
+    with pytest.raises(KeyboardInterrupt), tracking.RunTracker(tmp_path, cfg.trainer, run_config):
         raise KeyboardInterrupt
     assert calls[-1][1] == ("KILLED",)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from pipeline.data import augment
-from pipeline.data.folder import load_imagefolder
+from pipeline.data.folder import SplitLayout, load_imagefolder
+from pipeline.data.loaders import LoaderSettings, make_loader
 from pipeline.data.sampler import SeededSampler
-from pipeline.train import make_loader
 
 DATA_CFG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
             "crop_pct": 1.0, "crop_mode": "center"}
@@ -18,9 +18,10 @@ DATA_CFG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5
 def _loader(tiny_folder, cfg_factory, workers: int):
     cfg = cfg_factory("dataset=folder", f"dataset.root={tiny_folder}", "augment=medium", "trainer.batch_size=8",
                       f"trainer.num_workers={workers}")
-    splits = load_imagefolder(tiny_folder, val_fraction=0.25, seed=0)
-    transform = augment.train_transform_from_cfg(DATA_CFG, cfg.augment)
-    return make_loader(splits.train, transform, cfg, train=True, generator=torch.Generator().manual_seed(3))
+    splits = load_imagefolder(tiny_folder, SplitLayout(val_fraction=0.25), seed=0)
+    transform = augment.build_train_transform(DATA_CFG, augment.TrainAugment.from_group(cfg.augment))
+    settings = LoaderSettings.from_groups(cfg.trainer, cfg.dataset, cfg.seed)
+    return make_loader(splits.train, transform, settings, train=True, generator=torch.Generator().manual_seed(3))
 
 
 def _epochs(loader, n: int = 2) -> list[list[torch.Tensor]]:

@@ -10,6 +10,7 @@ import timm
 from safetensors.torch import save_file
 
 from conftest import compose_cfg, make_imagefolder
+from pipeline.data.folder import SplitLayout
 from pipeline.data.folder import check_layout as check_dataset_layout
 from pipeline.errors import ConfigError, MissingFileError, OutputError
 from pipeline.runtime.files import ensure_writable_dir
@@ -61,9 +62,8 @@ def test_bad_config_fails_before_the_data_is_touched(cfg_factory, tmp_path):
     assert not Path(cfg.output_dir).exists()  # nothing was written
 
 
-def _layout(root: Path, **kw):
-    defaults = dict(train_split="train", val_split="val", val_fraction=0.2, min_per_class=1)
-    check_dataset_layout(root, **{**defaults, **kw})
+def _layout(root: Path, min_per_class: int = 1, **layout):
+    check_dataset_layout(root, SplitLayout(**layout), min_per_class=min_per_class)
 
 
 def test_classes_below_min_per_class_are_named(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import HYMENOPTERA, compose_cfg
 from pipeline.data.augment import build_eval_transform
-from pipeline.data.folder import load_imagefolder
+from pipeline.data.folder import SplitLayout, load_imagefolder
 from pipeline.model.backbone import build_backbone, data_config
 from pipeline.model.freezing import layer_groups
 from pipeline.train import train
@@ -47,7 +47,7 @@ def test_small_natural_photos_get_linear_probe(lite0, tmp_path):
         (root / "train" / c).mkdir(parents=True)
         for f in sorted((HYMENOPTERA / "train" / c).glob("*.jpg"))[:25]:
             (root / "train" / c / f.name).write_bytes(f.read_bytes())
-    split = load_imagefolder(root, val_fraction=0.2).train
+    split = load_imagefolder(root, SplitLayout(val_fraction=0.2)).train
     decision = decide_strategy(lite0, split, build_eval_transform(data_config(lite0)), torch.device("cpu"),
                                n_groups=len(layer_groups(lite0)), auto_cfg=_auto_cfg(sample_per_class=20))
     assert decision["size"] == "small" and decision["similarity"]["similar"]
@@ -62,7 +62,7 @@ def test_large_synthetic_textures_get_finetuning(lite0, tmp_path):
         for i in range(760):
             arr = np.clip(rng.normal(mean, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(tmp_path / "tex" / "train" / c / f"{i}.png")
-    split = load_imagefolder(tmp_path / "tex", val_fraction=0.01).train
+    split = load_imagefolder(tmp_path / "tex", SplitLayout(val_fraction=0.01)).train
     decision = decide_strategy(lite0, split, build_eval_transform(data_config(lite0, 96)), torch.device("cpu"),
                                n_groups=len(layer_groups(lite0)), auto_cfg=_auto_cfg(sample_per_class=30))
     assert decision["size"] == "large" and not decision["similarity"]["similar"]

@@ -1,0 +1,35 @@
+"""The run's strategy: `strategy.mode=auto` resolved (transfer/auto.py; decision.json) and the model frozen
+accordingly (model/freezing.py). Under `trainer.time_limit` the fine-tune's depth is planned later, after the
+probe (budgeted/auto_budget.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config.schema import StrategyConfig
+from pipeline.data.loaders import TrainingData
+from pipeline.model import freezing
+from pipeline.runtime import distributed
+from pipeline.training import resume
+from pipeline.transfer import auto
+
+
+def setup_strategy(model: torch.nn.Module, data: TrainingData, device: torch.device, run_dir: Path, *,
+                   strategy: StrategyConfig, time_limited: bool, resumed: bool = False) -> dict:
+    """Resolve the mode (a resumed run reuses its own decision.json) and freeze `model`; returns the freezing
+    info with the `decision` (None unless `strategy.mode=auto`)."""
+    s = strategy
+    mode, depth, decision = s.mode, s.freeze_depth, None
+    if mode == "auto":  # DDP: rank 0 decides, the others receive its decision
+        decision = distributed.from_main(lambda: resume.saved_decision(run_dir) if resumed else
+                                         auto.decide_strategy(
+            model, data.splits.train, data.eval_tf, device, n_groups=len(freezing.layer_groups(model)),
+            auto_cfg=s.auto, seed=data.settings.seed))
+        if time_limited and not resumed:  # a resumed run keeps its own decision
+            decision = auto.mode_under_time_limit(decision, s.auto.similar_freeze_depth)
+        if distributed.is_main():
+            auto.write_decision(run_dir, decision)
+        mode, depth = decision["mode"], decision["freeze_depth"]
+    info = freezing.apply_strategy(model, mode=mode, freeze_depth=depth, bn=s.bn)
+    return {**info, "decision": decision}
