@@ -29,6 +29,7 @@ CASES = {
                                  "features.cache_dir=null", "audit.label_issues=true"],
 }
 KEYS = ("mode", "freeze_depth", "best_epoch", "val", "test", "skipped_files")
+TIMINGS = ("seconds", "img_per_s")  # keys that measure time: they differ between any two runs
 
 
 def run_case(name: str, overrides: list[str], out_root: Path) -> dict:
@@ -44,7 +45,7 @@ def run_case(name: str, overrides: list[str], out_root: Path) -> dict:
 
 def differences(before: dict, after: dict, path: str = "") -> list[str]:
     if isinstance(before, dict) and isinstance(after, dict):
-        return [d for k in sorted(set(before) | set(after))
+        return [d for k in sorted(set(before) | set(after)) if not str(k).endswith(TIMINGS)
                 for d in differences(before.get(k), after.get(k), f"{path}.{k}" if path else k)]
     return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
 

@@ -40,11 +40,11 @@ from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import boundary as boundary_module
 from pipeline.training import budget, calibration, interrupts, loop, mixing, resume, tracking
-from pipeline.training.fit import FitRun, FitSettings, fit
+from pipeline.training.fit import FitResult, FitRun, FitSettings, fit
 from pipeline.training.loss import build_losses, setup_imbalance
 from pipeline.training.metrics import val_test_gap
 from pipeline.training.run_setup import prepare_run, resolve_run_dir
-from pipeline.training.strategy import setup_strategy
+from pipeline.training.strategy import StrategyDecision, setup_strategy
 
 _logger = logging.getLogger(__name__)
 _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "trainable_params", "total_params",
@@ -95,9 +95,9 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     if main:
         write_json(run_dir / "audit.json", audit_report)  # now with the label issues, if looked for
         write_audit_sheets(run_dir, audit_report, cfg.dataset.max_pixels)  # beside audit.json
-    strategy_info = setup_strategy(model, data, device, run_dir, strategy=cfg.strategy,
+    strategy = setup_strategy(model, data, device, run_dir, strategy=cfg.strategy,
                                    time_limited=cfg.trainer.time_limit is not None, resumed=resumed is not None)
-    cached_path = cached_fit.use_cached_path(cfg.features, strategy_info["mode"])  # backbone once, head on features
+    cached_path = cached_fit.use_cached_path(cfg.features, strategy.mode)  # backbone once, head on features
     with distributed.main_first():
         data.cache, cache_mode = build_image_cache(cfg.dataset, splits, data.data_cfg, repeated=not cached_path)
         data.skip_log = run_dir / RUNTIME_SKIP_LOG if main else None
@@ -107,26 +107,27 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
                                                                                       data.data_cfg),
                        device=device, accel=accel, class_weights=weights,
                        init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
-    result = fit_strategy(cfg, strategy_info, cached_path, generator, inputs)
-    result["calibration"], result["best_val"] = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
-        cfg.trainer, run_dir, result["best_val"], lambda: data.eval_loader(splits.val, device), device, accel)
-    if "features" in result:
-        strategy_info["features"] = result["features"]
+    result = fit_strategy(cfg, strategy, cached_path, generator, inputs)
+    result.calibration, result.best_val = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
+        cfg.trainer, run_dir, result.best_val, lambda: data.eval_loader(splits.val, device), device, accel)
+    if result.features is not None:
+        strategy.features = result.features
     metrics, evals = evaluate_best(cfg, result, inputs)
     runtime_skips = folder.read_skip_log(data.skip_log) if main else []  # files that failed in a DataLoader worker
     splits.skipped += runtime_skips
     metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips), image_cache=cache_mode)
-    metrics.update(history=result["history"], train_seconds=time.perf_counter() - start, device=str(device),
+    metrics.update(history=result.history, train_seconds=time.perf_counter() - start, device=str(device),
                    threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance)
-    metrics.update(status="ok", **{k: strategy_info[k] for k in _STRATEGY_KEYS if k in strategy_info})
+    facts = strategy.record()
+    metrics.update(status="ok", **{k: facts[k] for k in _STRATEGY_KEYS if k in facts})
     metrics["resumed_from_epoch"] = resumed["epoch"] if resumed else None
-    if result.get("budget") is not None:  # trainer.time_limit: the plan, measured speeds, where the time went
-        metrics["budget"] = result["budget"].report()
-    if result.get("weight_averaging"):  # trainer.ema: which weights `best` holds, raw or the EMA
-        metrics["weight_averaging"] = result["weight_averaging"]
+    if result.budget is not None:  # trainer.time_limit: the plan, measured speeds, where the time went
+        metrics["budget"] = result.budget.report()
+    if result.weight_averaging:  # trainer.ema: which weights `best` holds, raw or the EMA
+        metrics["weight_averaging"] = result.weight_averaging
     if main:
         model_info = {"backbone": cfg.backbone.name, "weights": weights_desc, "preprocessing": data.data_cfg,
-                      **strategy_info}
+                      **facts}
         write_eval_files(cfg, run_dir, metrics, evals, result, splits, runtime_skips)
         summary.write_run_files(run_dir, metrics, splits, dataset_name=cfg.dataset.name,
                                 root=str(Path(root).resolve()), model_info=model_info, audit=audit_report)
@@ -179,13 +180,14 @@ def checkpoint_meta(cfg: DictConfig, classes: list[str], data_cfg: dict) -> dict
             "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
-def fit_strategy(cfg: DictConfig, strategy_info: dict, cached_path: bool, generator, inputs: FitInputs) -> dict:
+def fit_strategy(cfg: DictConfig, strategy: StrategyDecision, cached_path: bool, generator,
+                 inputs: FitInputs) -> FitResult:
     """auto under `trainer.time_limit` (budgeted/auto_budget.py: probe, planned fine-tune, paired selection), else
     the resolved mode's fit, its head from a probe where `strategy.head_init=probe`."""
-    mode, data = strategy_info["mode"], inputs.data
+    mode, data = strategy.mode, inputs.data
     if not cached_path and auto_budget.applies(strategy_mode=cfg.strategy.mode, time_limit=cfg.trainer.time_limit,
                                                mode=mode):
-        result, update = auto_budget.run(budget_settings(cfg), strategy_info["decision"], auto_budget.Job(
+        result, update = auto_budget.run(budget_settings(cfg), strategy.decision, auto_budget.Job(
             model=inputs.model, splits=data.splits, run_dir=inputs.run_dir, meta=inputs.meta, accel=inputs.accel,
             resumed=inputs.resumed is not None, started=inputs.started,
             fit_probe=lambda: probe_init.fit_probe(inputs.model, data.splits, feature_source(cfg, inputs),
@@ -193,7 +195,7 @@ def fit_strategy(cfg: DictConfig, strategy_info: dict, cached_path: bool, genera
             fit_finetune=lambda boundary: run_fit(cfg, False, generator, inputs, boundary=boundary),
             timed_batch=lambda: timed_train_batch(data.splits, data.train_tf, data.settings, data.cache),
             eval_loss=build_losses(cfg.loss, inputs.class_weights, inputs.device)[1]))
-        strategy_info.update(update)
+        strategy.freezing.update(update)
         return result
     if not cached_path:
         probe = probe_init.init_head(
@@ -202,7 +204,7 @@ def fit_strategy(cfg: DictConfig, strategy_info: dict, cached_path: bool, genera
             head_init=cfg.strategy.head_init, head=cfg.features.head, mode=mode, run_dir=inputs.run_dir,
             resumed=inputs.resumed is not None)
         if probe is not None:
-            strategy_info["head_init"] = probe.info
+            strategy.head_init = probe.info
     boundary = None
     if not cached_path and cfg.trainer.boundary_cache == "always":
         boundary = boundary_split_for(cfg, mode, inputs)
@@ -251,7 +253,7 @@ def boundary_split_for(cfg: DictConfig, mode: str, inputs: FitInputs):
     return split
 
 
-def run_fit(cfg: DictConfig, cached_path: bool, generator, inputs: FitInputs, *, boundary=None) -> dict:
+def run_fit(cfg: DictConfig, cached_path: bool, generator, inputs: FitInputs, *, boundary=None) -> FitResult:
     """The cached linear probe (features/cached_fit.py) or the fine-tune fit (training/fit.py), under one SIGINT/SIGTERM
     handler: save last.pt (if not saved already) and say how to resume. `boundary`: a BoundarySplit
     (training/boundary.py): the fine-tune trains its top on cached activations at that boundary."""
@@ -289,40 +291,40 @@ def run_fit(cfg: DictConfig, cached_path: bool, generator, inputs: FitInputs, *,
                    net=boundary.top if boundary is not None else None)
 
 
-def evaluate_best(cfg: DictConfig, result: dict, inputs: FitInputs) -> tuple[dict, dict]:
+def evaluate_best(cfg: DictConfig, result: FitResult, inputs: FitInputs) -> tuple[dict, dict]:
     """(metrics with the best epoch's val and the best checkpoint's test, {split: (logits, labels)})."""
-    best_epoch, run_dir, splits, device = result["best_epoch"], inputs.run_dir, inputs.data.splits, inputs.device
+    best_epoch, run_dir, splits, device = result.best_epoch, inputs.run_dir, inputs.data.splits, inputs.device
     metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": best_epoch}
     if best_epoch == 0 and (run_dir / "best.json").is_file():  # auto's probe (epoch 0) stayed best
         metrics["val"] = checkpoint.read_checkpoint_meta(run_dir)["val_metrics"]
     else:
-        chosen = "ema_val_" if (result.get("weight_averaging") or {}).get("chosen") == "ema" else "val_"  # ema
-        row = result["history"][best_epoch - 1 if best_epoch else -1]
+        chosen = "ema_val_" if (result.weight_averaging or {}).get("chosen") == "ema" else "val_"  # ema
+        row = result.history[best_epoch - 1 if best_epoch else -1]
         metrics["val"] = {k.removeprefix(chosen): v for k, v in row.items() if k.startswith(chosen)}
-    evals = {"val": result["best_val"]}
+    evals = {"val": result.best_val}
     if splits.test is not None and len(splits.test):
         best_model, best_meta = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
         best_model = wrap_for_inference(best_model, best_meta)  # TTA + temperature: the shipped model's numbers
         test_loader = inputs.data.eval_loader(splits.test, device)
-        metrics["test"], *test_out = loop.evaluate(best_model.to(device), test_loader, result["eval_loss"],
+        metrics["test"], *test_out = loop.evaluate(best_model.to(device), test_loader, result.eval_loss,
                                                    inputs.accel, len(splits.classes), progress=cfg.trainer.progress,
                                                    desc="test")
         evals["test"] = tuple(test_out)
         metrics["val_test_gap"] = val_test_gap(*evals["val"], *evals["test"])
         if (metrics["val_test_gap"] or {}).get("shifted"):
             _logger.warning(summary.gap_line(metrics["val_test_gap"]))
-    if result.get("calibration"):
-        metrics["calibration"] = calibration.add_test_record(result["calibration"], *evals["test"]) \
-            if "test" in evals else result["calibration"]
+    if result.calibration:
+        metrics["calibration"] = calibration.add_test_record(result.calibration, *evals["test"]) \
+            if "test" in evals else result.calibration
     return metrics, evals
 
 
-def write_eval_files(cfg: DictConfig, run_dir: Path, metrics: dict, evals: dict, result: dict, splits,
+def write_eval_files(cfg: DictConfig, run_dir: Path, metrics: dict, evals: dict, result: FitResult, splits,
                      runtime_skips: list) -> None:
     """Rank 0's eval plots (they add the per-class metrics to `metrics`) and top-loss galleries."""
-    plots.write_eval_reports(run_dir, metrics, evals, splits.classes, result["history"])
+    plots.write_eval_reports(run_dir, metrics, evals, splits.classes, result.history)
     gallery.write_galleries(run_dir, evals, splits, n=cfg.trainer.top_losses,
-                            skipped=runtime_skips, rows=result.get("rows"))  # top_losses_<split>.png/.csv
+                            skipped=runtime_skips, rows=result.rows)  # top_losses_<split>.png/.csv
 
 
 def record_failure(cfg: DictConfig, error: Exception, seconds: float) -> None:

@@ -25,7 +25,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from pipeline.runtime.devices import Accel, prepare_model
 from pipeline.runtime.files import write_atomic, write_json
 from pipeline.runtime.memory import memory_budget
 from pipeline.training import boundary, budget, paired
+from pipeline.training.fit import FitResult
 
 _logger = logging.getLogger(__name__)
 
@@ -351,12 +352,12 @@ class Job:
     resumed: bool
     started: float
     fit_probe: Callable[[], Probe]
-    fit_finetune: Callable[[boundary.BoundarySplit | None], dict]
+    fit_finetune: Callable[[boundary.BoundarySplit | None], FitResult]
     timed_batch: Callable[[], tuple[tuple[torch.Tensor, torch.Tensor], float] | None]
     eval_loss: Callable
 
 
-def run(settings: Settings, decision: dict, job: Job) -> tuple[dict, dict]:
+def run(settings: Settings, decision: dict, job: Job) -> tuple[FitResult, dict]:
     """Probe, plan, fine-tune and select (module doc). Returns (the fit result as train.py uses it, the strategy's
     update: freeze depth and trainable params where a fine-tune ran); decision.json gets `budget`."""
     s, probe, plan = settings, None, None
@@ -391,9 +392,9 @@ def run(settings: Settings, decision: dict, job: Job) -> tuple[dict, dict]:
             if split is None:
                 _logger.info("Boundary cache not used (%s): the fine-tune reads images", why)
         result = job.fit_finetune(split)
-        fit_report = result["budget"].report() if result.get("budget") is not None else None
+        fit_report = result.budget.report() if result.budget is not None else None
     probe_val = probe.best_val if probe is not None else load_probe_val(job.run_dir)
-    ft_val = result["best_val"] if result is not None and result["best_epoch"] else None
+    ft_val = result.best_val if result is not None and result.best_epoch else None
     if probe_val is None:  # a resumed run without the probe's logits: the fine-tune stands
         selection = Selection("fine-tune", "the probe's val logits are missing (resumed run)", None, None)
     else:
@@ -404,7 +405,7 @@ def run(settings: Settings, decision: dict, job: Job) -> tuple[dict, dict]:
         result = _probe_result(job.eval_loss, probe_val, result)
     previous = decision.get("budget") or {}
     decision["budget"] = budget_record(limit=s.time_limit, probe=probe, plan=plan, fit=fit_report,
-                                       history=result.get("history", []), monitor=s.monitor, selection=selection)
+                                       history=result.history, monitor=s.monitor, selection=selection)
     if plan is None:
         decision["budget"]["plan"] = previous.get("plan")
     _logger.info("Auto under trainer.time_limit: kept the %s (%s)", selection.kept, selection.why)
@@ -413,12 +414,10 @@ def run(settings: Settings, decision: dict, job: Job) -> tuple[dict, dict]:
     return result, strategy
 
 
-def _probe_result(eval_loss, probe_val, result: dict | None) -> dict:
+def _probe_result(eval_loss, probe_val, result: FitResult | None) -> FitResult:
     """The fit result with the probe as `best` (epoch 0): the fine-tune's history stays for the record."""
-    out = dict(result or {"history": [], "budget": None})
-    out.update(best_epoch=0, best_val=tuple(probe_val), eval_loss=eval_loss)
-    out.pop("weight_averaging", None)
-    return out
+    kept = FitResult([], 0, eval_loss, tuple(probe_val)) if result is None else result
+    return replace(kept, best_epoch=0, best_val=tuple(probe_val), eval_loss=eval_loss, weight_averaging=None)
 
 
 def _make_plan(s: Settings, decision: dict, job: Job, got) -> Plan:

@@ -24,6 +24,7 @@ from pipeline.model.multidepth import HEAD, check_levels_need_cache, level_dims,
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_json
 from pipeline.training import interrupts, loss, tracking
+from pipeline.training.fit import FitResult
 from pipeline.transfer.logme import logme_score
 
 _logger = logging.getLogger(__name__)
@@ -183,9 +184,9 @@ def train_head(data: heads.HeadData, fit: HeadFit, *, standardize: bool, on_epoc
 
 
 def fit_cached(model: torch.nn.Module, splits, source: FeatureSource, fit: HeadFit, run: CachedRun, *, depths,
-               stop: interrupts.GracefulStop | None = None) -> dict:
+               stop: interrupts.GracefulStop | None = None) -> FitResult:
     """Linear probe on cached features of `depths` (features.depths); writes `best` (full model) and features.json to
-    `run.run_dir`. Same result shape as fit(), plus `rows`: {"val": the split index of each val row}.
+    `run.run_dir`. A FitResult with `features` (features.json's record) and `rows` (the val rows' split indices).
 
     Resumable: `last.pt` (`run.save_state`) is written first, and a SIGINT/SIGTERM during extraction or head
     training (`stop` entered by the caller) stops at once with the resume command; finished feature-cache entries
@@ -232,9 +233,8 @@ def fit_cached(model: torch.nn.Module, splits, source: FeatureSource, fit: HeadF
         write_json(Path(run_dir) / "features.json", info)
     if stop():  # signalled while saving the head: stop now, as asked
         raise stop.interrupted(run_dir, "after head training")
-    return {"history": head["history"], "best_epoch": head["best_epoch"], "eval_loss": head["eval_loss"],
-            "best_val": head["best_val"], "features": info, "model": full,
-            "rows": {"val": feats["val"]["index"].numpy()}}
+    return FitResult(head["history"], head["best_epoch"], head["eval_loss"], head["best_val"], features=info,
+                     rows={"val": feats["val"]["index"].numpy()})
 
 
 def features_section(info: dict) -> list[str]:

@@ -39,6 +39,21 @@ def maybe_thaw(model, optimizer, scheduler, epoch: int, *, strategy: StrategyCon
         scheduler.refresh()
 
 
+@dataclass
+class FitResult:
+    """What a fit hands on (this fit, the cached probe's and auto's under a time limit): the epoch `history`, the
+    `best_epoch` (0: auto's probe stayed `best`), the `eval_loss`, the best epoch's val `(logits, labels)`."""
+    history: list[dict]
+    best_epoch: int
+    eval_loss: object
+    best_val: tuple | None
+    budget: budget.TimeBudget | None = None  # trainer.time_limit: the clock, its plan and where the time went
+    weight_averaging: dict | None = None  # trainer.ema: which weights the best epoch kept (averaging.record)
+    features: dict | None = None  # the cached probe: features.json's record
+    rows: dict | None = None  # the cached probe: {split: the split index of each row of best_val}
+    calibration: dict | None = None  # set after the fit (training/calibration.py calibrate_run)
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """What the fit reads of the config: its groups (schema nodes, e.g. `cfg.trainer`) and where torch.compile
@@ -66,7 +81,7 @@ class FitRun:
 
 
 def fit(model, loaders: dict, settings: FitSettings, run: FitRun, *, accel: Accel,
-        class_weights: torch.Tensor | None = None, net: torch.nn.Module | None = None) -> dict:
+        class_weights: torch.Tensor | None = None, net: torch.nn.Module | None = None) -> FitResult:
     """Epoch loop with best-checkpoint selection and early stopping on `trainer.monitor`.
 
     Writes `last.pt` after every epoch (mid-epoch once `run.stop()` is set by SIGINT/SIGTERM, then raises
@@ -74,8 +89,8 @@ def fit(model, loaders: dict, settings: FitSettings, run: FitRun, *, accel: Acce
     Each epoch's history row carries `lr_<group>`; training/tracking.py writes history.csv, TensorBoard, MLflow.
     `trainer.time_limit`: a TimeBudget (counting from `run.started`; `run.test_images` sizes the time kept for the
     test evaluation) plans the epochs, spans the LR schedule over them and ends an epoch early at the limit.
-    Returns history, best epoch, the eval loss, the best epoch's val (logits, labels) and the budget (None
-    without a limit).
+    Returns a FitResult: history, best epoch, the eval loss, the best epoch's val (logits, labels) and the budget
+    (None without a limit).
 
     `trainer.ema`: a weight average (training/averaging.py) follows every optimizer step and is evaluated on val
     beside the raw weights each epoch (history `ema_val_<metric>` next to the raw `val_<metric>`); the better of
@@ -234,18 +249,15 @@ def build_optimization(model, o: OptimConfig, *, steps_per_epoch: int, epochs: i
 
 
 def fit_result(history: list[dict], tracker: MonitorTracker, eval_loss, best_val, clock: budget.TimeBudget | None,
-               ema: averaging.WeightAverage | None) -> dict:
+               ema: averaging.WeightAverage | None) -> FitResult:
     """fit()'s result (its docstring); closes the budget's accounting and logs how it was spent."""
     if clock is not None:
         clock.end_loop()
         _logger.info("Time budget %s: %d epoch(s) run (planned %s), stopped: %s%s", clock.limit, clock.epochs_run,
                      clock.planned, clock.stopped, f" ({clock.stopped_at})" if clock.stopped_at else "")
-    result = {"history": history, "best_epoch": tracker.best_epoch, "eval_loss": eval_loss, "best_val": best_val,
-              "budget": clock}
-    if ema is not None:
-        result["weight_averaging"] = averaging.record(history, tracker.best_epoch, tracker.name, tracker.mode,
-                                                      ema.decay)
-    return result
+    averaged = None if ema is None else averaging.record(history, tracker.best_epoch, tracker.name, tracker.mode,
+                                                          ema.decay)
+    return FitResult(history, tracker.best_epoch, eval_loss, best_val, budget=clock, weight_averaging=averaged)
 
 
 def stop_early(tracker: MonitorTracker, clock: budget.TimeBudget | None) -> None:

@@ -22,7 +22,6 @@ from pipeline.errors import ConfigError, MissingFileError
 from pipeline.model import checkpoint
 from pipeline.train import train
 from pipeline.training import interrupts, resume
-from pipeline.training.guard import StepGuard
 from pipeline.transfer import auto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,17 +118,8 @@ def test_kill_9_mid_write_then_resume_equals_uninterrupted_run(world):
     assert json.loads((run / "metrics.json").read_text())["status"] == "ok"
 
 
-def test_sigint_mid_epoch_saves_last_and_resume_equals_uninterrupted_run(world, monkeypatch):
-    steps = []
-    original = StepGuard.grads_ok
-
-    def grads_ok_then_sigint(self, *args):  # a real SIGINT to this process during the 3rd step (1st of epoch 2)
-        steps.append(1)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args)
-
-    monkeypatch.setattr(StepGuard, "grads_ok", grads_ok_then_sigint)
+def test_sigint_mid_epoch_saves_last_and_resume_equals_uninterrupted_run(world, sigint_at_step):
+    sigint_at_step.arm(3)  # a real SIGINT to this process during the 3rd step (1st of epoch 2)
     run, handler = world["base"] / "sigint", signal.getsignal(signal.SIGINT)
     with pytest.raises(interrupts.TrainingInterrupted) as err:
         train(_cfg(run, world["data"]))
@@ -139,7 +129,7 @@ def test_sigint_mid_epoch_saves_last_and_resume_equals_uninterrupted_run(world, 
     state = checkpoint.load_state(run / "last.pt")
     assert state["epoch"] == 1 and state["partial"]["steps"] == 1
 
-    monkeypatch.setattr(StepGuard, "grads_ok", original)
+    sigint_at_step.disarm()
     resumed = train(_cfg(run, world["data"], "trainer.resume=auto"))  # auto + output_dir: that dir
     assert resumed["resumed_from_epoch"] == 1
     _assert_same_run(resumed, world["ref"])
