@@ -141,11 +141,11 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
 def audited_data(cfg: DictConfig, run_dir: Path) -> tuple[folder.DatasetSplits, Path, dict]:
     """The dataset listed, checked and split (DDP: rank 0 lists and checks, the others receive), then audited
     (data/data_audit.py, `dataset.dedup` applied); rank 0 writes split.csv. Returns (splits, root, audit report)."""
-    d, b = cfg.dataset, cfg.backbone
-    splits, root = distributed.from_main(lambda: build_data(d, seed=cfg.seed))
+    dataset, net = cfg.dataset, cfg.backbone
+    splits, root = distributed.from_main(lambda: build_data(dataset, seed=cfg.seed))
     splits, audit_report = distributed.from_main(lambda: data_audit.run_audit(
-        splits, name=d.name, root=root, dedup=d.dedup, checks=cfg.audit, seed=cfg.seed,
-        min_side=backbone.input_side(b.name, b.input_size or d.input_size)))
+        splits, name=dataset.name, root=root, dedup=dataset.dedup, checks=cfg.audit, seed=cfg.seed,
+        min_side=backbone.input_side(net.name, net.input_size or dataset.input_size)))
     if distributed.is_main():
         write_split(run_dir, splits)  # split.csv: given back as dataset.manifest, this run's split exactly
     return splits, root, audit_report
@@ -155,14 +155,14 @@ def build_model_and_data(cfg: DictConfig, splits: folder.DatasetSplits, run_dir:
     """The backbone with its new head (on `device`), its weights' description, the imbalance plan (whose prior
     bias replaces the zero-init head bias) and the run's TrainingData (transforms from the model's preprocessing;
     the image cache comes later, once the strategy says whether images are read every epoch)."""
-    b = cfg.backbone
+    net = cfg.backbone
     with distributed.main_first():  # rank 0 fills the weights cache, the others then read it
-        model, weights_desc = backbone.build_backbone(name=b.name, num_classes=len(splits.classes),
-                                                      weights=b.weights, drop_rate=b.drop_rate,
-                                                      drop_path_rate=b.drop_path_rate, cache_dir=b.cache_dir)
+        model, weights_desc = backbone.build_backbone(name=net.name, num_classes=len(splits.classes),
+                                                      weights=net.weights, drop_rate=net.drop_rate,
+                                                      drop_path_rate=net.drop_path_rate, cache_dir=net.cache_dir)
     model = distributed.convert_sync_bn(model, cfg.trainer.sync_bn, device)  # before freezing (frozen BN: eval)
     imbalance = setup_imbalance(cfg.loss, cfg.dataset.sampler, splits, model, run_dir)
-    data_cfg = backbone.data_config(model, b.input_size or cfg.dataset.input_size)
+    data_cfg = backbone.data_config(model, net.input_size or cfg.dataset.input_size)
     if cfg.augment.grayscale_input:  # part of the preprocessing: the checkpoint's eval transform applies it too
         data_cfg["grayscale_input"] = True
     model.to(device)
@@ -234,12 +234,14 @@ def boundary_blocker(cfg: DictConfig, mode: str) -> str | None:
 
 def budget_settings(cfg: DictConfig) -> auto_budget.Settings:
     """What auto's time budget reads of the config (budgeted/auto_budget.py)."""
-    a, t = cfg.strategy.auto, cfg.trainer
+    rules, trainer = cfg.strategy.auto, cfg.trainer
     return auto_budget.Settings(
-        time_limit=t.time_limit, monitor=t.monitor, min_epochs=a.min_epochs, select_alpha=a.select_alpha,
-        similar_freeze_depth=a.similar_freeze_depth, shallow_unfreeze=a.shallow_unfreeze, bn=cfg.strategy.bn,
-        boundary_cache=t.boundary_cache if boundary_blocker(cfg, "partial") is None else "never",
-        boundary_views=t.boundary_views, max_train_batches=t.max_train_batches, max_epochs=budget.max_epochs(t.epochs),
+        time_limit=trainer.time_limit, monitor=trainer.monitor, min_epochs=rules.min_epochs,
+        select_alpha=rules.select_alpha, similar_freeze_depth=rules.similar_freeze_depth,
+        shallow_unfreeze=rules.shallow_unfreeze, bn=cfg.strategy.bn,
+        boundary_cache=trainer.boundary_cache if boundary_blocker(cfg, "partial") is None else "never",
+        boundary_views=trainer.boundary_views, max_train_batches=trainer.max_train_batches,
+        max_epochs=budget.max_epochs(trainer.epochs),
         seed=cfg.seed)
 
 

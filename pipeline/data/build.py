@@ -16,43 +16,40 @@ _logger = logging.getLogger(__name__)
 def dataset_root(dataset: DatasetConfig) -> Path:
     """The dataset root: `root/train/<class>/` or `root/<class>/` (data/listing.py), generated or downloaded when
     configured; with `dataset.manifest`, the CSV's folder (its relative paths start there)."""
-    d = dataset
-    if d.manifest:
-        return manifest.manifest_file(d.manifest).parent
-    root = OmegaConf.select(d, "root", throw_on_missing=False) if OmegaConf.is_config(d) else d.root
+    if dataset.manifest:
+        return manifest.manifest_file(dataset.manifest).parent
+    root = OmegaConf.select(dataset, "root", throw_on_missing=False) if OmegaConf.is_config(dataset) \
+        else dataset.root
     if root in (None, "", "???"):
-        raise ConfigError(f"dataset '{d.name}' needs a root: add dataset.root=/path/to/images "
+        raise ConfigError(f"dataset '{dataset.name}' needs a root: add dataset.root=/path/to/images "
                           "(or dataset.manifest=/path/file.csv)")
     path = Path(root).expanduser()
-    if d.source == "digits":
-        return sources.write_digits_imagefolder(path, d.image_size)
-    if (path / d.train_split).is_dir() or (path.is_dir() and listing.find_classes(path)):
+    if dataset.source == "digits":
+        return sources.write_digits_imagefolder(path, dataset.image_size)
+    if (path / dataset.train_split).is_dir() or (path.is_dir() and listing.find_classes(path)):
         return path
-    if d.download and d.url:
-        return sources.download_and_extract(d.url, path, d.download_hint)
-    hint = d.download_hint or ("point dataset.root at a folder of class folders (<class>/<image> or "
-                               f"{d.train_split}/<class>/<image>), or set dataset.manifest=/path/file.csv")
-    raise MissingFileError(f"Dataset '{d.name}' not found at {path.resolve()} (no class folders, no "
-                           f"{d.train_split}/ folder): {hint}")
+    if dataset.download and dataset.url:
+        return sources.download_and_extract(dataset.url, path, dataset.download_hint)
+    hint = dataset.download_hint or ("point dataset.root at a folder of class folders (<class>/<image> or "
+                                     f"{dataset.train_split}/<class>/<image>), or set dataset.manifest=/path/file.csv")
+    raise MissingFileError(f"Dataset '{dataset.name}' not found at {path.resolve()} (no class folders, no "
+                           f"{dataset.train_split}/ folder): {hint}")
 
 
 def list_data(dataset: DatasetConfig) -> tuple[listing.Listing, Path]:
     """The dataset's files and labels by name, no file read (make preview)."""
-    d = dataset
-    root = dataset_root(d)
-    return listing.list_source(root, train_split=d.train_split, val_split=d.val_split, test_split=d.test_split,
-                               manifest=d.manifest), root
+    root = dataset_root(dataset)
+    return folder.SplitLayout.from_group(dataset).listing(root), root
 
 
 def build_data(dataset: DatasetConfig, *, seed: int) -> tuple[folder.DatasetSplits, Path]:
     """List, check, probe and split the dataset (train/ tree, class folders or `dataset.manifest`); `seed`
     draws the val/test split where the dataset has none."""
-    d = dataset
-    root = dataset_root(d)
-    layout = folder.SplitLayout.from_group(d)
-    folder.check_layout(root, layout, min_per_class=d.min_per_class)  # a listing: fails before any file is read
-    splits = folder.load_imagefolder(root, layout, seed=seed, max_pixels=d.max_pixels, min_per_class=d.min_per_class,
-                                     workers=d.audit_workers)
+    root = dataset_root(dataset)
+    layout = folder.SplitLayout.from_group(dataset)
+    folder.check_layout(root, layout, min_per_class=dataset.min_per_class)  # a listing: fails before any file is read
+    splits = folder.load_imagefolder(root, layout, seed=seed, max_pixels=dataset.max_pixels,
+                                     min_per_class=dataset.min_per_class, workers=dataset.audit_workers)
     for name in ("train", "val", "test"):
         split = getattr(splits, name)
         if split is not None:

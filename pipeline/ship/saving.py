@@ -60,20 +60,19 @@ def dataset_splits(run_dir: Path, dataset: dict, seed: int):
     dataset re-listed with the run's own `dataset` settings and seed (same fractions, file checks)."""
     from pipeline.data.folder import SplitLayout, load_imagefolder
 
-    d = dataset
     hint = "run from the directory you trained in, or pass images=<folder of images>"
-    layout = SplitLayout(train_split=d["train_split"], val_split=d["val_split"], test_split=d["test_split"],
-                         val_fraction=d["val_fraction"])
-    common = dict(seed=seed, max_pixels=d["max_pixels"], min_per_class=d["min_per_class"],
-                  workers=d["audit_workers"])
+    layout = SplitLayout(train_split=dataset["train_split"], val_split=dataset["val_split"],
+                         test_split=dataset["test_split"], val_fraction=dataset["val_fraction"])
+    common = dict(seed=seed, max_pixels=dataset["max_pixels"], min_per_class=dataset["min_per_class"],
+                  workers=dataset["audit_workers"])
     if (run_dir / "split.csv").is_file():
         try:
             return load_imagefolder(run_dir, replace(layout, manifest=str(run_dir / "split.csv")),
                                     **common)
         except MissingFileError as e:
             raise MissingFileError(f"{e}; the run's images are not here: {hint}") from None
-    root = Path(d["root"])
-    if not (root / d["train_split"]).is_dir():
+    root = Path(dataset["root"])
+    if not (root / dataset["train_split"]).is_dir():
         raise MissingFileError(f"Dataset root {root} of this run is not here (relative paths are relative to the "
                                f"directory you trained in): {hint}")
     return load_imagefolder(root, layout, **common)

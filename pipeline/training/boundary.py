@@ -201,10 +201,9 @@ def cache_boundary(split: BoundarySplit, loaders: list, accel: Accel) -> tuple[t
 
 def boundary_blocker(mode: str, *, trainer: TrainerConfig, augment: AugmentConfig, bn: str) -> str | None:
     """Why a fine-tune in `mode` cannot train on cached boundary activations, or None."""
-    t = trainer
-    reasons = {"trainer.boundary_cache=never": t.boundary_cache == "never",
+    reasons = {"trainer.boundary_cache=never": trainer.boundary_cache == "never",
                f"strategy mode {mode} (partial and finetune only)": mode not in ("partial", "finetune"),
-               "trainer.ema": t.ema, "trainer.compile": t.compile, "mixup/cutmix": mixing.build_mixer(
+               "trainer.ema": trainer.ema, "trainer.compile": trainer.compile, "mixup/cutmix": mixing.build_mixer(
                    augment, 2) is not None, "torchrun": distributed.world_size() > 1,
                f"strategy.bn={bn} (frozen BN only)": bn != "frozen"}
     return next((why for why, blocked in reasons.items() if blocked), None)

@@ -163,25 +163,24 @@ def calibrate_run(trainer: TrainerConfig, run_dir: Path, best_val: tuple[np.ndar
     """After the fit: decide TTA on val (trainer.tta), fit the temperature (trainer.calibrate) on the val logits
     of the model that ships, write both into best.json. Returns (the metrics.json record or None when both are
     off, the val (logits, labels) the shipped model gives: averaged over the kept views, divided by T)."""
-    t = trainer
-    if t.tta == "off" and not t.calibrate:
+    if trainer.tta == "off" and not trainer.calibrate:
         return None, best_val  # nothing computed, nothing written
     logits, labels = best_val
-    decision = decide_tta("off", None, None, labels, t.monitor)
-    if t.tta != "off":  # the best checkpoint (fine-tune or cached path alike), both views in one pass
+    decision = decide_tta("off", None, None, labels, trainer.monitor)
+    if trainer.tta != "off":  # the best checkpoint (fine-tune or cached path alike), both views in one pass
         model, _ = checkpoint.load_checkpoint(run_dir, "best")
-        (plain, flip), labels = view_logits(model, make_val_loader(), TTA_VIEWS, device, accel, t.progress)
-        decision = decide_tta(t.tta, plain, flip, labels, t.monitor)
+        (plain, flip), labels = view_logits(model, make_val_loader(), TTA_VIEWS, device, accel, trainer.progress)
+        decision = decide_tta(trainer.tta, plain, flip, labels, trainer.monitor)
         logits = (plain + flip) / 2 if decision["kept"] else plain
-        _logger.info("TTA (trainer.tta=%s): val %s %s plain, %s with hflip -> %s", t.tta, t.monitor,
+        _logger.info("TTA (trainer.tta=%s): val %s %s plain, %s with hflip -> %s", trainer.tta, trainer.monitor,
                      f"{decision['val']['plain']:.4f}", f"{decision['val']['tta']:.4f}",
                      "kept" if decision["kept"] else "not kept")
-    temperature = fit_temperature(logits, labels) if t.calibrate else 1.0
+    temperature = fit_temperature(logits, labels) if trainer.calibrate else 1.0
     update_best_meta(run_dir, tta=decision["views"], temperature=temperature)
-    record = {"tta": decision, "calibrate": bool(t.calibrate), "temperature": temperature,
+    record = {"tta": decision, "calibrate": bool(trainer.calibrate), "temperature": temperature,
               "val": {"before": calibration_metrics(logits, labels), "after": calibration_metrics(logits, labels,
                                                                                                   temperature)}}
-    if t.calibrate:
+    if trainer.calibrate:
         _logger.info("Temperature %.3f fitted on %d val images: ECE %.4f -> %.4f, NLL %.4f -> %.4f", temperature,
                      len(labels), record["val"]["before"]["ece"], record["val"]["after"]["ece"],
                      record["val"]["before"]["nll"], record["val"]["after"]["nll"])

@@ -24,18 +24,17 @@ _logger = logging.getLogger(__name__)
 
 def maybe_thaw(model, optimizer, scheduler, epoch: int, *, strategy: StrategyConfig, optim: OptimConfig) -> None:
     """`strategy.mode=gradual`: thaw layer groups from the top at this epoch's scheduled depth."""
-    s = strategy
-    if s.mode != "gradual":
+    if strategy.mode != "gradual":
         return
     n_groups = len(freezing.layer_groups(model))
-    floor = freezing.resolve_freeze_depth("partial", s.freeze_depth, n_groups)
-    depth = gradual.gradual_depth(epoch, n_groups=n_groups, floor=floor, warmup_epochs=s.warmup_epochs,
-                                  every=s.unfreeze_every, groups_per_step=s.unfreeze_groups)
+    floor = freezing.resolve_freeze_depth("partial", strategy.freeze_depth, n_groups)
+    depth = gradual.gradual_depth(epoch, n_groups=n_groups, floor=floor, warmup_epochs=strategy.warmup_epochs,
+                                  every=strategy.unfreeze_every, groups_per_step=strategy.unfreeze_groups)
     trainable_groups = [any(p.requires_grad for n, p in model.named_parameters() if n in set(g))
                         for g in freezing.layer_groups(model)]
     current = trainable_groups.index(True) if any(trainable_groups) else n_groups
     if depth < current:
-        gradual.thaw_to_depth(model, optimizer, depth, bn=s.bn, optim=optim)
+        gradual.thaw_to_depth(model, optimizer, depth, bn=strategy.bn, optim=optim)
         scheduler.refresh()
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
+from pipeline.config.schema import AugmentConfig
+
 _logger = logging.getLogger(__name__)
 
 
@@ -38,23 +40,23 @@ class BatchMixer:
         return images, targets
 
 
-def build_mixer(augment_cfg, num_classes: int) -> BatchMixer | None:
+def build_mixer(augment: AugmentConfig, num_classes: int) -> BatchMixer | None:
     """The batch mixer of the `augment` config, or None when mixing is off (both alphas 0, or mix_prob 0)."""
-    a = augment_cfg
-    if not (a.mixup > 0 or a.cutmix > 0):
+    if not (augment.mixup > 0 or augment.cutmix > 0):
         return None
-    if a.mix_prob <= 0:
+    if augment.mix_prob <= 0:
         _logger.info("augment.mix_prob=0: mixup/cutmix off")
         return None
-    on = " and ".join(f"{name} alpha {alpha:g}" for name, alpha in (("mixup", a.mixup), ("cutmix", a.cutmix))
-                      if alpha > 0)
-    _logger.info("Mixing %s of the training batches (%s%s); soft targets in the training loss", f"{a.mix_prob:.0%}",
-                 on, ", one of the two per batch" if a.mixup > 0 and a.cutmix > 0 else "")
-    return BatchMixer(mixup=a.mixup, cutmix=a.cutmix, mix_prob=a.mix_prob, num_classes=num_classes)
+    alphas = (("mixup", augment.mixup), ("cutmix", augment.cutmix))
+    on = " and ".join(f"{name} alpha {alpha:g}" for name, alpha in alphas if alpha > 0)
+    _logger.info("Mixing %s of the training batches (%s%s); soft targets in the training loss",
+                 f"{augment.mix_prob:.0%}", on,
+                 ", one of the two per batch" if augment.mixup > 0 and augment.cutmix > 0 else "")
+    return BatchMixer(mixup=augment.mixup, cutmix=augment.cutmix, mix_prob=augment.mix_prob, num_classes=num_classes)
 
 
-def log_cached_probe_ignores_mixing(augment_cfg) -> None:
+def log_cached_probe_ignores_mixing(augment: AugmentConfig) -> None:
     """One log line when mixup/cutmix is set but the run takes the cached linear probe (fixed features: no mixing)."""
-    if augment_cfg.mixup > 0 or augment_cfg.cutmix > 0:
+    if augment.mixup > 0 or augment.cutmix > 0:
         _logger.info("augment.mixup=%g / augment.cutmix=%g apply to fine-tuning only: the cached linear probe "
-                     "(features.cached=true) trains without them", augment_cfg.mixup, augment_cfg.cutmix)
+                     "(features.cached=true) trains without them", augment.mixup, augment.cutmix)

@@ -39,16 +39,15 @@ class StrategyDecision:
 def setup_strategy(model: torch.nn.Module, data: TrainingData, device: torch.device, run_dir: Path, *,
                    strategy: StrategyConfig, time_limited: bool, resumed: bool = False) -> StrategyDecision:
     """Resolve the mode (a resumed run reuses its own decision.json) and freeze `model` accordingly."""
-    s = strategy
-    mode, depth, decision = s.mode, s.freeze_depth, None
+    mode, depth, decision = strategy.mode, strategy.freeze_depth, None
     if mode == "auto":  # DDP: rank 0 decides, the others receive its decision
         decision = distributed.from_main(lambda: resume.saved_decision(run_dir) if resumed else
                                          auto.decide_strategy(
             model, data.splits.train, data.eval_tf, device, n_groups=len(freezing.layer_groups(model)),
-            auto_cfg=s.auto, seed=data.settings.seed))
+            auto_cfg=strategy.auto, seed=data.settings.seed))
         if time_limited and not resumed:  # a resumed run keeps its own decision
-            decision = auto.mode_under_time_limit(decision, s.auto.similar_freeze_depth)
+            decision = auto.mode_under_time_limit(decision, strategy.auto.similar_freeze_depth)
         if distributed.is_main():
             auto.write_decision(run_dir, decision)
         mode, depth = decision["mode"], decision["freeze_depth"]
-    return StrategyDecision(freezing.apply_strategy(model, mode=mode, freeze_depth=depth, bn=s.bn), decision)
+    return StrategyDecision(freezing.apply_strategy(model, mode=mode, freeze_depth=depth, bn=strategy.bn), decision)
