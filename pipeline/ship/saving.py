@@ -62,7 +62,8 @@ def dataset_splits(run_dir: Path, dataset: dict, seed: int):
 
     hint = "run from the directory you trained in, or pass images=<folder of images>"
     layout = SplitLayout(train_split=dataset["train_split"], val_split=dataset["val_split"],
-                         test_split=dataset["test_split"], val_fraction=dataset["val_fraction"])
+                         test_split=dataset["test_split"], val_fraction=dataset["val_fraction"],
+                         test_fraction=dataset.get("test_fraction", 0.0))
     common = dict(seed=seed, max_pixels=dataset["max_pixels"], min_per_class=dataset["min_per_class"],
                   workers=dataset["audit_workers"])
     if (run_dir / "split.csv").is_file():

@@ -269,3 +269,21 @@ def test_parity_images_come_from_the_runs_own_split(exported, tmp_path):
     doc = json.loads((out / "model.json").read_text())
     assert doc["parity"]["safetensors"]["batch_sizes"] == [12, 1]
     assert "not available at export time" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_a_run_without_split_csv_is_re_split_as_it_was_trained(tmp_path):
+    """Runs older than split.csv: the dataset is listed again with the run's own settings, the test fraction
+    included, so the parity images are the val images training held out."""
+    from conftest import compose_cfg, make_imagefolder
+    from pipeline.data.build import build_data
+
+    root = make_imagefolder(tmp_path / "data", {c: 12 for c in CLASSES})  # train/ only: val and test are drawn
+    cfg = compose_cfg(["dataset=folder", f"dataset.root={root}", "dataset.test_fraction=0.25"])
+    trained, _ = build_data(cfg.dataset, seed=cfg.seed)
+    run_dir = tmp_path / "old_run"
+    run_dir.mkdir()
+    dataset = {k: cfg.dataset[k] for k in ("root", "train_split", "val_split", "test_split", "val_fraction",
+                                          "test_fraction", "max_pixels", "min_per_class", "audit_workers")}
+    again = saving.dataset_splits(run_dir, dataset, cfg.seed)
+    assert trained.test is not None and again.val.paths == trained.val.paths
+    assert again.test.paths == trained.test.paths
