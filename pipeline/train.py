@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.budgeted import auto_budget
 from pipeline.config import check_overrides, register_configs
+from pipeline.config.compose import sweep_kind
 from pipeline.data import augment, data_audit, folder
 from pipeline.data.build import build_data, write_split
 from pipeline.data.loaders import (
@@ -29,20 +29,28 @@ from pipeline.data.loaders import (
 )
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.features import cached_fit, label_issues, probe_init
-from pipeline.model import backbone, checkpoint
-from pipeline.model.calibrated import wrap_for_inference
+from pipeline.model import backbone
 from pipeline.reports import gallery, plots, summary
 from pipeline.reports.audit_report import write_audit_sheets
+from pipeline.run_settings import (
+    FitInputs,
+    boundary_blocker,
+    budget_settings,
+    checkpoint_meta,
+    feature_source,
+    fit_settings,
+    head_fit,
+)
 from pipeline.runtime import distributed, run_lock
-from pipeline.runtime.devices import Accel, build_accel, select_device
+from pipeline.runtime.devices import build_accel, select_device
 from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import boundary as boundary_module
-from pipeline.training import budget, calibration, interrupts, loop, mixing, resume, tracking
-from pipeline.training.fit import FitResult, FitRun, FitSettings, fit
-from pipeline.training.loss import build_losses, setup_imbalance
-from pipeline.training.metrics import val_test_gap
+from pipeline.training import budget, calibration, interrupts, mixing, resume, tracking
+from pipeline.training.final_eval import evaluate_best
+from pipeline.training.fit import FitResult, FitRun, fit
+from pipeline.training.loss import build_losses, setup_imbalance, weight_tensor
 from pipeline.training.run_setup import prepare_run, resolve_run_dir
 from pipeline.training.strategy import StrategyDecision, setup_strategy
 
@@ -59,21 +67,6 @@ def train(cfg: DictConfig) -> dict:
         return run_job(cfg, run_dir, resumed, start=start, started=started)
     finally:
         run_lock.release(run_dir)
-
-
-@dataclass
-class FitInputs:
-    """What a fit works on: the model and the run's images, where it writes, and how it runs."""
-    model: torch.nn.Module
-    data: TrainingData
-    run_dir: Path
-    meta: dict  # the checkpoint meta (checkpoint_meta)
-    device: torch.device
-    accel: Accel
-    class_weights: torch.Tensor | None
-    init_bias: list | None  # the prior-bias init of the head (training/loss.py), or None
-    resumed: dict | None  # the resume state (training/resume.py), or None
-    started: float  # a budget.now() reading: `trainer.time_limit` counts from it
 
 
 def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: float, started: float) -> dict:
@@ -96,30 +89,29 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
         write_json(run_dir / "audit.json", audit_report)  # now with the label issues, if looked for
         write_audit_sheets(run_dir, audit_report, cfg.dataset.max_pixels)  # beside audit.json
     strategy = setup_strategy(model, data, device, run_dir, strategy=cfg.strategy,
-                                   time_limited=cfg.trainer.time_limit is not None, resumed=resumed is not None)
+                              time_limited=cfg.trainer.time_limit is not None, resumed=resumed is not None)
     cached_path = cached_fit.use_cached_path(cfg.features, strategy.mode)  # backbone once, head on features
     with distributed.main_first():
         data.cache, cache_mode = build_image_cache(cfg.dataset, splits, data.data_cfg, repeated=not cached_path)
         data.skip_log = run_dir / RUNTIME_SKIP_LOG if main else None
-    weights = None if imbalance["class_weights"] == "none" else torch.tensor(list(imbalance["weights"].values()),
-                                                                              dtype=torch.float32)
-    inputs = FitInputs(model=model, data=data, run_dir=run_dir, meta=checkpoint_meta(cfg, splits.classes,
-                                                                                      data.data_cfg),
-                       device=device, accel=accel, class_weights=weights,
-                       init_bias=imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
+    inputs = FitInputs(model, data, run_dir, checkpoint_meta(cfg, splits.classes, data.data_cfg), device, accel,
+                       weight_tensor(imbalance), imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
     result = fit_strategy(cfg, strategy, cached_path, generator, inputs)
     result.calibration, result.best_val = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
         cfg.trainer, run_dir, result.best_val, lambda: data.eval_loader(splits.val, device), device, accel)
     if result.features is not None:
         strategy.features = result.features
-    metrics, evals = evaluate_best(cfg, result, inputs)
+    metrics, evals = evaluate_best(result, run_dir, data, accel, monitor=cfg.trainer.monitor,
+                                   progress=cfg.trainer.progress)
+    if (metrics.get("val_test_gap") or {}).get("shifted"):
+        _logger.warning(summary.gap_line(metrics["val_test_gap"]))
     runtime_skips = folder.read_skip_log(data.skip_log) if main else []  # files that failed in a DataLoader worker
     splits.skipped += runtime_skips
-    metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips), image_cache=cache_mode)
-    metrics.update(history=result.history, train_seconds=time.perf_counter() - start, device=str(device),
-                   threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance)
     facts = strategy.record()
-    metrics.update(status="ok", **{k: facts[k] for k in _STRATEGY_KEYS if k in facts})
+    metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips), image_cache=cache_mode,
+                   history=result.history, train_seconds=time.perf_counter() - start, device=str(device),
+                   threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance, status="ok",
+                   **{k: facts[k] for k in _STRATEGY_KEYS if k in facts})
     metrics["resumed_from_epoch"] = resumed["epoch"] if resumed else None
     if result.budget is not None:  # trainer.time_limit: the plan, measured speeds, where the time went
         metrics["budget"] = result.budget.report()
@@ -173,13 +165,6 @@ def build_model_and_data(cfg: DictConfig, splits: folder.DatasetSplits, run_dir:
     return model, weights_desc, imbalance, data
 
 
-def checkpoint_meta(cfg: DictConfig, classes: list[str], data_cfg: dict) -> dict:
-    """The meta every checkpoint of the run carries (model/checkpoint.py); the fit sets epoch and val."""
-    return {"arch": cfg.backbone.name, "num_classes": len(classes), "class_names": classes,
-            "preprocessing": data_cfg, "epoch": 0, "val_metrics": {},
-            "config": OmegaConf.to_container(cfg, resolve=True)}
-
-
 def fit_strategy(cfg: DictConfig, strategy: StrategyDecision, cached_path: bool, generator,
                  inputs: FitInputs) -> FitResult:
     """auto under `trainer.time_limit` (budgeted/auto_budget.py: probe, planned fine-tune, paired selection), else
@@ -207,52 +192,9 @@ def fit_strategy(cfg: DictConfig, strategy: StrategyDecision, cached_path: bool,
             strategy.head_init = probe.info
     boundary = None
     if not cached_path and cfg.trainer.boundary_cache == "always":
-        boundary = boundary_split_for(cfg, mode, inputs)
+        boundary = boundary_module.split_for_fine_tune(inputs.model, inputs.data, inputs.accel,
+                                                       blocker=boundary_blocker(cfg, mode))
     return run_fit(cfg, cached_path, generator, inputs, boundary=boundary)
-
-
-def feature_source(cfg: DictConfig, inputs: FitInputs, views: cached_fit.Views | None = None):
-    """Where a head's cached features come from (features/cached_fit.py): the run's backbone and images."""
-    data = inputs.data
-    return cached_fit.FeatureSource(
-        cached_fit.extraction(cfg.features, cfg.trainer, inputs.device, image_cache=data.cache,
-                              decode=cfg.dataset.decode, preprocessing=data.data_cfg),
-        cfg.backbone.name, data.eval_tf, views)
-
-
-def head_fit(cfg: DictConfig, inputs: FitInputs, head: str) -> cached_fit.HeadFit:
-    """How a `head` is fitted on cached features: `features.head_*`, the loss and the run's class weights."""
-    return cached_fit.HeadFit(head, cached_fit.head_training(cfg.features, cfg.trainer, cfg.optim, seed=cfg.seed,
-                                                             sampler=cfg.dataset.sampler),
-                              cfg.loss, inputs.class_weights, inputs.init_bias)
-
-
-def boundary_blocker(cfg: DictConfig, mode: str) -> str | None:
-    """Why a fine-tune in `mode` cannot train on cached boundary activations (training/boundary.py), or None."""
-    return boundary_module.boundary_blocker(mode, trainer=cfg.trainer, augment=cfg.augment, bn=cfg.strategy.bn)
-
-
-def budget_settings(cfg: DictConfig) -> auto_budget.Settings:
-    """What auto's time budget reads of the config (budgeted/auto_budget.py)."""
-    rules, trainer = cfg.strategy.auto, cfg.trainer
-    return auto_budget.Settings(
-        time_limit=trainer.time_limit, monitor=trainer.monitor, min_epochs=rules.min_epochs,
-        select_alpha=rules.select_alpha, similar_freeze_depth=rules.similar_freeze_depth,
-        shallow_unfreeze=rules.shallow_unfreeze, bn=cfg.strategy.bn,
-        boundary_cache=trainer.boundary_cache if boundary_blocker(cfg, "partial") is None else "never",
-        boundary_views=trainer.boundary_views, max_train_batches=trainer.max_train_batches,
-        max_epochs=budget.max_epochs(trainer.epochs),
-        seed=cfg.seed)
-
-
-def boundary_split_for(cfg: DictConfig, mode: str, inputs: FitInputs):
-    """`trainer.boundary_cache=always`: the model's boundary split (training/boundary.py), or None with why."""
-    blocker, data = boundary_blocker(cfg, mode), inputs.data
-    got = None if blocker else timed_train_batch(data.splits, data.eval_tf, data.settings, data.cache)
-    split, why = (None, blocker or "no train image decoded") if got is None else \
-        boundary_module.split_at_boundary(inputs.model, inputs.accel.images(got[0][0][:2]))
-    _logger.info("trainer.boundary_cache=always: %s", why if split is not None else f"not used ({why})")
-    return split
 
 
 def run_fit(cfg: DictConfig, cached_path: bool, generator, inputs: FitInputs, *, boundary=None) -> FitResult:
@@ -285,40 +227,11 @@ def run_fit(cfg: DictConfig, cached_path: bool, generator, inputs: FitInputs, *,
             loaders = {"train": data.train_loader(generator), "val": data.eval_loader(splits.val, inputs.device)}
             fork_workers_early(loaders["val"])  # before the first train step grows the heap
         return fit(inputs.model, loaders,
-                   FitSettings(cfg.trainer, cfg.optim, cfg.strategy, cfg.augment, cfg.loss,
-                               compile_cache_dir=Path(cfg.data_dir) / "cache" / "inductor"),
+                   fit_settings(cfg),
                    FitRun(inputs.run_dir, inputs.meta, resume_state=inputs.resumed, stop=stop, started=inputs.started,
                           test_images=len(splits.test) if splits.test is not None else 0),
                    accel=inputs.accel, class_weights=inputs.class_weights,
                    net=boundary.top if boundary is not None else None)
-
-
-def evaluate_best(cfg: DictConfig, result: FitResult, inputs: FitInputs) -> tuple[dict, dict]:
-    """(metrics with the best epoch's val and the best checkpoint's test, {split: (logits, labels)})."""
-    best_epoch, run_dir, splits, device = result.best_epoch, inputs.run_dir, inputs.data.splits, inputs.device
-    metrics = {"run_dir": str(run_dir), "monitor": cfg.trainer.monitor, "best_epoch": best_epoch}
-    if best_epoch == 0 and (run_dir / "best.json").is_file():  # auto's probe (epoch 0) stayed best
-        metrics["val"] = checkpoint.read_checkpoint_meta(run_dir)["val_metrics"]
-    else:
-        chosen = "ema_val_" if (result.weight_averaging or {}).get("chosen") == "ema" else "val_"  # ema
-        row = result.history[best_epoch - 1 if best_epoch else -1]
-        metrics["val"] = {k.removeprefix(chosen): v for k, v in row.items() if k.startswith(chosen)}
-    evals = {"val": result.best_val}
-    if splits.test is not None and len(splits.test):
-        best_model, best_meta = checkpoint.load_checkpoint(run_dir, "best")  # DDP: read by rank 0, broadcast
-        best_model = wrap_for_inference(best_model, best_meta)  # TTA + temperature: the shipped model's numbers
-        test_loader = inputs.data.eval_loader(splits.test, device)
-        metrics["test"], *test_out = loop.evaluate(best_model.to(device), test_loader, result.eval_loss,
-                                                   inputs.accel, len(splits.classes), progress=cfg.trainer.progress,
-                                                   desc="test")
-        evals["test"] = tuple(test_out)
-        metrics["val_test_gap"] = val_test_gap(*evals["val"], *evals["test"])
-        if (metrics["val_test_gap"] or {}).get("shifted"):
-            _logger.warning(summary.gap_line(metrics["val_test_gap"]))
-    if result.calibration:
-        metrics["calibration"] = calibration.add_test_record(result.calibration, *evals["test"]) \
-            if "test" in evals else result.calibration
-    return metrics, evals
 
 
 def write_eval_files(cfg: DictConfig, run_dir: Path, metrics: dict, evals: dict, result: FitResult, splits,
@@ -343,15 +256,6 @@ def record_failure(cfg: DictConfig, error: Exception, seconds: float) -> None:
         _logger.warning("Could not record the failure in the run dir: %s", e)
 
 
-def _sweep_kind() -> str | None:
-    """None for a single run; "grid" under Hydra's basic sweeper; "search" under an optimising sweeper (optuna)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return "grid" if str(HydraConfig.get().sweeper.get("_target_", "")).endswith(".BasicSweeper") else "search"
-
-
 register_configs()
 
 
@@ -373,7 +277,7 @@ def main(cfg: DictConfig) -> float:
     except Exception as e:
         if distributed.is_main():
             record_failure(cfg, e, time.perf_counter() - start)
-        sweep = _sweep_kind()
+        sweep = sweep_kind()
         if sweep == "grid":  # the basic sweeper would stop the sweep (and skip its report) at the batch's end
             _logger.error("Run failed (recorded in its metrics.json); the sweep goes on: %s", e,
                           exc_info=not isinstance(e, PipelineError))

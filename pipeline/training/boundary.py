@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config.schema import AugmentConfig, TrainerConfig
 from pipeline.data import sampler
-from pipeline.data.loaders import TrainingData
+from pipeline.data.loaders import TrainingData, timed_train_batch
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import Accel
 from pipeline.training import mixing
@@ -228,3 +228,14 @@ def make_boundary_loaders(split: BoundarySplit, data: TrainingData, *, views: in
                                         generator=generator)
     val = torch.utils.data.DataLoader(BoundaryViews(val_acts, val_labels), batch_size=s.eval_batch_size)
     return {"train": train, "val": val}
+
+
+def split_for_fine_tune(model: torch.nn.Module, data: TrainingData, accel: Accel, *,
+                        blocker: str | None) -> BoundarySplit | None:
+    """`trainer.boundary_cache=always`: the model's boundary split, traced on two train images, or None with why
+    (`blocker`: what rules it out, boundary_blocker)."""
+    got = None if blocker else timed_train_batch(data.splits, data.eval_tf, data.settings, data.cache)
+    split, why = (None, blocker or "no train image decoded") if got is None else \
+        split_at_boundary(model, accel.images(got[0][0][:2]))
+    _logger.info("trainer.boundary_cache=always: %s", why if split is not None else f"not used ({why})")
+    return split

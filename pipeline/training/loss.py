@@ -202,6 +202,13 @@ def setup_imbalance(loss: LossConfig, sampler: str, splits: DatasetSplits, model
     return plan
 
 
+def weight_tensor(plan: dict) -> torch.Tensor | None:
+    """The imbalance plan's class weights as the loss takes them; None where the loss is unweighted."""
+    if plan["class_weights"] == "none":
+        return None
+    return torch.tensor(list(plan["weights"].values()), dtype=torch.float32)
+
+
 def _plain(value):
     """A {class: weight} config node as a plain dict (a mode string as it is)."""
     return dict(value) if isinstance(value, Mapping) else value
