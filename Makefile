@@ -21,7 +21,7 @@ export DATASETS_DIR
 endif
 
 # Command-line variables that are Make's own; every other `name=value` is a Hydra override.
-MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC TORCHRUN_ARGS RUN IMAGES BACKEND TOPK SWEEP DEPTHS TESTS N OUT SHELL
+MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC TORCHRUN_ARGS RUN IMAGES BACKEND TOPK CAM CAM_DIR SWEEP DEPTHS TESTS N OUT SHELL
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
@@ -83,9 +83,10 @@ report: $(STAMP) ## Rebuild a sweep's report.md/.csv/.png: make report [SWEEP=ou
 export: $(STAMP) ## Export a run: make export RUN=outputs/runs/<run> [OUT=dir] [export.opset=18 export.formats=[onnx] ...]
 	$(PY) -m pipeline.export $(if $(RUN),'run=$(RUN)') $(if $(OUT),'out=$(OUT)') $(HYDRA_OVERRIDES) $(ARGS)
 
-predict: $(STAMP) ## Predict: make predict RUN=<export dir> IMAGES=<files or folders> [BACKEND=onnx] [TOPK=3] [OUT=file.csv]
+predict: $(STAMP) ## Predict: make predict RUN=<export dir> IMAGES=<files or folders> [BACKEND=onnx] [TOPK=3] [OUT=file.csv] [CAM=true: Grad-CAM overlays] [CAM_DIR=dir]
 	$(PY) -m pipeline.predict $(if $(RUN),'run=$(RUN)') $(foreach i,$(IMAGES),'images=$(i)') $(if $(BACKEND),'backend=$(BACKEND)') \
-		$(if $(TOPK),'topk=$(TOPK)') $(if $(OUT),'csv=$(OUT)') $(HYDRA_OVERRIDES) $(ARGS)
+		$(if $(TOPK),'topk=$(TOPK)') $(if $(OUT),'csv=$(OUT)') $(if $(CAM),'cam=$(CAM)') $(if $(CAM_DIR),'cam_dir=$(CAM_DIR)') \
+		$(HYDRA_OVERRIDES) $(ARGS)
 
 # Data: audit and augmentation preview (Hydra overrides as for train; N/OUT are Make's own)
 .PHONY: audit preview

@@ -14,7 +14,7 @@ from pipeline.data.loaders import TrainingData
 from pipeline.features import cached_fit
 from pipeline.runtime.devices import Accel
 from pipeline.training import boundary as boundary_module
-from pipeline.training import budget
+from pipeline.training import budget, invariance
 from pipeline.training.fit import FitSettings
 
 
@@ -31,6 +31,7 @@ class FitInputs:
     init_bias: list | None  # the prior-bias init of the head (training/loss.py), or None
     resumed: dict | None  # the resume state (training/resume.py), or None
     started: float  # a budget.now() reading: `trainer.time_limit` counts from it
+    final_images: int = 0  # eval images' worth of work after the loop (final_eval.images_after_loop)
 
 
 def checkpoint_meta(cfg: DictConfig, classes: list[str], data_cfg: dict) -> dict:
@@ -78,3 +79,8 @@ def fit_settings(cfg: DictConfig) -> FitSettings:
     """The fine-tune fit's groups (training/fit.py), and where torch.compile caches its kernels."""
     return FitSettings(cfg.trainer, cfg.optim, cfg.strategy, cfg.augment, cfg.loss,
                        compile_cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
+
+
+def invariance_check(cfg: DictConfig) -> invariance.InvarianceCheck:
+    """The storage-invariance check's settings (training/invariance.py)."""
+    return invariance.InvarianceCheck(cfg.audit.invariance_images, cfg.trainer.monitor, cfg.seed)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.budgeted import auto_budget
 from pipeline.config import check_overrides, register_configs
 from pipeline.config.compose import sweep_kind
-from pipeline.data import augment, data_audit, folder
+from pipeline.data import augment, data_audit, folder, leaks
 from pipeline.data.build import build_data, write_split
 from pipeline.data.loaders import (
     RUNTIME_SKIP_LOG,
@@ -40,6 +40,7 @@ from pipeline.run_settings import (
     feature_source,
     fit_settings,
     head_fit,
+    invariance_check,
 )
 from pipeline.runtime import distributed, run_lock
 from pipeline.runtime.devices import build_accel, select_device
@@ -47,8 +48,8 @@ from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import boundary as boundary_module
-from pipeline.training import budget, calibration, interrupts, mixing, resume, tracking
-from pipeline.training.final_eval import evaluate_best
+from pipeline.training import budget, calibration, interrupts, invariance, mixing, resume, tracking
+from pipeline.training.final_eval import evaluate_best, images_after_loop, shipped_model
 from pipeline.training.fit import FitResult, FitRun, fit
 from pipeline.training.loss import build_losses, setup_imbalance, weight_tensor
 from pipeline.training.run_setup import prepare_run, resolve_run_dir
@@ -95,7 +96,8 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
         data.cache, cache_mode = build_image_cache(cfg.dataset, splits, data.data_cfg, repeated=not cached_path)
         data.skip_log = run_dir / RUNTIME_SKIP_LOG if main else None
     inputs = FitInputs(model, data, run_dir, checkpoint_meta(cfg, splits.classes, data.data_cfg), device, accel,
-                       weight_tensor(imbalance), imbalance["prior_bias"].get("bias"), resumed=resumed, started=started)
+                       weight_tensor(imbalance), imbalance["prior_bias"].get("bias"), resumed=resumed, started=started,
+                       final_images=images_after_loop(splits, invariance_check(cfg)))
     result = fit_strategy(cfg, strategy, cached_path, generator, inputs)
     result.calibration, result.best_val = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
         cfg.trainer, run_dir, result.best_val, lambda: data.eval_loader(splits.val, device), device, accel)
@@ -103,12 +105,17 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
         strategy.features = result.features
     metrics, evals = evaluate_best(result, run_dir, data, accel, monitor=cfg.trainer.monitor,
                                    progress=cfg.trainer.progress)
+    if main and cfg.audit.invariance_images:  # does the model read how files are stored? (val, rank 0)
+        metrics["storage_invariance"] = invariance.check_storage_invariance(
+            shipped_model(run_dir, device, local=True), splits.val, splits.files, data.eval_tf, data.settings, accel,
+            invariance_check(cfg))
     if (metrics.get("val_test_gap") or {}).get("shifted"):
         _logger.warning(summary.gap_line(metrics["val_test_gap"]))
     runtime_skips = folder.read_skip_log(data.skip_log) if main else []  # files that failed in a DataLoader worker
     splits.skipped += runtime_skips
     facts = strategy.record()
-    metrics.update(audit=audit_report["summary"], skipped_at_runtime=len(runtime_skips), image_cache=cache_mode,
+    metrics.update(audit=audit_report["summary"], leaks=audit_report["leak_free"], image_cache=cache_mode,
+                   skipped_at_runtime=len(runtime_skips),
                    history=result.history, train_seconds=time.perf_counter() - start, device=str(device),
                    threads=threads, skipped_files=len(splits.skipped), imbalance=imbalance, status="ok",
                    **{k: facts[k] for k in _STRATEGY_KEYS if k in facts})
@@ -132,7 +139,8 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
 
 def audited_data(cfg: DictConfig, run_dir: Path) -> tuple[folder.DatasetSplits, Path, dict]:
     """The dataset listed, checked and split (DDP: rank 0 lists and checks, the others receive), then audited
-    (data/data_audit.py, `dataset.dedup` applied); rank 0 writes split.csv. Returns (splits, root, audit report)."""
+    (data/data_audit.py, `dataset.dedup` applied); rank 0 writes split.csv; leaked val/test files are set aside
+    (data/leaks.py). Returns (splits, root, audit report)."""
     dataset, net = cfg.dataset, cfg.backbone
     splits, root = distributed.from_main(lambda: build_data(dataset, seed=cfg.seed))
     splits, audit_report = distributed.from_main(lambda: data_audit.run_audit(
@@ -140,6 +148,7 @@ def audited_data(cfg: DictConfig, run_dir: Path) -> tuple[folder.DatasetSplits, 
         min_side=backbone.input_side(net.name, net.input_size or dataset.input_size)))
     if distributed.is_main():
         write_split(run_dir, splits)  # split.csv: given back as dataset.manifest, this run's split exactly
+    splits, audit_report["leak_free"] = leaks.set_aside(splits, audit_report)  # copies of train files: scored apart
     return splits, root, audit_report
 
 
@@ -179,7 +188,7 @@ def fit_strategy(cfg: DictConfig, strategy: StrategyDecision, cached_path: bool,
                                                    head_fit(cfg, inputs, cfg.features.head)),
             fit_finetune=lambda boundary: run_fit(cfg, False, generator, inputs, boundary=boundary),
             timed_batch=lambda: timed_train_batch(data.splits, data.train_tf, data.settings, data.cache),
-            eval_loss=build_losses(cfg.loss, inputs.class_weights, inputs.device)[1]))
+            eval_loss=build_losses(cfg.loss, inputs.class_weights, inputs.device)[1], final_images=inputs.final_images))
         strategy.freezing.update(update)
         return result
     if not cached_path:
@@ -229,7 +238,7 @@ def run_fit(cfg: DictConfig, cached_path: bool, generator, inputs: FitInputs, *,
         return fit(inputs.model, loaders,
                    fit_settings(cfg),
                    FitRun(inputs.run_dir, inputs.meta, resume_state=inputs.resumed, stop=stop, started=inputs.started,
-                          test_images=len(splits.test) if splits.test is not None else 0),
+                          test_images=inputs.final_images),
                    accel=inputs.accel, class_weights=inputs.class_weights,
                    net=boundary.top if boundary is not None else None)
 

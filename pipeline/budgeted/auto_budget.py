@@ -126,7 +126,7 @@ class Sizes:
     """What the plan counts: images per split, steps per epoch, views of the boundary cache, the epoch cap."""
     train: int
     val: int
-    test: int
+    test: int  # eval images' worth of work after the loop (Job.final_images)
     steps_per_epoch: int
     views: int
     max_epochs: int
@@ -355,6 +355,7 @@ class Job:
     fit_finetune: Callable[[boundary.BoundarySplit | None], FitResult]
     timed_batch: Callable[[], tuple[tuple[torch.Tensor, torch.Tensor], float] | None]
     eval_loss: Callable
+    final_images: int = 0  # eval images' worth of work after the loop: the test split and the final checks
 
 
 def run(settings: Settings, decision: dict, job: Job) -> tuple[FitResult, dict]:
@@ -428,8 +429,7 @@ def _make_plan(s: Settings, decision: dict, job: Job, got) -> Plan:
         return Plan(None, [], time_left, s.min_epochs, "no train batch decoded: the probe is kept")
     batch, load_s = got
     steps = min(math.ceil(len(job.splits.train) / len(batch[1])), s.max_train_batches or math.inf)
-    sizes = Sizes(len(job.splits.train), len(job.splits.val), len(job.splits.test) if job.splits.test else 0,
-                  steps, s.boundary_views, s.max_epochs)
+    sizes = Sizes(len(job.splits.train), len(job.splits.val), job.final_images, steps, s.boundary_views, s.max_epochs)
     rules = PlanRules(depths, s.bn, s.boundary_cache, memory_budget().per_rank, s.min_epochs)
     return plan_finetune(job.model, batch, rules=rules, accel=job.accel, sizes=sizes, time_left_s=time_left,
                          load_s_per_image=load_s)

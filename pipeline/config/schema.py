@@ -221,10 +221,13 @@ class ExportConfig:
 @dataclass
 class AuditConfig:
     shortcut_threshold: float = number(0, 1, example=0.4)
+    pair_separation: float = number(0, 1, low_open=True, example=0.6)
+    pair_min_images: int = number(2, example=30)
     near_duplicate_distance: int = number(0, 256, example=20)
     folds: int = number(2, example=5)
     label_issues: bool = value()
     label_issues_top: int = number(1, example=20)
+    invariance_images: int = number(0, example=500)
 
 
 @dataclass

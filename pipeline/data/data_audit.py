@@ -24,6 +24,7 @@ _logger = logging.getLogger(__name__)
 
 MAX_LISTED = 20  # examples per finding in audit.md (audit.json has all)
 FEW_COLORS = 64  # a photo or scan has hundreds of distinct colours in a 64 px sample; a placeholder has few
+LOUD_WARNINGS = ("DATA LEAKAGE", "SHORTCUT", "CONFOUND")  # warning lines `run_audit` logs as errors
 
 
 def _splits(data: DatasetSplits) -> dict[str, Split]:
@@ -88,12 +89,14 @@ def _warnings(report: dict) -> list[str]:
     s, out = report["summary"], []
     if s["eval_files_leaked"]:
         hint = ("removed from the eval splits (dataset.dedup=drop_from_eval)" if report["dedup"]["mode"] != "none"
-                else "val/test metrics are optimistic; set dataset.dedup=drop_from_eval to remove them")
+                else "training scores them apart: its headline val/test metrics leave them out (data/leaks.py); "
+                "dataset.dedup=drop_from_eval drops them")
         out.append(f"DATA LEAKAGE: {s['eval_files_leaked']} val/test file(s) are byte-identical to files of an "
                    f"earlier split ({s['cross_split_groups']} group(s)); {hint}")
     if s.get("eval_files_near_leaked"):
         hint = ("removed from the eval splits" if report["dedup"]["mode"] == "drop_near_from_eval" else
-                "val/test metrics are optimistic; dataset.dedup=drop_near_from_eval removes them")
+                "training scores them apart: its headline val/test metrics leave them out (data/leaks.py); "
+                "dataset.dedup=drop_near_from_eval drops them")
         out.append(f"DATA LEAKAGE (near-duplicates): {s['eval_files_near_leaked']} val/test file(s) nearly identical "
                    f"to files of an earlier split ({s['near_duplicate_pairs']} pair(s) within "
                    f"{report['near_duplicates']['max_distance']} bits of perceptual hash: resized or re-encoded "
@@ -113,7 +116,9 @@ def _warnings(report: dict) -> list[str]:
                    "colour augmentations from inventing colours the data never has")
     if s["unreadable"]:
         out.append(f"{s['unreadable']} file(s) are not usable images and are skipped (listed in the report)")
-    return out + (shortcuts.shortcut_warning(report["shortcuts"]) if "shortcuts" in report else [])
+    if "shortcuts" in report:
+        out += shortcuts.shortcut_warning(report["shortcuts"]) + shortcuts.confound_warnings(report["shortcuts"])
+    return out
 
 
 def trust_checks(data: DatasetSplits, checks, seed: int) -> dict:
@@ -121,7 +126,8 @@ def trust_checks(data: DatasetSplits, checks, seed: int) -> dict:
     names, used = list(_splits(data)), [(p, y) for s in _splits(data).values() for p, y in zip(s.paths, s.labels)]
     pairs = near_duplicates.find_near_duplicates(data, checks.near_duplicate_distance)
     found = shortcuts.find_shortcuts([data.files[p] for p, _ in used], [y for _, y in used], data.classes,
-                                     threshold=checks.shortcut_threshold, folds=checks.folds, seed=seed)
+                                     threshold=checks.shortcut_threshold, folds=checks.folds, seed=seed,
+                                     pair_separation=checks.pair_separation, pair_min_images=checks.pair_min_images)
     return {"near_duplicates": {"max_distance": checks.near_duplicate_distance, "splits": names, "pairs": pairs},
             "shortcuts": found}
 
@@ -132,7 +138,7 @@ def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | P
     config group) adds near-duplicates and shortcuts."""
     dups = find_duplicates(data)
     eval_paths = {p for n, s in _splits(data).items() if n != "train" for p in s.paths}
-    leaked = _leaked_eval_files(data)
+    leaked = leaked_eval_files(data)
     used = [p for s in _splits(data).values() for p in s.paths]
     mismatch = [{"path": p, "format": data.files[p].get("format")} for p in used
                 if data.files.get(p, {}).get("ext_ok") is False]
@@ -158,12 +164,13 @@ def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | P
         report["summary"].update(near_duplicate_pairs=len(pairs),
                                  eval_files_near_leaked=len(near_duplicates.near_leaked_eval_files(pairs)),
                                  shortcut_skill=report["shortcuts"]["classifier"].get("skill"),
-                                 shortcut_flagged=report["shortcuts"]["flagged"])
+                                 shortcut_flagged=report["shortcuts"]["flagged"],
+                                 confound_pairs=report["shortcuts"]["pairs"]["class_pairs"])
     report["warnings"] = _warnings(report)
     return report
 
 
-def _leaked_eval_files(data: DatasetSplits) -> set[str]:
+def leaked_eval_files(data: DatasetSplits) -> set[str]:
     """val files identical to a train file; test files identical to a train or val file."""
     seen: set[str] = set()
     leaked: set[str] = set()
@@ -178,7 +185,7 @@ def _leaked_eval_files(data: DatasetSplits) -> set[str]:
 def drop_eval_duplicates(data: DatasetSplits, report: dict, mode: str = "drop_from_eval") -> DatasetSplits:
     """`dataset.dedup=drop_from_eval`: remove leaked files from val/test (`drop_near_from_eval`: near-duplicates
     too); records them in `report`."""
-    leaked = _leaked_eval_files(data)
+    leaked = leaked_eval_files(data)
     if mode == "drop_near_from_eval":
         leaked |= near_duplicates.near_leaked_eval_files(report["near_duplicates"]["pairs"])
 
@@ -195,13 +202,13 @@ def drop_eval_duplicates(data: DatasetSplits, report: dict, mode: str = "drop_fr
 
 def run_audit(data: DatasetSplits, *, name: str, root, dedup: str, checks: AuditConfig, seed: int,
               min_side: int = 0) -> tuple[DatasetSplits, dict]:
-    """Audit, log the findings (leakage and shortcuts loudly) and apply `dataset.dedup`; returns the kept splits
-    and the report (the caller writes it as audit.json, with what it adds)."""
+    """Audit, log the findings (leakage, shortcuts and confounds loudly) and apply `dataset.dedup`; returns the
+    kept splits and the report (the caller writes it as audit.json, with what it adds)."""
     report = audit_dataset(data, name=name, root=root, min_side=min_side, checks=checks, seed=seed)
     s = report["summary"]
     near = dedup == "drop_near_from_eval" and s["eval_files_near_leaked"]
     if dedup != "none" and (s["eval_files_leaked"] or near):
         data = drop_eval_duplicates(data, report, dedup)
     for line in report["warnings"]:
-        (_logger.error if line.startswith(("DATA LEAKAGE", "SHORTCUT")) else _logger.warning)(line)
+        (_logger.error if line.startswith(LOUD_WARNINGS) else _logger.warning)(line)
     return data, report

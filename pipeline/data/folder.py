@@ -44,6 +44,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def take(self, indices) -> "Split":
+        """The split of the samples at `indices`, in that order."""
+        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes)
+
 
 @dataclass
 class DatasetSplits:
@@ -57,13 +61,14 @@ class DatasetSplits:
     layout: str = ""  # where the images and labels came from, in words
     test_source: str = ""  # as val_source; "" without a test split
     kind: str = "train_folder"  # listing.Listing.kind: train_folder | class_folders | manifest
+    leaked: dict[str, Split] = field(default_factory=dict)  # val/test copies of earlier files (data/leaks.py)
 
     def rows(self) -> Iterator[tuple[str, str, str]]:
         """(path, class name, split) of every image used: the rows of the run's split.csv."""
         for name in SPLITS:
-            split = getattr(self, name)
-            if split is not None:
-                yield from ((p, self.classes[y], name) for p, y in zip(split.paths, split.labels))
+            for split in (getattr(self, name), self.leaked.get(name)):
+                if split is not None:
+                    yield from ((p, self.classes[y], name) for p, y in zip(split.paths, split.labels))
 
 
 def _too_few(listing: Listing, held: dict[str, int], n: int, fractions: dict[str, float], names: dict) -> str:
@@ -194,9 +199,8 @@ def stratified_split(split: Split, val_fraction: float, seed: int, groups: Optio
                           f"classes and keep every class in train: add a {name}/ folder or more train images")
     _, held_reps = train_test_split(pool, test_size=n_held, random_state=seed, stratify=labels)
     held = set(held_reps.tolist())
-    pick = lambda ids: Split([split.paths[i] for i in ids], [split.labels[i] for i in ids], split.classes)
-    return (pick([i for i in range(len(split)) if rep_of[i] not in held]),
-            pick([i for i in range(len(split)) if rep_of[i] in held]))
+    return (split.take([i for i in range(len(split)) if rep_of[i] not in held]),
+            split.take([i for i in range(len(split)) if rep_of[i] in held]))
 
 
 def load_imagefolder(root: str | Path, layout: SplitLayout = SplitLayout(), *, seed: int = 42,

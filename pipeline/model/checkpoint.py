@@ -168,9 +168,10 @@ def build_model(meta: dict, state_dict: dict[str, torch.Tensor], source: str | P
     return model.eval()
 
 
-def load_checkpoint(run_dir: str | Path, name: str = "best") -> tuple[torch.nn.Module, dict]:
+def load_checkpoint(run_dir: str | Path, name: str = "best", *, local: bool = False) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model of `<name>.json` + `<name>.safetensors` in `run_dir` (eval mode). Under torchrun rank 0
-    reads the files and broadcasts meta and weights (no shared filesystem needed)."""
+    reads the files and broadcasts meta and weights (no shared filesystem needed), so every rank must call it;
+    `local`: this process reads them alone (work only rank 0 does)."""
     run_dir = Path(run_dir)
 
     def read() -> tuple[dict, dict]:
@@ -180,7 +181,7 @@ def load_checkpoint(run_dir: str | Path, name: str = "best") -> tuple[torch.nn.M
                 raise MissingFileError(f"Checkpoint file missing: {p} (is {run_dir} a finished run dir?)")
         return read_checkpoint_meta(run_dir, name), read_weights(weights_path)
 
-    meta, weights = distributed.from_main(read)
+    meta, weights = read() if local else distributed.from_main(read)
     return build_model(meta, weights, run_dir / f"{name}.safetensors"), meta
 
 

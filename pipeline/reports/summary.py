@@ -37,12 +37,20 @@ def results_section(metrics: dict) -> list[str]:
     lines = ["## Results", "", f"- best epoch: {metrics['best_epoch']} (by val {metrics['monitor']})",
              f"- train time: {metrics['train_seconds']:.1f} s"]
     lines += [f"- {gap_line(metrics['val_test_gap'])}"] if metrics.get("val_test_gap") else []
+    lines += [f"- {leaks_line(metrics['leaks'])}"] if metrics.get("leaks") else []
+    lines += invariance_lines(metrics.get("storage_invariance"))
     lines += [""]
     names = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
     lines += ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for split in ("val", "test"):
         if metrics.get(split):
-            lines.append(f"| {split} | " + " | ".join(_fmt(metrics[split].get(n, "")) for n in names) + " |")
+            label = f"{split} (leak-free)" if f"{split}_with_leaks" in metrics else split
+            lines.append(f"| {label} | " + " | ".join(_fmt(metrics[split].get(n, "")) for n in names) + " |")
+    for split in ("val", "test"):
+        if metrics.get(f"{split}_with_leaks"):
+            label = f"{split} with its {metrics['leaks'][split]['leaked']} leaked files"
+            lines.append(f"| {label} | " + " | ".join(_fmt(metrics[f'{split}_with_leaks'].get(n, "")) for n in names)
+                         + " |")
     lines += ["", "### Epochs", "", "| epoch | train loss | val loss | val acc | val bal. acc | img/s |",
               "|---|---|---|---|---|---|"]
     for h in metrics["history"]:
@@ -60,6 +68,37 @@ def gap_line(gap: dict) -> str:
         return (line + ": SHIFTED TEST SPLIT, more than sampling explains; test is not drawn like val, so val "
                 "(which chose the epoch, temperature and TTA) cannot see it. Put some images like test into val")
     return line + ": within what the two splits' sampling explains"
+
+
+def leaks_line(leaks: dict) -> str:
+    """One line on the val/test files set aside as copies of earlier files (data/leaks.py)."""
+    held = [f"{leaks[s]['leaked']} of {leaks[s]['leaked'] + leaks[s]['leak_free']} {s}" for s in ("val", "test")
+            if (leaks.get(s) or {}).get("set_aside")]
+    kept = [s for s in ("val", "test") if s in leaks and not leaks[s]["set_aside"]]
+    line = (f"leak-free metrics: {', '.join(held)} files copy a train (or val) file ({leaks['exact']} byte-identical, "
+            f"{leaks['near']} near-identical); they were left out of epoch selection and calibration, and the headline "
+            "rows below exclude them (the rows 'with its ... leaked files' count them)") if held else ""
+    if kept:
+        line += ("; " if line else "") + (f"every {' and '.join(kept)} file copies an earlier file, so those metrics "
+                                          "count the copies and are optimistic")
+    return line
+
+
+def invariance_lines(check: dict | None) -> list[str]:
+    """The storage-invariance check's markdown bullets (training/invariance.py); [] when it did not run."""
+    if not check:
+        return []
+    if check.get("skipped"):
+        return [f"- storage invariance: not measured ({check['skipped']})"]
+    verdict = "MODEL DEPENDS ON HOW FILES ARE STORED" if check["flagged"] else "predictions hold"
+    lines = [f"- storage invariance ({check['images']} val images re-encoded, {check['metric']} "
+             f"{check['baseline']:.4f}, standard error {check['se']:.4f}): {verdict}"]
+    for name, r in check["storages"].items():
+        lines.append(f"  - {name}: {r['images']} images, {100 * r['flipped']:.1f}% of predictions flip, "
+                     f"{check['metric']} {100 * r['change']:+.1f} points" + (" (beyond the SE)" if r["beyond_se"]
+                                                                               else ""))
+    lines += [f"  - {name}: not run, {why}" for name, why in check.get("not_run", {}).items()]
+    return lines
 
 
 def imbalance_section(plan: dict) -> list[str]:

@@ -63,6 +63,9 @@ def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, 
     metrics = {"val": meta.get("val_metrics") or run_metrics.get("val")}
     if checkpoint_name == "best" and run_metrics.get("test"):  # train.py evaluates test with the best checkpoint
         metrics["test"] = run_metrics["test"]
+    if checkpoint_name == "best":  # leak-free val/test above; these count the leaked files too (data/leaks.py)
+        metrics.update({f"{s}_with_leaks": run_metrics[f"{s}_with_leaks"] for s in ("val", "test")
+                        if run_metrics.get(f"{s}_with_leaks")})
     config = meta.get("config") or {}
     dataset = config.get("dataset") or {}
     return {
@@ -71,6 +74,7 @@ def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, 
         **({"feature_levels": meta["feature_levels"]} if meta.get("feature_levels") else {}),
         **{k: meta[k] for k in META_KEYS if k in meta},  # TTA views and temperature: pipeline.load applies them
         **({"calibration": run_metrics["calibration"]} if run_metrics.get("calibration") else {}),
+        **{k: run_metrics[k] for k in ("leaks", "storage_invariance") if run_metrics.get(k)},
         "epoch": meta.get("epoch"), "metrics": metrics,
         "training": training_facts(meta, run_dir, run_metrics),
         "dataset": {"name": dataset.get("name"), "root": dataset.get("root"), **facts},
@@ -145,7 +149,7 @@ def metrics_section(doc: dict, figures: list[str]) -> list[str]:
     m = doc["metrics"]
     lines = ["## Metrics", "", "| split | " + " | ".join(c for _, c in METRIC_COLUMNS) + " |",
              "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
-    lines += [f"| {split} | " + " | ".join(_fmt(vals.get(k)) for k, _ in METRIC_COLUMNS) + " |"
+    lines += [f"| {_split_label(split, doc)} | " + " | ".join(_fmt(vals.get(k)) for k, _ in METRIC_COLUMNS) + " |"
               for split, vals in m.items() if vals]
     split = "test" if (m.get("test") or {}).get("per_class") else "val"
     per_class = (m.get(split) or {}).get("per_class")
@@ -159,6 +163,15 @@ def metrics_section(doc: dict, figures: list[str]) -> list[str]:
             split_name = name.removeprefix("confusion_").removesuffix(".png")
             lines += ["", f"Confusion matrix ({split_name}):", "", f"![confusion matrix]({name})"]
     return lines + [""]
+
+
+def _split_label(key: str, doc: dict) -> str:
+    """'val', or 'val (leak-free)' / 'val with its 12 leaked files' where the run set leaked files aside."""
+    leaks = doc.get("leaks") or {}
+    if key.endswith("_with_leaks"):
+        split = key.removesuffix("_with_leaks")
+        return f"{split} with its {leaks[split]['leaked']} leaked files"
+    return f"{key} (leak-free)" if (leaks.get(key) or {}).get("set_aside") else key
 
 
 def export_section(doc: dict) -> list[str]:
@@ -207,6 +220,21 @@ def limitations(doc: dict) -> list[str]:
     else:
         lines.append("- There is no test split: the val split also picked the best epoch, so the numbers above are "
                      "optimistic.")
+    leaks = doc.get("leaks") or {}
+    held = [f"{leaks[s]['leaked']} {s}" for s in ("val", "test") if (leaks.get(s) or {}).get("set_aside")]
+    if held:
+        lines.append(f"- {' and '.join(held)} files copy a training (or val) file exactly or nearly ({leaks['exact']} "
+                     f"byte-identical, {leaks['near']} near-identical); the leak-free rows leave them out, the rows "
+                     "with leaked files count them and are optimistic.")
+    inv = doc.get("storage_invariance") or {}
+    if inv.get("storages"):
+        worst = max(inv["storages"].items(), key=lambda kv: abs(kv[1]["change"]))
+        lines.append(f"- Storage: re-encoding {inv['images']} val images ({', '.join(inv['storages'])}) flipped up to "
+                     f"{100 * max(r['flipped'] for r in inv['storages'].values()):.1f}% of predictions; the largest "
+                     f"change was {100 * worst[1]['change']:+.1f} points of {inv['metric']} ({worst[0]})"
+                     + (": beyond the standard error, so the model reads how files are stored; deploy on files "
+                        "stored like the training data, or re-encode the classes alike and retrain."
+                        if inv["flagged"] else ", within the standard error."))
     ref = test or val
     n, acc = ref.get("num_samples"), ref.get("accuracy")
     if n and acc is not None:

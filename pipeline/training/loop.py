@@ -136,12 +136,17 @@ def top5(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
 def evaluate(model: torch.nn.Module, loader, loss_fn, accel: Accel, num_classes: int, *, progress: bool = False,
              desc: str = "eval") -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics (+ loss) over `loader` on `accel`'s device; also returns logits and labels for reports."""
-    from pipeline.training.metrics import classification_metrics
-
     logits, labels = distributed.gather_arrays(*predict_logits(model, loader, accel.device, progress, desc,
                                                                accel))  # DDP
+    return score_logits(logits, labels, loss_fn, num_classes), logits, labels
+
+
+def score_logits(logits: np.ndarray, labels: np.ndarray, loss_fn, num_classes: int) -> dict:
+    """The eval metrics (+ loss) of logits against labels."""
+    from pipeline.training.metrics import classification_metrics
+
     if len(labels) == 0:
-        return {"loss": float("nan"), "num_samples": 0}, logits, labels
+        return {"loss": float("nan"), "num_samples": 0}
     loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))
     metrics = classification_metrics(labels, logits.argmax(1), num_classes)
-    return {"loss": loss, **metrics, **top5(logits, labels, num_classes)}, logits, labels
+    return {"loss": loss, **metrics, **top5(logits, labels, num_classes)}

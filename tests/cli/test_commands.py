@@ -64,6 +64,17 @@ def test_make_predict_reports_broken_image_and_predicts_the_rest(exported, folde
         assert float(rows[path]["prob_1"]) == pytest.approx(top[0][1], abs=1e-6) and rows[path]["error"] == ""
 
 
+def test_make_predict_cam_writes_the_overlays_into_cam_dir(exported, folder, tmp_path, capsys):
+    _, _, out = exported
+    cmd = make_command("predict", f"RUN={out}", f"IMAGES={folder}", "CAM=true", f"CAM_DIR={tmp_path / 'heat'}",
+                       f"OUT={tmp_path / 'pred.csv'}")
+    assert "cam=true" in cmd and f"cam_dir={tmp_path / 'heat'}" in cmd
+    assert predict_main(cmd[2:]) == 0
+    written = sorted(p.name for p in (tmp_path / "heat").glob("*.png"))
+    assert written == ["0001_blue_1.png", "0003_red_0.png", "0004_green_2.png"]  # broken.jpg (2nd) has none
+    assert capsys.readouterr().out.count("; cam: ") == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["run={out}", "images={missing}"], "Image path not found"),
     (["run={out}", "images={broken_only}"], "None of the 1 images could be read"),
@@ -75,6 +86,9 @@ def test_make_predict_reports_broken_image_and_predicts_the_rest(exported, folde
     (["images={folder}"], "predict needs run=...: e.g. run=outputs/runs/<run>/export"),
     (["run={out}"], "predict needs images=..."),
     (["run={out}", "images={folder}", "trainer.epochs=3"], "predict: unknown argument(s) ['trainer.epochs=3']"),
+    (["run={out}", "images={folder}", "cam=yes"], "cam='yes' is not valid; choose one of: true, false"),
+    (["run={out}", "images={folder}", "cam=true", "backend=onnx"], "cam=true needs backend=torch"),
+    (["run={out}", "images={folder}", "cam_dir={folder}"], "holds files the pipeline did not write"),
 ])
 def test_predict_user_errors_are_one_line_with_exit_code_2(exported, folder, tmp_path, capsys, args, message):
     _, _, out = exported

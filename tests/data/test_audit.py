@@ -94,5 +94,6 @@ def test_training_writes_audit_and_drops_leaks(tmp_path, cfg_factory):
     summary = (run / "summary.md").read_text()
     assert "## Data audit" in summary and "DATA LEAKAGE" in summary and "| red | 6 | 2 |" in summary
     assert "### Storage shortcuts" in summary and "### Label-error candidates" in summary
+    assert "- class pairs (" in summary and metrics["audit"]["confound_pairs"] == 0  # classes under pair_min_images
     assert "`train/blue/blue_1.png` ~ `val/blue/near.jpg`" in summary and (run / "near_duplicates.png").is_file()
     assert metrics["skipped_at_runtime"] == 0

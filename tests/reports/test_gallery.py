@@ -1,4 +1,5 @@
-"""Error gallery: top_losses_<split>.png/.csv show the highest-loss images, mapped to the right files."""
+"""Error gallery: top_losses_<split>.png/.csv show the highest-loss images, mapped to the right files;
+top_losses_<split>_cam.png overlays the Grad-CAM of the best checkpoint on them."""
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,11 @@ def test_top_losses_are_the_highest_loss_images_on_both_paths(tmp_path, cfg_fact
             assert float(r["loss"]) == pytest.approx(loss[r["path"]], abs=1e-4)
             assert r["true"] == Path(r["path"]).parent.name
         assert max(v for p, v in loss.items() if p not in {r["path"] for r in rows}) <= min(shown) + 1e-4
-        with Image.open(run / f"top_losses_{split}.png") as sheet:
-            assert sheet.size == grid_size(5, gallery.TILE)
+        with Image.open(run / f"top_losses_{split}.png") as sheet, \
+                Image.open(run / f"top_losses_{split}_cam.png") as cams:
+            assert sheet.size == cams.size == grid_size(5, gallery.TILE)
+            plain, heat = np.asarray(sheet.convert("RGB"), np.int16), np.asarray(cams.convert("RGB"), np.int16)
+        assert np.abs(plain - heat).mean() > 10  # the heat maps are drawn over the images
 
 
 def test_rows_skip_the_files_that_failed_to_decode(tmp_path):
