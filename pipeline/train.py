@@ -5,6 +5,7 @@ sweeps and launchers call. The stages it strings together live in the packages b
 """
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -68,6 +69,7 @@ def train(cfg: DictConfig) -> dict:
         return run_job(cfg, run_dir, resumed, start=start, started=started)
     finally:
         run_lock.release(run_dir)
+        gc.collect()  # loaders a failed run left in reference cycles stop their workers (TrainingData.close)
 
 
 def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: float, started: float) -> dict:
@@ -109,6 +111,7 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
         metrics["storage_invariance"] = invariance.check_storage_invariance(
             shipped_model(run_dir, device, local=True), splits.val, splits.files, data.eval_tf, data.settings, accel,
             invariance_check(cfg))
+    data.close()  # the last loader is used: stop the persistent workers now, not at interpreter exit
     if (metrics.get("val_test_gap") or {}).get("shifted"):
         _logger.warning(summary.gap_line(metrics["val_test_gap"]))
     runtime_skips = folder.read_skip_log(data.skip_log) if main else []  # files that failed in a DataLoader worker

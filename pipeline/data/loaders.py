@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -105,14 +106,30 @@ class TrainingData:
     settings: LoaderSettings
     cache: object = None
     skip_log: object = None
+    made: list = field(default_factory=list)  # the loaders made here, whose workers `close` stops
 
     def train_loader(self, generator=None):
-        return make_loader(self.splits.train, self.train_tf, self.settings, train=True, generator=generator,
-                           cache=self.cache, skip_log=self.skip_log)
+        return self._keep(make_loader(self.splits.train, self.train_tf, self.settings, train=True,
+                                      generator=generator, cache=self.cache, skip_log=self.skip_log))
 
     def eval_loader(self, split: folder.Split, device: torch.device):
-        return make_eval_loader(split, self.eval_tf, self.settings, self.data_cfg, device, cache=self.cache,
-                                skip_log=self.skip_log)
+        return self._keep(make_eval_loader(split, self.eval_tf, self.settings, self.data_cfg, device,
+                                           cache=self.cache, skip_log=self.skip_log))
+
+    def _keep(self, loader):
+        self.made.append(weakref.ref(loader))
+        return loader
+
+    def close(self) -> None:
+        """Stop the persistent workers of every loader made here that is still alive. Left to interpreter exit,
+        such a loader (they end up in reference cycles) hangs it: its workers ignore SIGTERM (runtime/seeding.py),
+        so multiprocessing's exit handler waits on them, and a garbage collection shuts them down only after a
+        5 s timeout per worker."""
+        for ref in self.made:
+            iterator = getattr(ref(), "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()  # torch's own shutdown, as the iterator's __del__ calls it
+        self.made.clear()
 
     def image_pass(self, split: folder.Split, transform, *, seed: int | None = None):
         """One ordered pass over `split` in eval-size batches; `seed`: the per-image augmentation seeds drawn in

@@ -103,7 +103,8 @@ def check_storage_invariance(model: torch.nn.Module, val: folder.Split, files: d
     if record["flagged"]:
         worst = max(record["storages"].items(), key=lambda kv: abs(kv[1]["change"]))
         _logger.warning("STORAGE SENSITIVE: re-encoding val images as %s flips %.1f%% of predictions and moves val %s "
-                        "%+.1f points (SE %.1f): the model reads how files are stored, not only what they show; "
-                        "see the audit's storage tables and re-encode the classes alike", worst[0],
+                        "%+.1f points (SE %.1f): the model depends on how files are stored, not only on what they "
+                        "show. Deploy on files stored like the training data; where the audit warns of a SHORTCUT or "
+                        "CONFOUND, re-encode the classes alike and retrain", worst[0],
                         100 * worst[1]["flipped"], metric, 100 * worst[1]["change"], 100 * worst[1]["se"])
     return record

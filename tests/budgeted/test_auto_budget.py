@@ -260,3 +260,23 @@ def test_a_run_killed_in_its_fine_tune_resumes_the_planned_fine_tune(tiny_folder
     assert not heads and resumed["resumed_from_epoch"] == 0 and len(resumed["history"]) == 2
     assert record["plan"] == planned and resumed["freeze_depth"] == planned["chosen"]["freeze_depth"]
     assert record["finetune_vs_probe"] is not None and record["kept"] in ("probe", "fine-tune")
+
+
+def test_no_dataloader_workers_outlive_the_run(tiny_folder, cfg_factory, monkeypatch):
+    """Persistent-worker loaders end up in reference cycles and their workers ignore SIGTERM, so a loader left to
+    interpreter exit hung `make train` after its last line (and a garbage collection mid-run stalled 5 s per
+    worker): the run stops their workers itself once its last loader is used (TrainingData.close)."""
+    import gc
+
+    import pipeline.train as train_module
+
+    monkeypatch.setattr(train_module, "gc", type("NoCollect", (), {"collect": staticmethod(lambda: 0)}))
+    gc.disable()  # no collection may stop them instead
+    try:
+        train(_auto_cfg(cfg_factory, tiny_folder, DIFFERENT, "trainer.time_limit=10m", "trainer.num_workers=1"))
+        live = [o for o in gc.get_objects() if isinstance(o, torch.utils.data.DataLoader)
+                and getattr(getattr(o, "_iterator", None), "_workers", None)
+                and any(w.is_alive() for w in o._iterator._workers)]
+    finally:
+        gc.enable()
+    assert live == []

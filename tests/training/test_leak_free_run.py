@@ -8,6 +8,7 @@ import shutil
 
 from PIL import Image
 
+from pipeline.ship.saving import export_run
 from pipeline.train import train
 from tests.conftest import HYMENOPTERA
 
@@ -56,3 +57,10 @@ def test_leaked_val_files_are_scored_apart(cfg_factory, tmp_path):
     rows = [summary.index(row) for row in order]
     assert rows == sorted(rows)  # the leak-free numbers first
     assert "storage invariance (" in summary and "storage_invariance" in metrics
+
+    doc = json.loads((export_run(run, tmp_path / "export", formats=["safetensors"]) / "model.json").read_text())
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert doc["leaks"] == metrics["leaks"] and doc["metrics"]["test"]["num_samples"] == 2 * 6
+    assert card.index("| test (leak-free) |") < card.index(f"| test with its {2 * TEST_COPIES} leaked files |")
+    assert f"{leaked} val and {2 * TEST_COPIES} test files copy a training" in card
+    assert "- Storage: re-encoding 24 val images" in card
