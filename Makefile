@@ -83,7 +83,7 @@ report: $(STAMP) ## Rebuild a sweep's report.md/.csv/.png: make report [SWEEP=ou
 export: $(STAMP) ## Export a run: make export RUN=outputs/runs/<run> [OUT=dir] [export.opset=18 export.formats=[onnx] ...]
 	$(PY) -m pipeline.export $(if $(RUN),'run=$(RUN)') $(if $(OUT),'out=$(OUT)') $(HYDRA_OVERRIDES) $(ARGS)
 
-predict: $(STAMP) ## Predict: make predict RUN=<export dir> IMAGES=<files or folders> [BACKEND=onnx] [TOPK=3] [OUT=file.csv] [CAM=true: Grad-CAM overlays] [CAM_DIR=dir]
+predict: $(STAMP) ## Predict: make predict RUN=<export dir> IMAGES=<files or folders> [BACKEND=onnx|onnx-int8] [TOPK=3] [OUT=file.csv] [CAM=true: Grad-CAM overlays] [CAM_DIR=dir]
 	$(PY) -m pipeline.predict $(if $(RUN),'run=$(RUN)') $(foreach i,$(IMAGES),'images=$(i)') $(if $(BACKEND),'backend=$(BACKEND)') \
 		$(if $(TOPK),'topk=$(TOPK)') $(if $(OUT),'csv=$(OUT)') $(if $(CAM),'cam=$(CAM)') $(if $(CAM_DIR),'cam_dir=$(CAM_DIR)') \
 		$(HYDRA_OVERRIDES) $(ARGS)

@@ -16,6 +16,8 @@ from another part) on the same arch, batch, resolution and threads:
   6. partial:   a top-3-group partial fine-tune epoch (train(cfg), strategy=partial, freeze depth n-3) on
                 activations cached at the freeze boundary vs on images      target >= 3x (epochs 2-3);
                 and the whole 3-epoch run, the cache's passes included
+  7. int8:      ONNX Runtime img/s of the export's int8 model (ship/int8.py) vs the fp32 ONNX model, at batch 1
+                (latency) and at --batch (throughput), both in one process                 target > 1
   plus speed options on the bare step: channels_last, bf16 autocast, fused/foreach AdamW.
 
 Data: $DATASETS_DIR/<dataset> (default ../shared/datasets), else the embedded digits set.
@@ -190,9 +192,32 @@ def part_loader(a) -> dict:
     return {"no_cache": plain, "memory_cache": loader_epoch(splits.train, tf, mem, 2, a.batch)}
 
 
+def part_onnx_int8(a) -> dict:
+    """ONNX Runtime, fp32 `model.onnx` vs the export's int8 model (ship/int8.py: static QDQ, per-channel),
+    quantized from it in this process: img/s at batch 1 and at `a.batch`, each after a warm-up call."""
+    import timm
+    import torch
+
+    from pipeline.ship.int8 import quantize
+    from pipeline.ship.loading import OnnxModel
+    from pipeline.ship.saving import export_onnx
+
+    model = timm.create_model(ARCH, num_classes=10).eval()
+    fp32, int8 = Path(a.tmp) / "bench_fp32.onnx", Path(a.tmp) / "bench_int8.onnx"
+    export_onnx(model, torch.randn(2, 3, a.size, a.size), fp32, 17)
+    quantize(fp32, int8, torch.randn(32, 3, a.size, a.size).numpy())
+    out = {}
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        session = OnnxModel(path)
+        for batch in (1, a.batch):
+            x = torch.randn(batch, 3, a.size, a.size)
+            out[f"{name}_b{batch}_img_per_s"] = timed_steps(lambda: session(x), max(a.steps, 20 // batch), batch)
+    return {**out, "batch": a.batch}
+
+
 PARTS = {"train_step": part_train_step, "forward": part_forward, "pipeline_finetune": part_pipeline_finetune,
          "pipeline_partial": part_pipeline_partial,
-         "pipeline_extract": part_pipeline_extract, "loader": part_loader}
+         "pipeline_extract": part_pipeline_extract, "loader": part_loader, "onnx_int8": part_onnx_int8}
 
 
 def run_part(a, part: str, variant: str = "plain", allocator: bool = True) -> dict:
@@ -221,6 +246,7 @@ def measure(a) -> dict:
     r["extract"], r["forward"] = run_part(a, "pipeline_extract"), run_part(a, "forward")
     r["loader"] = run_part(a, "loader")
     r["partial"], r["partial_boundary"] = run_part(a, "pipeline_partial"), run_part(a, "pipeline_partial", "boundary")
+    r["onnx_int8"] = run_part(a, "onnx_int8")
     r["forward_no_allocator_fix"] = run_part(a, "forward", allocator=False)
     r["forward_channels_last"] = run_part(a, "forward", "channels_last")
     for variant in ("channels_last", "fused", "foreach_off", "bf16", "compile"):
@@ -247,6 +273,11 @@ def table(r: dict) -> list[dict]:
              r["partial"]["img_per_s"], ">= 3"),
             ("6b partial top-3, 3-epoch run s: images / boundary cache (its passes included)", r["partial"]["run_s"],
              r["partial_boundary"]["run_s"], ""),
+            ("7a ONNX Runtime img/s at batch 1: int8 / fp32 (export.int8; latency ratio)",
+             r["onnx_int8"]["int8_b1_img_per_s"], r["onnx_int8"]["fp32_b1_img_per_s"], "> 1"),
+            (f"7b ONNX Runtime img/s at batch {r['onnx_int8'].get('batch', 32)}: int8 / fp32 (throughput)",
+             r["onnx_int8"][f"int8_b{r['onnx_int8'].get('batch', 32)}_img_per_s"],
+             r["onnx_int8"][f"fp32_b{r['onnx_int8'].get('batch', 32)}_img_per_s"], "> 1"),
             ("forward img/s: channels_last / default", r["forward_channels_last"]["img_per_s"],
              r["forward"]["img_per_s"], "keep if > 1")]
     rows += [(f"train step img/s: {v} / plain fp32", r[f"train_step_{v}"]["img_per_s"], plain, "keep if > 1")

@@ -17,11 +17,11 @@ from pipeline.data.data_audit import run_audit
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.features import cached_fit, label_issues
 from pipeline.model.backbone import input_side
-from pipeline.reports.audit_report import audit_section, write_audit_sheets
+from pipeline.reports.audit_report import audit_section, write_audit
 from pipeline.runtime import owned
 from pipeline.runtime.cli import split_args
 from pipeline.runtime.devices import select_device
-from pipeline.runtime.files import write_json, write_text
+from pipeline.runtime.files import write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 
 OWN_KEYS = {"out": None}  # this command's own keys; every other key=value overrides conf/
@@ -29,7 +29,10 @@ OWN_KEYS = {"out": None}  # this command's own keys; every other key=value overr
 
 def find_label_issues(cfg, data) -> dict:
     """The label-error report with the configured backbone; a backbone that cannot be built (e.g. hub weights
-    offline) skips this check only."""
+    offline) skips this check only, and so does multi-label data (it compares single labels)."""
+    if data.multilabel:
+        return {"skipped": "multi-label data: the label-error check compares single labels", "flagged": 0,
+                "candidates": []}
     try:
         model, eval_tf, weights_desc = label_issues.audit_model(
             cfg.backbone, len(data.classes), input_size=cfg.dataset.input_size,
@@ -56,8 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         data, report = run_audit(data, name=cfg.dataset.name, root=root, dedup=cfg.dataset.dedup, checks=cfg.audit,
                                  seed=cfg.seed, min_side=side)
         report["label_issues"] = find_label_issues(cfg, data)
-        write_json(out / "audit.json", report)
-        sheets = write_audit_sheets(out, report, cfg.dataset.max_pixels)
+        sheets = write_audit(out, report, cfg.dataset.max_pixels)
         text = "\n".join(audit_section(report))
         write_text(out / "audit.md", text + "\n")
         print(text)

@@ -1,4 +1,4 @@
-"""Entry point: `python -m pipeline.predict run=<export dir> images=<file or folder> [topk=3] [backend=onnx]
+"""Entry point: `python -m pipeline.predict run=<export dir> images=<file or folder> [topk=3] [backend=onnx|onnx-int8]
 [csv=FILE] [batch_size=32] [cam=true] [cam_dir=DIR]` (or `make predict RUN=... IMAGES=... [CAM=true]`).
 
 Prints the top-k classes (with probabilities) per image and writes them to a CSV (ship/batch_predict.py). `images`

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         transform = augment.build_train_transform(data_cfg, augment.TrainAugment.from_group(cfg.augment))
         out = owned.prepare_output_file(own["out"] or f"outputs/preview/{d.name}_{cfg.augment.preset}.png",
                                         "choose another out=... (a new file)")
-        path = write_preview(Split(paths, labels, classes), transform, data_cfg, out, n=n, seed=cfg.seed,
-                             max_pixels=d.max_pixels)
+        path = write_preview(Split(paths, labels, classes, listing.multilabel), transform, data_cfg, out, n=n,
+                             seed=cfg.seed, max_pixels=d.max_pixels)
         print(f"Wrote {path} ({len(classes)} classes, augment preset '{cfg.augment.preset}')")
 
 

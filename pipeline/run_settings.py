@@ -70,7 +70,8 @@ def budget_settings(cfg: DictConfig) -> auto_budget.Settings:
         select_alpha=rules.select_alpha, similar_freeze_depth=rules.similar_freeze_depth,
         shallow_unfreeze=rules.shallow_unfreeze, bn=cfg.strategy.bn,
         boundary_cache=trainer.boundary_cache if boundary_blocker(cfg, "partial") is None else "never",
-        boundary_views=trainer.boundary_views, max_train_batches=trainer.max_train_batches,
+        boundary_views=trainer.boundary_views, ship_ensemble=rules.ensemble,
+        max_train_batches=trainer.max_train_batches,
         max_epochs=budget.max_epochs(trainer.epochs),
         seed=cfg.seed)
 

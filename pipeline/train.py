@@ -9,6 +9,7 @@ import gc
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -28,11 +29,11 @@ from pipeline.data.loaders import (
     fork_workers_early,
     timed_train_batch,
 )
-from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.errors import ConfigError, PipelineError, exit_on_user_error
 from pipeline.features import cached_fit, label_issues, probe_init
 from pipeline.model import backbone
 from pipeline.reports import gallery, plots, summary
-from pipeline.reports.audit_report import write_audit_sheets
+from pipeline.reports.audit_report import write_audit
 from pipeline.run_settings import (
     FitInputs,
     boundary_blocker,
@@ -82,6 +83,8 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     if main:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     splits, root, audit_report = audited_data(cfg, run_dir)
+    if splits.multilabel:
+        refuse_multilabel(splits, run_dir, audit_report, cfg.dataset.max_pixels)
     model, weights_desc, imbalance, data = build_model_and_data(cfg, splits, run_dir, device)
     if cfg.audit.label_issues:  # the pretrained features judge the labels, before training changes them
         audit_report["label_issues"] = label_issues.find_candidates(
@@ -89,8 +92,7 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
                                                     cfg.backbone.name, data.eval_tf),
             audit=cfg.audit, seed=cfg.seed, weights_desc=weights_desc)
     if main:
-        write_json(run_dir / "audit.json", audit_report)  # now with the label issues, if looked for
-        write_audit_sheets(run_dir, audit_report, cfg.dataset.max_pixels)  # beside audit.json
+        write_audit(run_dir, audit_report, cfg.dataset.max_pixels)  # now with the label issues, if looked for
     strategy = setup_strategy(model, data, device, run_dir, strategy=cfg.strategy,
                               time_limited=cfg.trainer.time_limit is not None, resumed=resumed is not None)
     cached_path = cached_fit.use_cached_path(cfg.features, strategy.mode)  # backbone once, head on features
@@ -155,6 +157,15 @@ def audited_data(cfg: DictConfig, run_dir: Path) -> tuple[folder.DatasetSplits, 
     return splits, root, audit_report
 
 
+def refuse_multilabel(splits: folder.DatasetSplits, run_dir: Path, audit_report: dict, max_pixels: int) -> None:
+    """Multi-label data (data/manifest.py) is audited, not trained on (issue 34): the audit written, then one line."""
+    if distributed.is_main():
+        write_audit(run_dir, audit_report, max_pixels)
+    raise ConfigError(f"{splits.layout} holds multi-label data ({len(splits.classes)} labels): training on it is not "
+                      "built yet; `make audit` audits it (labels per split, co-occurrence, duplicates); give each "
+                      "row one label to train a classifier (dataset.label_delim='' reads a cell as one class name)")
+
+
 def build_model_and_data(cfg: DictConfig, splits: folder.DatasetSplits, run_dir: Path, device: torch.device):
     """The backbone with its new head (on `device`), its weights' description, the imbalance plan (whose prior
     bias replaces the zero-init head bias) and the run's TrainingData (transforms from the model's preprocessing;
@@ -184,7 +195,9 @@ def fit_strategy(cfg: DictConfig, strategy: StrategyDecision, cached_path: bool,
     mode, data = strategy.mode, inputs.data
     if not cached_path and auto_budget.applies(strategy_mode=cfg.strategy.mode, time_limit=cfg.trainer.time_limit,
                                                mode=mode):
-        result, update = auto_budget.run(budget_settings(cfg), strategy.decision, auto_budget.Job(
+        settings = budget_settings(cfg)
+        inputs = replace(inputs, final_images=auto_budget.after_loop_images(inputs.final_images, settings))
+        result, update = auto_budget.run(settings, strategy.decision, auto_budget.Job(
             model=inputs.model, splits=data.splits, run_dir=inputs.run_dir, meta=inputs.meta, accel=inputs.accel,
             resumed=inputs.resumed is not None, started=inputs.started,
             fit_probe=lambda: probe_init.fit_probe(inputs.model, data.splits, feature_source(cfg, inputs),

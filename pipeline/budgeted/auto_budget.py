@@ -3,7 +3,8 @@
     applies(...)       whether a run goes this way (auto, a limit, a mode whose backbone trains: small + similar
                        data gets one too, transfer/auto.py mode_under_time_limit)
     plan_finetune(...) which fine-tune can pay in the time left, or none
-    select(...)        probe, fine-tune or their ensemble, by a paired test on the same val images
+    selection.select   probe, fine-tune or their ensemble, by a paired test on the same val images
+                       (budgeted/selection.py)
     run(...)           the three in order, recorded in decision.json `budget`
 
 1. **The probe first.** The converged linear probe on cached features (features/probe_init.fit_probe) is fitted,
@@ -14,10 +15,10 @@
    each is timed on a copy of the model, with the loader's time per batch; the deepest candidate that fits at
    least `strategy.auto.min_epochs` epochs in the time left is planned. None fits: no fine-tune runs and the
    run ends early: the time is given back, not sat out.
-3. **Selection you can trust** (select). The fine-tune's best epoch replaces the probe only where a paired
-   bootstrap over the val images says it is better (one-sided, `strategy.auto.select_alpha`); "not worse by a
-   margin" is not enough. The probe + fine-tune ensemble (mean of temperature-calibrated probabilities) is
-   measured against the kept model and recorded; it is not shipped (an export holds one model).
+3. **Selection you can trust** (budgeted/selection.py). The fine-tune's best epoch replaces the probe only where a
+   paired bootstrap over the val images says it is better (one-sided, `strategy.auto.select_alpha`); "not worse by
+   a margin" is not enough. The probe + fine-tune ensemble (mean of temperature-calibrated probabilities) replaces
+   the kept model by the same test, where `strategy.auto.ensemble` allows it.
 """
 from __future__ import annotations
 
@@ -28,20 +29,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.budgeted import selection as selecting
+from pipeline.budgeted.selection import Selection
 from pipeline.config import BACKBONE_MODES
 from pipeline.config.checks import parse_duration
 from pipeline.data import folder
 from pipeline.features.probe_init import Probe
-from pipeline.model import checkpoint, freezing
+from pipeline.model import freezing
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import Accel, prepare_model
-from pipeline.runtime.files import write_atomic, write_json
+from pipeline.runtime.files import write_json
 from pipeline.runtime.memory import memory_budget
-from pipeline.training import boundary, budget, paired
+from pipeline.training import boundary, budget, loop
 from pipeline.training.fit import FitResult
 
 _logger = logging.getLogger(__name__)
@@ -52,13 +54,19 @@ BOUNDARY_MEMORY_SHARE = 0.25  # the boundary cache may take this share of the me
 # The boundary cache's passes, from one timed batch: a loader start per pass, and the per-image time x 1.3 (the
 # loader's collate and the float16 copy; chest_xray, 5 minutes: 88 s measured where the timed batch alone said 59)
 PASS_START_S, SETUP_FACTOR = 1.0, 1.3
-PROBE_NAME, PROBE_VAL = "probe", "probe_val.npz"  # the probe's checkpoint and val logits in the run dir
 
 
 def applies(*, strategy_mode: str, time_limit: str | None, mode: str) -> bool:
     """auto under a limit whose resolved `mode` trains the backbone (the rule's fine-tune, or small + similar data
     whose probe may be followed by one: transfer/auto.py mode_under_time_limit)."""
     return strategy_mode == "auto" and time_limit is not None and mode in BACKBONE_MODES
+
+
+def after_loop_images(images: int, settings: "Settings") -> int:
+    """The eval images' worth of work to keep time for after the loop (final_eval.images_after_loop): twice as much
+    where the ensemble may ship, since it runs two backbones through the test split and the final checks (flowers,
+    5 minutes: 38 s after the loop where 21 s were kept for one model, ending at 313 s)."""
+    return images * (2 if settings.ship_ensemble else 1)
 
 
 def candidate_depths(decision: dict, *, similar_freeze_depth: int, shallow_unfreeze: int) -> list[int]:
@@ -211,68 +219,6 @@ def choose(candidates: list[Candidate], time_left_s: float, min_epochs: int) -> 
     return Plan(chosen, candidates, time_left_s, min_epochs, why)
 
 
-@dataclass
-class Selection:
-    kept: str  # "probe" | "fine-tune"
-    why: str
-    finetune_vs_probe: dict | None
-    ensemble: dict | None
-
-
-def select(probe_val: tuple[np.ndarray, np.ndarray], finetune_val: tuple[np.ndarray, np.ndarray] | None, *,
-           monitor: str, alpha: float, seed: int = 0) -> Selection:
-    """The fine-tune replaces the probe only where the paired test says it is better (module doc, step 3).
-    Each of `probe_val`, `finetune_val`: (val logits, labels) in the val split's order."""
-    probe_logits, labels = probe_val
-    if finetune_val is None or not len(labels):
-        return Selection("probe", "no fine-tune epoch was evaluated", None, None)
-    finetune_logits, ft_labels = finetune_val
-    if not np.array_equal(labels, ft_labels):  # an image one path read and the other skipped: not paired
-        return Selection("probe", f"the probe and the fine-tune were scored on different val images ({len(labels)} "
-                         f"vs {len(ft_labels)}), so no paired test can replace the probe", None, None)
-    test = paired.paired_test(labels, probe_logits, finetune_logits, monitor, seed=seed)
-    better = test.better(alpha)
-    kept_logits = finetune_logits if better else probe_logits
-    ensemble = paired.paired_test(labels, kept_logits, paired.mean_probabilities(labels, probe_logits,
-                                                                                   finetune_logits), monitor, seed=seed)
-    direction = "better" if better else "not better"
-    why = (f"the fine-tune is {direction} than the probe on val by a paired bootstrap: {monitor} "
-           f"{test.challenger:.4f} vs {test.incumbent:.4f}, difference {test.difference:+.4f} (90% interval "
-           f"{test.low:+.4f}..{test.high:+.4f}), p = {test.p_not_better:.3f} against strategy.auto.select_alpha="
-           f"{alpha}")
-    return Selection("fine-tune" if better else "probe", why, test.record(),
-                     {**ensemble.record(), "better_than_kept": ensemble.better(alpha), "shipped": False})
-
-
-def save_probe(run_dir: Path, model: torch.nn.Module, meta: dict, probe: Probe) -> None:
-    """`probe.safetensors` (the candidate a later selection may promote) and `best` = the probe (epoch 0), with
-    its val logits (`probe_val.npz`) for the selection of a resumed run."""
-    probe_meta = {**meta, "epoch": 0, "val_metrics": probe.val, "weights_source": "probe"}
-    checkpoint.save_checkpoint(run_dir, PROBE_NAME, model, probe_meta)
-    checkpoint.save_checkpoint(run_dir, "best", model, probe_meta)
-    logits, labels = probe.best_val
-
-    def save(path: Path) -> None:
-        with open(path, "wb") as f:  # a file object: np.savez would add .npz to the temp name
-            np.savez(f, logits=logits, labels=labels)
-
-    write_atomic(Path(run_dir) / PROBE_VAL, save)
-
-
-def load_probe_val(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    path = Path(run_dir) / PROBE_VAL
-    if not path.is_file():
-        return None
-    with np.load(path) as data:
-        return data["logits"], data["labels"]
-
-
-def promote_probe(run_dir: Path) -> None:
-    """`best` := the saved probe (weights and JSON, one generation)."""
-    weights = checkpoint.read_weights(Path(run_dir) / f"{PROBE_NAME}.safetensors", what="probe checkpoint")
-    checkpoint.save_weights(run_dir, "best", weights, checkpoint.read_checkpoint_meta(run_dir, PROBE_NAME))
-
-
 def budget_record(*, limit: str, probe: Probe | None, plan: Plan | None, fit: dict | None, history: list[dict],
                   monitor: str, selection: Selection) -> dict:
     """decision.json `budget`: what auto tried in the budget, for how long, what it kept and why."""
@@ -309,9 +255,12 @@ def budget_paragraph(record: dict | None) -> list[str]:
     lines.append(f"- kept: **{record['kept']}**: {record['why']}.")
     ens = record.get("ensemble")
     if ens:
+        verdict = ("shipped: it runs both backbones, twice the inference cost" if ens["shipped"] else
+                   "not shipped: strategy.auto.ensemble=false" if ens["better_than_kept"] else "not shipped")
         lines.append(f"- the probe + fine-tune ensemble: val {_num(ens['challenger'])} "
-                     f"({'better' if ens['better_than_kept'] else 'not better'} than the kept model, p = "
-                     f"{ens['p_not_better']:.3f}; measured, not shipped: an export holds one model)")
+                     f"({'better' if ens['better_than_kept'] else 'not better'} than the "
+                     f"{'model it replaced' if ens['shipped'] else 'kept model'}, p = {ens['p_not_better']:.3f}; "
+                     f"{verdict})")
     return lines
 
 
@@ -333,6 +282,7 @@ class Settings:
     bn: str
     boundary_cache: str  # "never" where the run's settings rule it out (training/boundary.py boundary_blocker)
     boundary_views: int
+    ship_ensemble: bool  # strategy.auto.ensemble: the ensemble may replace the kept model
     max_train_batches: int
     max_epochs: int
     seed: int
@@ -367,7 +317,7 @@ def run(settings: Settings, decision: dict, job: Job) -> tuple[FitResult, dict]:
         probe = job.fit_probe()
         probe.info["role"] = "fallback"
         if distributed.is_main():
-            save_probe(job.run_dir, job.model, job.meta, probe)
+            selecting.save_probe(job.run_dir, job.model, job.meta, probe)
         job.model.get_classifier().load_state_dict(own_head)  # the fine-tune starts as the fixed mode's does
     got = job.timed_batch()
     if job.resumed:  # the plan was made once: decision.json
@@ -394,16 +344,8 @@ def run(settings: Settings, decision: dict, job: Job) -> tuple[FitResult, dict]:
                 _logger.info("Boundary cache not used (%s): the fine-tune reads images", why)
         result = job.fit_finetune(split)
         fit_report = result.budget.report() if result.budget is not None else None
-    probe_val = probe.best_val if probe is not None else load_probe_val(job.run_dir)
-    ft_val = result.best_val if result is not None and result.best_epoch else None
-    if probe_val is None:  # a resumed run without the probe's logits: the fine-tune stands
-        selection = Selection("fine-tune", "the probe's val logits are missing (resumed run)", None, None)
-    else:
-        selection = select(tuple(probe_val), ft_val, monitor=s.monitor, alpha=s.select_alpha, seed=s.seed)
-    if selection.kept == "probe":
-        if distributed.is_main():
-            promote_probe(job.run_dir)
-        result = _probe_result(job.eval_loss, probe_val, result)
+    probe_val = probe.best_val if probe is not None else selecting.load_probe_val(job.run_dir)
+    selection, result = _select(s, job, probe_val, result)
     previous = decision.get("budget") or {}
     decision["budget"] = budget_record(limit=s.time_limit, probe=probe, plan=plan, fit=fit_report,
                                        history=result.history, monitor=s.monitor, selection=selection)
@@ -413,6 +355,25 @@ def run(settings: Settings, decision: dict, job: Job) -> tuple[FitResult, dict]:
     if distributed.is_main():
         write_json(Path(job.run_dir) / "decision.json", decision)
     return result, strategy
+
+
+def _select(s: Settings, job: Job, probe_val, result: FitResult | None) -> tuple[Selection, FitResult]:
+    """Step 3 (budgeted/selection.py) and what it makes `best`: the probe, the fine-tune's epoch or the ensemble."""
+    ft_val = result.best_val if result is not None and result.best_epoch else None
+    if probe_val is None:  # a resumed run without the probe's logits: the fine-tune stands
+        return Selection("fine-tune", "the probe's val logits are missing (resumed run)", None, None), result
+    selection = selecting.select(tuple(probe_val), ft_val, monitor=s.monitor, alpha=s.select_alpha,
+                                 ship_ensemble=s.ship_ensemble, seed=s.seed)
+    if selection.kept == "probe":
+        if distributed.is_main():
+            selecting.promote_probe(job.run_dir)
+        result = _probe_result(job.eval_loss, probe_val, result)
+    elif selection.kept == "ensemble":
+        if distributed.is_main():
+            selecting.ship_ensemble(job.run_dir, selection, lambda logits, labels: loop.score_logits(
+                logits, labels, job.eval_loss, len(job.splits.classes)))
+        result = replace(result, best_val=selection.ensemble_val, eval_loss=job.eval_loss)
+    return selection, result
 
 
 def _probe_result(eval_loss, probe_val, result: FitResult | None) -> FitResult:

@@ -21,6 +21,7 @@ DEDUP_MODES = ("none", "drop_from_eval", "drop_near_from_eval")
 CACHE_MODES = ("auto", "none", "memory", "disk")
 DECODERS = ("auto", "cpu", "gpu")
 SAMPLERS = ("shuffle", "balanced")
+TASKS = ("auto", "single", "multilabel")  # dataset.task (data/manifest.py)
 MODES = ("auto", "linear_probe", "partial", "finetune", "gradual")
 BACKBONE_MODES = ("partial", "finetune", "gradual")  # resolved modes whose backbone groups train
 BN_POLICIES = ("frozen", "affine", "train")
@@ -69,6 +70,8 @@ class DatasetConfig:
     val_fraction: float = number(0, 1, low_open=True, high_open=True, example=0.2)
     test_fraction: float = number(0, 1, high_open=True, example=0.1)
     manifest: Optional[str] = value()  # a CSV path,label[,split]: checked by reading it (data/manifest.py)
+    label_delim: str = value()
+    task: str = choice(TASKS)
     url: Optional[str] = value()
     download: bool = value()
     download_hint: str = value()
@@ -106,6 +109,7 @@ class AutoStrategyConfig:
     shallow_unfreeze: int = number(0, example=3)
     min_epochs: int = number(1, example=3)
     select_alpha: float = number(0, 1, low_open=True, high_open=True, example=0.05)
+    ensemble: bool = value()
 
 
 @dataclass
@@ -216,6 +220,10 @@ class ExportConfig:
     opset: int = number(7, example=17)
     tolerance: float = number(0.0, example=1e-3)
     parity_images: int = number(1, example=16)
+    int8: bool = value()
+    int8_max_drop: float = number(0.0, example=0.5)
+    int8_calibration_images: int = number(1, example=64)
+    int8_check_images: int = number(1, example=256)
 
 
 @dataclass
@@ -228,6 +236,7 @@ class AuditConfig:
     label_issues: bool = value()
     label_issues_top: int = number(1, example=20)
     invariance_images: int = number(0, example=500)
+    rare_label_images: int = number(1, example=10)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from pipeline.config.schema import AuditConfig
 from pipeline.data import near_duplicates, shortcuts
 from pipeline.data.folder import DatasetSplits, Split
@@ -23,6 +25,7 @@ from pipeline.data.folder import DatasetSplits, Split
 _logger = logging.getLogger(__name__)
 
 MAX_LISTED = 20  # examples per finding in audit.md (audit.json has all)
+RARE_LABEL_IMAGES = 10  # audit.rare_label_images' default, for an audit without the config group
 FEW_COLORS = 64  # a photo or scan has hundreds of distinct colours in a 64 px sample; a placeholder has few
 LOUD_WARNINGS = ("DATA LEAKAGE", "SHORTCUT", "CONFOUND")  # warning lines `run_audit` logs as errors
 
@@ -59,7 +62,7 @@ def find_duplicates(data: DatasetSplits) -> dict[str, list[dict]]:
         for path, label in zip(split.paths, split.labels):
             sha = data.files.get(path, {}).get("sha1")
             if sha:
-                groups[sha].append({"split": name, "class": split.classes[label], "path": path})
+                groups[sha].append({"split": name, "class": "|".join(split.label_names(label)), "path": path})
     found: dict[str, list[dict]] = {"within_split": [], "cross_split": [], "label_conflicts": []}
     for sha, members in groups.items():
         if len(members) < 2:
@@ -118,18 +121,43 @@ def _warnings(report: dict) -> list[str]:
         out.append(f"{s['unreadable']} file(s) are not usable images and are skipped (listed in the report)")
     if "shortcuts" in report:
         out += shortcuts.shortcut_warning(report["shortcuts"]) + shortcuts.confound_warnings(report["shortcuts"])
+    ml = report.get("multilabel")
+    if ml and ml["rare"]:
+        shown = ", ".join(f"{c} ({n})" for c, n in sorted(ml["rare"].items(), key=lambda kv: kv[1])[:MAX_LISTED])
+        out.append(f"RARE LABELS: {len(ml['rare'])} label(s) have fewer than {ml['rare_below']} train images, too few "
+                   f"to learn or to score: {shown}; add images carrying them, or drop those labels")
+    if ml and ml["splits"]["train"]["no_label"]:
+        out.append(f"{ml['splits']['train']['no_label']} train image(s) carry no label (negatives for every label)")
     return out
 
 
 def trust_checks(data: DatasetSplits, checks, seed: int) -> dict:
-    """The near-duplicate and shortcut parts of the report; `checks`: the `audit` config group."""
+    """The near-duplicate and shortcut parts of the report; `checks`: the `audit` config group. The shortcut
+    checks compare classes, so multi-label data skips them (`shortcuts_skipped` says so)."""
     names, used = list(_splits(data)), [(p, y) for s in _splits(data).values() for p, y in zip(s.paths, s.labels)]
     pairs = near_duplicates.find_near_duplicates(data, checks.near_duplicate_distance)
-    found = shortcuts.find_shortcuts([data.files[p] for p, _ in used], [y for _, y in used], data.classes,
-                                     threshold=checks.shortcut_threshold, folds=checks.folds, seed=seed,
-                                     pair_separation=checks.pair_separation, pair_min_images=checks.pair_min_images)
-    return {"near_duplicates": {"max_distance": checks.near_duplicate_distance, "splits": names, "pairs": pairs},
-            "shortcuts": found}
+    found = {"near_duplicates": {"max_distance": checks.near_duplicate_distance, "splits": names, "pairs": pairs}}
+    if data.multilabel:
+        return {**found, "shortcuts_skipped": "multi-label data: the storage-shortcut checks compare single classes"}
+    return {**found, "shortcuts": shortcuts.find_shortcuts(
+        [data.files[p] for p, _ in used], [y for _, y in used], data.classes, threshold=checks.shortcut_threshold,
+        folds=checks.folds, seed=seed, pair_separation=checks.pair_separation,
+        pair_min_images=checks.pair_min_images)}
+
+
+def label_stats(data: DatasetSplits, rare_below: int) -> dict:
+    """Multi-label data: images with no label and labels per image in each split, the labels with fewer than
+    `rare_below` train images (too rare to learn and to score), and the train co-occurrence counts
+    (`co_occurrence[i][j]`: train images with labels i and j; the diagonal: with label i)."""
+    train = data.train
+    hot = np.zeros((len(train), len(data.classes)), dtype=np.int64)
+    for row, label in enumerate(train.labels):
+        hot[row, list(label)] = 1
+    per_split = {name: {"no_label": sum(not y for y in s.labels),
+                        "labels_per_image": _spread([len(y) for y in s.labels])} for name, s in _splits(data).items()}
+    counts = train.counts()
+    return {"splits": per_split, "rare_below": rare_below,
+            "rare": {c: n for c, n in counts.items() if n < rare_below}, "co_occurrence": (hot.T @ hot).tolist()}
 
 
 def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | Path] = None,
@@ -152,6 +180,8 @@ def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | P
               "unreadable": data.skipped, "extension_mismatch": mismatch, "odd_modes": odd, "few_colors": few,
               "stray_files": stray_files(root, data.kind), "duplicates": dups,
               "dedup": {"mode": "none", "dropped": []}, **(trust_checks(data, checks, seed) if checks else {})}
+    if data.multilabel:
+        report["multilabel"] = label_stats(data, checks.rare_label_images if checks else RARE_LABEL_IMAGES)
     report["summary"] = {
         "images": len(used), "unreadable": len(data.skipped), "extension_mismatch": len(mismatch),
         "odd_modes": len(odd), "few_colors": len(few), "stray_files": len(report["stray_files"]),
@@ -162,10 +192,15 @@ def audit_dataset(data: DatasetSplits, *, name: str = "", root: Optional[str | P
     if checks:
         pairs = report["near_duplicates"]["pairs"]
         report["summary"].update(near_duplicate_pairs=len(pairs),
-                                 eval_files_near_leaked=len(near_duplicates.near_leaked_eval_files(pairs)),
-                                 shortcut_skill=report["shortcuts"]["classifier"].get("skill"),
+                                 eval_files_near_leaked=len(near_duplicates.near_leaked_eval_files(pairs)))
+    if "shortcuts" in report:
+        report["summary"].update(shortcut_skill=report["shortcuts"]["classifier"].get("skill"),
                                  shortcut_flagged=report["shortcuts"]["flagged"],
                                  confound_pairs=report["shortcuts"]["pairs"]["class_pairs"])
+    if data.multilabel:
+        ml = report["multilabel"]
+        report["summary"].update(rare_labels=len(ml["rare"]), train_images_without_label=ml["splits"]["train"][
+            "no_label"])
     report["warnings"] = _warnings(report)
     return report
 
@@ -192,8 +227,7 @@ def drop_eval_duplicates(data: DatasetSplits, report: dict, mode: str = "drop_fr
     def keep(split: Optional[Split]) -> Optional[Split]:
         if split is None:
             return None
-        idx = [i for i, p in enumerate(split.paths) if p not in leaked]
-        return Split([split.paths[i] for i in idx], [split.labels[i] for i in idx], split.classes)
+        return split.take([i for i, p in enumerate(split.paths) if p not in leaked])
 
     report["dedup"] = {"mode": mode, "dropped": sorted(leaked)}
     report["warnings"] = _warnings(report)

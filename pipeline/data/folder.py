@@ -32,21 +32,29 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class Split:
-    """Samples of one split: image paths, integer labels and the class names they index."""
+    """Samples of one split: image paths, labels and the class names they index. A label is an int (one class per
+    image), or for multi-label data (`multilabel`) a tuple of class indices, possibly empty."""
     paths: list[str]
-    labels: list[int]
+    labels: list
     classes: list[str]
+    multilabel: bool = False
 
     def counts(self) -> dict[str, int]:
-        c = Counter(self.labels)
+        """Images per class (multi-label: images carrying the label)."""
+        c = Counter(i for y in self.labels for i in y) if self.multilabel else Counter(self.labels)
         return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def label_names(self, label) -> list[str]:
+        """The class names of one sample's label."""
+        return [self.classes[i] for i in label] if self.multilabel else [self.classes[label]]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def take(self, indices) -> "Split":
         """The split of the samples at `indices`, in that order."""
-        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes)
+        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes,
+                     self.multilabel)
 
 
 @dataclass
@@ -62,13 +70,19 @@ class DatasetSplits:
     test_source: str = ""  # as val_source; "" without a test split
     kind: str = "train_folder"  # listing.Listing.kind: train_folder | class_folders | manifest
     leaked: dict[str, Split] = field(default_factory=dict)  # val/test copies of earlier files (data/leaks.py)
+    label_delim: str = "|"  # joins a multi-label sample's class names in split.csv
+
+    @property
+    def multilabel(self) -> bool:
+        return self.train.multilabel
 
     def rows(self) -> Iterator[tuple[str, str, str]]:
-        """(path, class name, split) of every image used: the rows of the run's split.csv."""
+        """(path, class name(s), split) of every image used: the rows of the run's split.csv."""
         for name in SPLITS:
             for split in (getattr(self, name), self.leaked.get(name)):
                 if split is not None:
-                    yield from ((p, self.classes[y], name) for p, y in zip(split.paths, split.labels))
+                    yield from ((p, self.label_delim.join(split.label_names(y)), name)
+                                for p, y in zip(split.paths, split.labels))
 
 
 def _too_few(listing: Listing, held: dict[str, int], n: int, fractions: dict[str, float], names: dict) -> str:
@@ -95,6 +109,8 @@ class SplitLayout:
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     manifest: Optional[str] = None
+    label_delim: str = "|"  # a manifest's multi-label cells (data/manifest.py)
+    task: str = "auto"  # auto | single | multilabel
 
     @classmethod
     def from_group(cls, dataset) -> "SplitLayout":
@@ -103,17 +119,18 @@ class SplitLayout:
 
     def listing(self, root: str | Path) -> Listing:
         return list_source(root, train_split=self.train_split, val_split=self.val_split,
-                           test_split=self.test_split, manifest=self.manifest)
+                           test_split=self.test_split, manifest=self.manifest, label_delim=self.label_delim,
+                           task=self.task)
 
 
 def check_layout(root: Path, layout: SplitLayout, *, min_per_class: int) -> None:
     """Before probing: every class has >= min_per_class image files, and the splits to draw leave some in train."""
     listing = layout.listing(root)
     classes = listing.classes
-    if len(classes) < 2:
+    if len(classes) < (1 if listing.multilabel else 2):
         return  # load_imagefolder reports it with the expected layout
     paths, labels = listing.splits["train"]
-    counts = Counter(labels)
+    counts = Counter(i for y in labels for i in y) if listing.multilabel else Counter(labels)
     need = max(1, min_per_class)
     small = {c: counts.get(i, 0) for i, c in enumerate(classes) if counts.get(i, 0) < need}
     if small:
@@ -165,13 +182,13 @@ def check_decodable(paths: list[str], max_pixels: int, workers: int = 8) -> dict
     return {p: r["error"] for p, r in check_decodable_files(paths, max_pixels, workers).items() if "error" in r}
 
 
-def check_decodable_split(paths: list[str], labels: list[int], classes: list[str], max_pixels: int,
-                          workers: int) -> tuple[Split, list[dict], dict[str, dict]]:
+def check_decodable_split(paths: list[str], labels: list, classes: list[str], max_pixels: int,
+                          workers: int, multilabel: bool = False) -> tuple[Split, list[dict], dict[str, dict]]:
     """Probe one split's files and drop those that are not usable images (returned as skipped)."""
     records = check_decodable_files(paths, max_pixels, workers)
     skipped = [{"path": p, "reason": r["error"]} for p, r in records.items() if "error" in r]
     keep = [i for i, p in enumerate(paths) if "error" not in records[p]]
-    return Split([paths[i] for i in keep], [labels[i] for i in keep], classes), skipped, records
+    return Split(paths, labels, classes, multilabel).take(keep), skipped, records
 
 
 def stratified_split(split: Split, val_fraction: float, seed: int, groups: Optional[list] = None,
@@ -185,6 +202,8 @@ def stratified_split(split: Split, val_fraction: float, seed: int, groups: Optio
     first: dict = {}
     rep_of = [first.setdefault(g, i) for i, g in enumerate(groups)] if groups else list(range(len(split)))
     reps = np.array(sorted(set(rep_of)))
+    if split.multilabel:
+        return multilabel_split(split, val_fraction, seed, rep_of, reps, name)
     counts = Counter(split.labels[i] for i in reps)
     singles = sorted(c for c, n in counts.items() if n < 2)
     if singles:
@@ -203,18 +222,43 @@ def stratified_split(split: Split, val_fraction: float, seed: int, groups: Optio
             split.take([i for i in range(len(split)) if rep_of[i] in held]))
 
 
+def multilabel_split(split: Split, fraction: float, seed: int, rep_of: list[int], reps: np.ndarray,
+                     name: str) -> tuple[Split, Split]:
+    """`stratified_split` for multi-label data: iterative stratification (Sechidis et al. 2011, the
+    iterative-stratification package) over the distinct files `reps`, so that each label's share on both sides
+    follows `fraction` as closely as the counts allow and rare labels reach both sides."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    n_held = max(1, int(round(fraction * len(reps))))
+    if len(reps) - n_held < 1:
+        raise ConfigError(f"Cannot split {n_held} {name} images off {len(reps)} distinct train images: add a {name} "
+                          "split column or more train rows")
+    targets = np.zeros((len(reps), len(split.classes)), dtype=np.int64)
+    for row, i in enumerate(reps):
+        targets[row, list(split.labels[i])] = 1
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_held, random_state=seed)
+    _, held_rows = next(splitter.split(np.zeros((len(reps), 1)), targets))
+    held = set(reps[held_rows].tolist())
+    single = [split.classes[c] for c in np.flatnonzero(targets.sum(0) == 1)]
+    if single:
+        _logger.warning("Label(s) on a single train image: only one side of the %s split has them: %s", name, single)
+    return (split.take([i for i in range(len(split)) if rep_of[i] not in held]),
+            split.take([i for i in range(len(split)) if rep_of[i] in held]))
+
+
 def load_imagefolder(root: str | Path, layout: SplitLayout = SplitLayout(), *, seed: int = 42,
                      max_pixels: int = DEFAULT_MAX_PIXELS, min_per_class: int = 1, workers: int = 8) -> DatasetSplits:
     """Read a dataset (`list_source`: train/ tree, class folders or manifest), drop files that are not usable
     images, and draw the val (and, with test_fraction > 0, test) split the data does not give, stratified."""
     listing = layout.listing(root)
     classes = listing.classes
-    if len(classes) < 2:
+    if len(classes) < 2 and not listing.multilabel:  # multi-label: one label is a yes/no classifier
         raise ConfigError(f"{listing.where} has {len(classes)} class(es); a classifier needs at least 2 "
                           f"(layout: {layout_text(listing)})")
     skipped, files, loaded = list(listing.skipped), {}, {}
     for name, (paths, labels) in listing.splits.items():
-        loaded[name], more, records = check_decodable_split(paths, labels, classes, max_pixels, workers)
+        loaded[name], more, records = check_decodable_split(paths, labels, classes, max_pixels, workers,
+                                                            listing.multilabel)
         skipped += more
         files.update(records)
     too_small = {c: n for c, n in loaded["train"].counts().items() if n < max(1, min_per_class)}
@@ -228,11 +272,12 @@ def load_imagefolder(root: str | Path, layout: SplitLayout = SplitLayout(), *, s
     for name, share in split_plan(set(loaded), layout.val_fraction, layout.test_fraction):
         hashes = [files[p].get("sha1") or p for p in loaded["train"].paths]  # identical files stay on one side
         loaded["train"], loaded[name] = stratified_split(loaded["train"], share, seed, groups=hashes, name=name)
-        sources[name] = f"stratified {layout.val_fraction if name == 'val' else layout.test_fraction:.0%} of {pool}"
+        how = "iteratively stratified" if listing.multilabel else "stratified"
+        sources[name] = f"{how} {layout.val_fraction if name == 'val' else layout.test_fraction:.0%} of {pool}"
     if skipped:
         _logger.warning("Skipped %d file(s) that are not readable images (listed in the run report)", len(skipped))
     return DatasetSplits(classes, loaded["train"], loaded["val"], loaded.get("test"), sources["val"], skipped, files,
-                         layout_text(listing), sources.get("test", ""), listing.kind)
+                         layout_text(listing), sources.get("test", ""), listing.kind, label_delim=layout.label_delim)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -24,12 +24,14 @@ SPLITS = ("train", "val", "test")  # the logical splits; dataset.*_split name th
 
 @dataclass
 class Listing:
-    """A dataset by name only, before any file is read."""
+    """A dataset by name only, before any file is read. Multi-label data (a manifest's `task`) labels each file
+    with a tuple of class indices (possibly empty) instead of one index."""
     classes: list[str]
-    splits: dict[str, tuple[list[str], list[int]]]  # "train", and "val"/"test" where the data gives them
+    splits: dict[str, tuple[list[str], list]]  # "train", and "val"/"test" where the data gives them
     skipped: list[dict]  # hidden files, files in hidden folders, unsupported extensions
     kind: str  # "train_folder" | "class_folders" | "manifest"
     where: str  # the dataset root or the manifest file
+    multilabel: bool = False
 
 
 def skip_reason(rel: Path) -> Optional[str]:
@@ -125,38 +127,43 @@ def _list_folders(root: Path, train_split: str, val_split: str, test_split: str)
     return Listing(classes, {"train": (paths, labels)}, skipped, "class_folders", str(root))
 
 
-def _list_manifest(value: str) -> Listing:
-    """The rows of a CSV manifest; the classes are the labels of its train rows (every row without a split column)."""
-    rows = manifest_csv.read_manifest(value)
+def _list_manifest(value: str, label_delim: str, task: str) -> Listing:
+    """The rows of a CSV manifest; the classes are the labels of its train rows (every row without a split column).
+    Multi-label rows keep the labels among those classes (a val/test label not in train is dropped, warned)."""
+    rows, task = manifest_csv.read_manifest(value, delim=label_delim, task=task)
     where = str(manifest_csv.manifest_file(value))
-    check_distinct([(r.label, f"'{r.label}' (line {r.line})") for r in rows], f"dataset.manifest {where}: labels",
-                   "use one spelling of the label in every row")
-    classes = sorted({r.label for r in rows if r.split in (None, "train")})
+    check_distinct([(label, f"'{label}' (line {r.line})") for r in rows for label in r.labels],
+                   f"dataset.manifest {where}: labels", "use one spelling of the label in every row")
+    classes = sorted({label for r in rows if r.split in (None, "train") for label in r.labels})
     if not classes:
         raise ConfigError(f"dataset.manifest {where} has no train rows: mark rows split=train, or drop the split "
                           "column to get a stratified split")
-    extra = sorted({r.label for r in rows} - set(classes))
+    extra = sorted({label for r in rows for label in r.labels} - set(classes))
     if extra:
         _logger.warning("dataset.manifest %s: labels of val/test rows not in train (ignored): %s", where, extra)
-    index, splits, skipped = {c: i for i, c in enumerate(classes)}, {}, []
+    index, splits, skipped, multilabel = {c: i for i, c in enumerate(classes)}, {}, [], task == "multilabel"
     for r in rows:
         written = Path(r.written)
         reason = skip_reason(Path(written.name) if written.is_absolute() else written)
         if reason:
             skipped.append({"path": r.path, "reason": reason})
-        elif r.label in index:
+        elif multilabel or r.label in index:
             paths, labels = splits.setdefault(r.split or "train", ([], []))
             paths.append(r.path)
-            labels.append(index[r.label])
+            labels.append(tuple(index[x] for x in r.labels if x in index) if multilabel else index[r.label])
     splits.setdefault("train", ([], []))
-    return Listing(classes, {k: splits[k] for k in SPLITS if k in splits}, skipped, "manifest", where)
+    return Listing(classes, {k: splits[k] for k in SPLITS if k in splits}, skipped, "manifest", where, multilabel)
 
 
 def list_source(root: str | Path, *, train_split: str = "train", val_split: str = "val", test_split: str = "test",
-                manifest: Optional[str] = None) -> Listing:
-    """The dataset's files and labels by name: `dataset.manifest` when set, else the folder tree at `root`."""
+                manifest: Optional[str] = None, label_delim: str = "|", task: str = "auto") -> Listing:
+    """The dataset's files and labels by name: `dataset.manifest` when set, else the folder tree at `root` (folder
+    layouts are single-label: `dataset.task=multilabel` needs a manifest)."""
     if manifest:
-        return _list_manifest(manifest)
+        return _list_manifest(manifest, label_delim, task)
+    if task == "multilabel":
+        raise ConfigError(f"dataset.task=multilabel needs a CSV manifest (dataset.manifest=<csv> with a labels "
+                          f"column, e.g. cat|dog); the folder layout at {root} gives one class per image")
     return _list_folders(Path(root), train_split, val_split, test_split)
 
 

@@ -43,7 +43,8 @@ def _members(data: DatasetSplits, name: str) -> list[dict]:
     split = getattr(data, name)
     if split is None:
         return []
-    return [{"split": name, "class": split.classes[y], "path": p} for p, y in zip(split.paths, split.labels)
+    return [{"split": name, "class": "|".join(split.label_names(y)), "path": p}
+            for p, y in zip(split.paths, split.labels)
             if data.files.get(p, {}).get("phash")]
 
 

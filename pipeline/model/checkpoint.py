@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import MissingFileError, ModelFileError
-from pipeline.model import meta_check
+from pipeline.model import ensemble, meta_check
 from pipeline.model.multidepth import create_classifier
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_atomic, write_json
@@ -31,6 +31,7 @@ _logger = logging.getLogger(__name__)
 
 LAST = "last.pt"
 REQUIRED_KEYS = ("arch", "num_classes", "class_names", "preprocessing")
+ARCH_KEYS = ("feature_levels", ensemble.KEY)  # the optional keys `create_model` reads: an export copies them
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")  # timm / Lightning / torchvision checkpoint wrappers
 
@@ -148,7 +149,7 @@ def build_model(meta: dict, state_dict: dict[str, torch.Tensor], source: str | P
     arch, n = meta["arch"], meta["num_classes"]
     if not timm.is_model(arch):
         raise ModelFileError(f"arch '{arch}' in the model JSON is not a model of the installed timm {timm.__version__}")
-    model = create_classifier(arch, n, meta.get("feature_levels"))  # feature_levels: multi-depth linear probe
+    model = create_model(meta)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -166,6 +167,18 @@ def build_model(meta: dict, state_dict: dict[str, torch.Tensor], source: str | P
                              + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+def create_model(meta: dict) -> torch.nn.Module:
+    """The untrained module a checkpoint's JSON describes: a timm classifier (feature_levels: the multi-depth
+    linear probe), or an EnsembleClassifier of such members (`ensemble`)."""
+    arch, n = meta["arch"], meta["num_classes"]
+    spec = meta.get(ensemble.KEY)
+    if not spec:
+        return create_classifier(arch, n, meta.get("feature_levels"))
+    members = spec["members"]
+    return ensemble.EnsembleClassifier([create_classifier(arch, n, m.get("feature_levels")) for m in members],
+                                       [m["temperature"] for m in members])
 
 
 def load_checkpoint(run_dir: str | Path, name: str = "best", *, local: bool = False) -> tuple[torch.nn.Module, dict]:

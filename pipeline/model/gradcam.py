@@ -5,7 +5,8 @@ the output of its last conv stage, the map its classifier pools (`feature_map` r
 network as a function of it, so the choice can be checked). Grad-CAM weighs each channel by the spatial mean of
 the class score's gradient, keeps relu(sum_c w_c A_c), upsamples it bilinearly to the input and scales each map
 to a peak of 1. A multi-depth probe (model/multidepth.py) is explained on the deepest level it pools; the TTA and
-temperature wrapper (model/calibrated.py) is looked through, so the map explains the identity view. Hand-written
+temperature wrapper (model/calibrated.py) is looked through, so the map explains the identity view; an ensemble
+(model/ensemble.py) is explained by the mean of its members' maps, each of the member's own class score. Hand-written
 rather than the `grad-cam` package, because importing that package loads scikit-learn, scipy and
 matplotlib.pyplot, which `pipeline.load` and predict keep out, and it needs a hooked module as its target where
 timm already splits `forward_features` from `forward_head`.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.model.calibrated import CalibratedClassifier
+from pipeline.model.ensemble import member_models
 from pipeline.model.multidepth import HEAD, MultiDepthClassifier
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # the target feature map -> logits
@@ -62,6 +64,9 @@ def feature_map(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Ten
 
 def grad_cam(model: torch.nn.Module, images: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     """Grad-CAM of class `classes[i]` for image i: (N, H, W) on CPU in [0, 1], at the input's resolution."""
+    members = member_models(explained(model))
+    if len(members) > 1:
+        return _peak_one(torch.stack([grad_cam(member, images, classes) for member in members]).mean(dim=0))
     device = next(explained(model).parameters()).device
     with torch.inference_mode(False):  # callers may be in inference mode; autograd needs normal tensors
         with torch.no_grad():  # the backbone runs once, without a graph
@@ -72,7 +77,11 @@ def grad_cam(model: torch.nn.Module, images: torch.Tensor, classes: Sequence[int
             (grad,) = torch.autograd.grad(score, fmap)
         cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * fmap.detach()).sum(dim=1, keepdim=True))
         cam = F.interpolate(cam, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
-        return (cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).cpu()
+        return _peak_one(cam).cpu()
+
+
+def _peak_one(cam: torch.Tensor) -> torch.Tensor:
+    return cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
 
 
 def model_view(images: torch.Tensor, preprocessing: dict) -> np.ndarray:

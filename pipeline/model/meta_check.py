@@ -4,7 +4,8 @@
 one-line `ModelFileError`. `check_meta` checks the type and range of every field that inference uses: arch,
 num_classes (<= `MAX_CLASSES`), class_names, preprocessing (input_size: 3 positive ints, channels 1 or 3, H and W
 <= `MAX_SIDE`; mean/std: 3 finite numbers, std > 0; interpolation and crop_mode among the known names; crop_pct
-with the eval resize floor(size / crop_pct) <= `MAX_RESIZE`), feature_levels, tta and temperature, and that
+with the eval resize floor(size / crop_pct) <= `MAX_RESIZE`), feature_levels, tta, temperature and ensemble (2 to
+`ensemble.MAX_MEMBERS` members, each with a positive temperature and its own feature_levels), and that
 every file name the JSON holds (`files` keys, `onnx.file`, `torchscript.file`) is a plain name (no dir part, no
 `..`, not absolute). Where those names resolve to (symlinks) is checked by the loader, which knows the dir.
 The bounds: timm's pretrained configs go up to 1024 px and crop_pct 1.15.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelFileError
+from pipeline.model import ensemble
 from pipeline.model.calibrated import VIEWS
 from pipeline.model.multidepth import HEAD
 
@@ -94,10 +96,29 @@ def check_model_fields(meta: dict, source: str) -> None:
     bad = next((x for x in names if not isinstance(x, str) or len(x) > 1000), None)
     if bad is not None:
         raise invalid(source, "class_names", bad, "every class name a string")
-    levels = meta.get("feature_levels")
+    check_levels(meta.get("feature_levels"), source, "feature_levels")
+    check_ensemble(meta.get(ensemble.KEY), source)
+
+
+def check_levels(levels: Any, source: str, field: str) -> None:
     if levels is not None and (not isinstance(levels, list) or len(levels) > MAX_LEVELS or not all(
             v == HEAD or (_is_int(v) and 0 <= v < MAX_LEVELS) for v in levels)):
-        raise invalid(source, "feature_levels", levels, f"a list of feature level numbers and/or '{HEAD}'")
+        raise invalid(source, field, levels, f"a list of feature level numbers and/or '{HEAD}'")
+
+
+def check_ensemble(spec: Any, source: str) -> None:
+    """`ensemble` (model/ensemble.py): absent, or {"members": [{"temperature": T, "feature_levels": ...}, ...]}."""
+    if spec is None:
+        return
+    members = spec.get("members") if isinstance(spec, dict) else None
+    if not isinstance(members, list) or not 2 <= len(members) <= ensemble.MAX_MEMBERS \
+            or not all(isinstance(m, dict) for m in members):
+        raise invalid(source, "ensemble.members", members, f"a list of 2 to {ensemble.MAX_MEMBERS} objects")
+    for i, member in enumerate(members):
+        t = member.get("temperature")
+        if not _is_number(t) or t <= 0:
+            raise invalid(source, f"ensemble.members[{i}].temperature", t, "a positive finite number")
+        check_levels(member.get("feature_levels"), source, f"ensemble.members[{i}].feature_levels")
 
 
 def check_preprocessing(p: Any, source: str) -> None:
@@ -145,7 +166,8 @@ def plain_name(name: Any) -> bool:
 
 
 def check_file_names(meta: dict, source: str) -> None:
-    """`files` (name -> {sha256, bytes}), `onnx.file` and `torchscript.file`: plain names inside the dir."""
+    """`files` (name -> {sha256, bytes}), `onnx.file`, `torchscript.file` and `int8.file`: plain names inside the
+    dir."""
     files = meta.get("files")
     if files is not None and not isinstance(files, dict):
         raise invalid(source, "files", files, "an object: file name -> {sha256, bytes}")
@@ -158,7 +180,7 @@ def check_file_names(meta: dict, source: str) -> None:
             raise invalid(source, f"files.{name}.sha256", entry["sha256"], "64 lowercase hex digits")
         if "bytes" in entry and not (_is_int(entry["bytes"]) and entry["bytes"] >= 0):
             raise invalid(source, f"files.{name}.bytes", entry["bytes"], "a file size in bytes")
-    for fmt in ("onnx", "torchscript"):
+    for fmt in ("onnx", "torchscript", "int8"):
         section = meta.get(fmt)
         if section is not None and not isinstance(section, dict):
             raise invalid(source, fmt, section, "an object")

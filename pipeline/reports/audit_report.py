@@ -1,7 +1,8 @@
 """What a person reads of the data audit (docs/audit.md): its markdown section (audit.md, summary.md) and the
 thumbnail sheets written next to audit.json: `near_duplicates.png` (each pair side by side in one tile,
 captioned split/class | split/class) and `label_issues.png` (each candidate captioned given>suggested and
-the probability of the given label), laid out by reports/preview_grid.py `render_grid`.
+the probability of the given label), laid out by reports/preview_grid.py `render_grid`; for multi-label data the
+label co-occurrence matrix, `label_cooccurrence.png`.
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from pipeline.data import near_duplicates, shortcuts
 from pipeline.data.data_audit import MAX_LISTED
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.features.label_issues import label_issues_markdown
+from pipeline.reports import plots
 from pipeline.reports.preview_grid import render_grid
-from pipeline.runtime.files import write_image
+from pipeline.runtime.files import write_image, write_json
 
 PAIR_TILE = 224  # one pair per tile, each image in half of it; render_grid's captions hold tile // 6 characters
 ISSUE_TILE = 128
 GAP = 4  # px between the two images of a pair
+COOCCURRENCE_PNG = "label_cooccurrence.png"  # multi-label data
 
 
 def _example_lines(title: str, groups: list[dict]) -> list[str]:
@@ -63,8 +66,29 @@ def audit_markdown(report: dict) -> list[str]:
     lines += _example_lines("Within a split", d["within_split"])
     if "near_duplicates" in report:
         lines += near_duplicates.near_duplicate_markdown(report["near_duplicates"], MAX_LISTED)
+    if "shortcuts" in report:
         lines += shortcuts.shortcut_markdown(report["shortcuts"], MAX_LISTED)
+    elif report.get("shortcuts_skipped"):
+        lines += [f"- storage shortcuts: not checked ({report['shortcuts_skipped']})", ""]
+    if report.get("multilabel"):
+        lines += multilabel_markdown(report)
     return lines
+
+
+def multilabel_markdown(report: dict) -> list[str]:
+    """Multi-label data: images per label in each split, images with no label, labels per image, rare labels."""
+    ml, names = report["multilabel"], list(report["splits"])
+    lines = ["**Labels** (multi-label data: images carrying each label; co-occurrence in "
+             f"{COOCCURRENCE_PNG})", "", "| label | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label in report["classes"]:
+        rare = " (rare)" if label in ml["rare"] else ""
+        lines.append(f"| {label}{rare} | " + " | ".join(str(report["splits"][n]["per_class"][label])
+                                                        for n in names) + " |")
+    for n in names:
+        spread = ml["splits"][n]["labels_per_image"]
+        lines.append(f"- {n}: {ml['splits'][n]['no_label']} image(s) with no label; labels per image "
+                     f"{spread.get('min', 0)}/{spread.get('median', 0)}/{spread.get('max', 0)} (min/median/max)")
+    return lines + [""]
 
 
 def audit_section(report: dict) -> list[str]:
@@ -120,6 +144,12 @@ def label_issue_sheet(candidates: list[dict], max_pixels: int) -> Image.Image:
     return render_grid(tiles, [f"{c['given']}>{c['suggested']} {c['p_given']:.2f}" for c in candidates])
 
 
+def write_audit(out_dir: str | Path, report: dict, max_pixels: int) -> list[Path]:
+    """`audit.json` and, beside it, the sheets (`write_audit_sheets`); returns the sheets written."""
+    write_json(Path(out_dir) / "audit.json", report)
+    return write_audit_sheets(out_dir, report, max_pixels)
+
+
 def write_audit_sheets(out_dir: str | Path, report: dict, max_pixels: int) -> list[Path]:
     """near_duplicates.png and label_issues.png in `out_dir`, each when the report has something to show."""
     written = []
@@ -129,4 +159,7 @@ def write_audit_sheets(out_dir: str | Path, report: dict, max_pixels: int) -> li
     candidates = report.get("label_issues", {}).get("candidates")
     if candidates:
         written.append(write_image(Path(out_dir) / "label_issues.png", label_issue_sheet(candidates, max_pixels)))
+    if report.get("multilabel"):
+        written.append(plots.write_cooccurrence(Path(out_dir) / COOCCURRENCE_PNG,
+                                                np.asarray(report["multilabel"]["co_occurrence"]), report["classes"]))
     return written

@@ -28,6 +28,25 @@ def _save(fig: Figure, path: Path) -> Path:
     return write_figure(path, fig, dpi=110, bbox_inches="tight")
 
 
+def write_cooccurrence(path: Path, matrix: np.ndarray, class_names: Sequence[str]) -> Path:
+    """Multi-label data: train images carrying both labels of each pair (the diagonal: carrying the label)."""
+    k = len(class_names)
+    fig = Figure(figsize=(max(4.0, 0.45 * k + 2), max(3.5, 0.45 * k + 1.5)))
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set(xticks=range(k), yticks=range(k), title="train images with both labels (diagonal: with the label)")
+    ax.set_xticklabels(class_names, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center", fontsize=8)
+    ax.set_yticklabels(class_names, fontsize=8)
+    if k <= ANNOTATE_MAX_CLASSES:
+        peak = matrix.max() or 1
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] > peak / 2 else "black")
+    return _save(fig, path)
+
+
 def _matrix_panel(ax, matrix: np.ndarray, class_names: Sequence[str], title: str, fmt: str, vmax: float) -> None:
     k = len(class_names)
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax)

@@ -70,7 +70,7 @@ def render_grid(tiles: list[np.ndarray], captions: list[str]) -> Image.Image:
 def write_preview(samples: Split, transform, data_cfg: dict, out: str | Path, *, n: int = 16, seed: int = 0,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Augment `n` of the training `samples` once each and save the grid PNG at `out`."""
-    paths, labels, classes = samples.paths, samples.labels, samples.classes
+    paths, labels = samples.paths, samples.labels
     tiles, captions = [], []
     for i in pick_samples(paths, labels, n * 2, seed):  # spare picks replace unreadable files
         if len(tiles) == n:
@@ -81,7 +81,7 @@ def write_preview(samples: Split, transform, data_cfg: dict, out: str | Path, *,
             _logger.warning("preview: skipping %s", e)
             continue
         tiles.append(to_pixels(transform(image=image)["image"], data_cfg["mean"], data_cfg["std"]))
-        captions.append(classes[labels[i]])
+        captions.append("|".join(samples.label_names(labels[i])) or "(no label)")
     if not tiles:
         from pipeline.errors import PipelineError
         raise PipelineError("preview: no readable training image found; run `make audit` on this dataset")

@@ -31,7 +31,7 @@ from pipeline.model.checkpoint import build_model, read_meta, read_weights
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "onnx-int8")  # onnx-int8: the export's model_int8.onnx (ship/int8.py)
 ImageInput = str | Path | np.ndarray  # a path, or an HxWx3 uint8 RGB array
 
 
@@ -167,19 +167,26 @@ def load(path: str | Path, *, backend: str = "torch", weights: str | Path | None
     directory = json_path.parent
     check_listed_files(directory, meta)
     preprocess = build_preprocess(meta["preprocessing"])
-    if backend == "onnx":
-        onnx_path = directory / (meta.get("onnx") or {}).get("file", "model.onnx")
+    if backend == "onnx-int8":
+        q = meta.get("int8") or {}
+        if not q.get("file"):
+            raise MissingFileError(f"{directory} has no int8 model ({q.get('why') or 'exported without export.int8'})"
+                                   "; use backend=onnx, or re-export with export.int8=true")
+    if backend in ("onnx", "onnx-int8"):
+        field = "int8.file" if backend == "onnx-int8" else "onnx.file"
+        onnx_path = directory / (meta["int8"]["file"] if backend == "onnx-int8"
+                                 else (meta.get("onnx") or {}).get("file", "model.onnx"))
         if not onnx_path.is_file():
             raise MissingFileError(f"{onnx_path} not found: export with ONNX (make export RUN=<run> "
                                    "ARGS='--formats safetensors onnx') or use backend=torch")
-        onnx_path = inside_dir(directory, onnx_path.name, "onnx.file")
+        onnx_path = inside_dir(directory, onnx_path.name, field)
         verify_file(onnx_path, meta)
         model = OnnxModel(onnx_path, threads)
         check = model.session.get_outputs()[0].shape[-1]
         if isinstance(check, int) and check != meta["num_classes"]:
             raise ModelFileError(f"{onnx_path} outputs {check} classes but model.json says "
                                  f"num_classes={meta['num_classes']}")
-        return LoadedModel(model, preprocess, list(meta["class_names"]), meta, "onnx", "cpu")
+        return LoadedModel(model, preprocess, list(meta["class_names"]), meta, backend, "cpu")
     if weights is None:
         weights_path = inside_dir(directory, weights_path.name, "weights")
         verify_file(weights_path, meta)

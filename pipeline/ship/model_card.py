@@ -10,7 +10,9 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from pipeline.model import ensemble
 from pipeline.model.calibrated import META_KEYS
+from pipeline.model.checkpoint import ARCH_KEYS
 from pipeline.ship.loading import file_sha256
 
 _logger = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, 
     return {
         "format_version": FORMAT_VERSION,
         **{k: meta[k] for k in ("arch", "num_classes", "class_names", "preprocessing")},
-        **({"feature_levels": meta["feature_levels"]} if meta.get("feature_levels") else {}),
+        **{k: meta[k] for k in ARCH_KEYS if meta.get(k)},  # multi-depth probe, ensemble
         **{k: meta[k] for k in META_KEYS if k in meta},  # TTA views and temperature: pipeline.load applies them
         **({"calibration": run_metrics["calibration"]} if run_metrics.get("calibration") else {}),
         **{k: run_metrics[k] for k in ("leaks", "storage_invariance") if run_metrics.get(k)},
@@ -79,9 +81,11 @@ def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, 
         "training": training_facts(meta, run_dir, run_metrics),
         "dataset": {"name": dataset.get("name"), "root": dataset.get("root"), **facts},
         "source": {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint_name},
-        "export": {k: settings[k] for k in ("formats", "opset", "tolerance", "parity_images")},
+        "export": {k: settings[k] for k in ("formats", "opset", "tolerance", "parity_images", "int8",
+                                            "int8_max_drop") if k in settings},
         "parity": results["parity"],
         "onnx": results.get("onnx"), "torchscript": results.get("torchscript"),
+        **({"int8": results["int8"]} if results.get("int8") else {}),
         "files": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files.values()},
         "versions": package_versions(),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -117,6 +121,12 @@ def model_section(doc: dict) -> list[str]:
              + (f", {t['trainable_params']:,} trainable parameters" if t.get("trainable_params") else ""),
              f"- checkpoint: epoch {t.get('best_epoch')}" + (f" of {t['epochs_run']}" if t.get("epochs_run") else "")
              + (f", best val {t['monitor']}" if t.get("monitor") else "")]
+    members = (doc.get(ensemble.KEY) or {}).get("members")
+    if members:
+        lines.append(f"- an ensemble of {len(members)} models over the same backbone architecture ("
+                     + ", ".join(f"{m.get('role', 'member')} at temperature {m['temperature']:.3f}" for m in members)
+                     + "): the mean of their probabilities, chosen by a paired test on val; inference runs "
+                     f"{len(members)} backbones, {len(members)}x one model's cost")
     d = t.get("decision")
     if d:
         lines.append(f"- decision (strategy.mode=auto): `{d.get('mode')}`, freeze depth {d.get('freeze_depth')}"
@@ -185,6 +195,17 @@ def export_section(doc: dict) -> list[str]:
         f = doc["files"].get(names[fmt], {})
         lines.append(f"| {fmt} | `{names[fmt]}` | {f.get('bytes', 0) / 1e6:.1f} | {r['max_abs_diff']:.3g} "
                      f"| {r['top1_agreement']:.3f} | {', '.join(map(str, r['batch_sizes']))} |")
+    q = doc.get("int8")
+    if q and q.get("val"):
+        f = doc["files"].get(q.get("file") or "", {})
+        lines += ["", f"int8 ONNX (`export.int8`; {q['format']}, calibrated on {q['calibration_images']} train "
+                  f"images), against fp32 ONNX on {q['images']} val images: top-1 agreement {q['top1_agreement']:.3f}, "
+                  f"balanced accuracy {q['val']['fp32']['balanced_accuracy']:.4f} -> "
+                  f"{q['val']['int8']['balanced_accuracy']:.4f} ({-q['drop_points']:+.2f} points): "
+                  + (f"kept as `{q['file']}` ({f.get('bytes', 0) / 1e6:.1f} MB; `BACKEND=onnx-int8`)" if q["kept"]
+                     else f"not kept: {q['why']}")]
+    elif q:
+        lines += ["", f"int8 ONNX not written: {q['why']}"]
     if (doc.get("torchscript") or {}).get("skipped"):
         lines += ["", f"TorchScript not exported: {doc['torchscript']['skipped']}"]
     elif doc.get("torchscript"):
@@ -260,9 +281,10 @@ def render(doc: dict, figures: list[str]) -> str:
     lines += model_section(doc) + data_section(doc) + metrics_section(doc, figures) + export_section(doc)
     lines += ["## Intended use", "", f"Sorting images like those of the `{d.get('name')}` training set into one of "
               f"{doc['num_classes']} classes: {', '.join(doc['class_names'])}.", "", "```python",
-              "import pipeline", "m = pipeline.load('<this dir>')             # or backend='onnx'",
+              "import pipeline", "m = pipeline.load('<this dir>')             # or backend='onnx' / 'onnx-int8'",
               "print(m.predict(['image.jpg'], topk=3))    # [[(class, probability), ...]]", "```", "",
-              "Command line: `make predict RUN=<this dir> IMAGES=<file or folder> [BACKEND=onnx] [TOPK=3]`.", "",
+              "Command line: `make predict RUN=<this dir> IMAGES=<file or folder> [BACKEND=onnx|onnx-int8] [TOPK=3]`.",
+              "",
               "## Limitations", ""]
     lines += limitations(doc)
     lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]

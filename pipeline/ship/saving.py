@@ -7,7 +7,9 @@ config, package versions, sha256 of every model file, parity results), `model.on
 them, the ONNX and TorchScript files hold them (model/calibrated.py); model.safetensors keeps the plain
 model's weights. Every format is compared with the PyTorch checkpoint (with its TTA and temperature) on real
 preprocessed images from the run's dataset, at two batch sizes; a max abs logit diff above
-`export.tolerance` fails the export and leaves no export dir behind.
+`export.tolerance` fails the export and leaves no export dir behind. `export.int8` adds `model_int8.onnx`, a
+statically quantized copy of model.onnx kept only where it scores within `export.int8_max_drop` of it on val
+(ship/int8.py).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from pipeline.errors import ConfigError, MissingFileError, PipelineError
 from pipeline.model import calibrated, checkpoint
 from pipeline.runtime import owned
 from pipeline.runtime.files import staged_dir, write_json, write_text
-from pipeline.ship import loading, model_card
+from pipeline.ship import int8, loading, model_card
 from pipeline.ship.batch_predict import collect_images
 
 _logger = logging.getLogger(__name__)
@@ -44,15 +46,19 @@ class ExportError(PipelineError):
 def resolve_settings(run_config: dict, overrides: dict) -> dict:
     """Export settings: the run's `export` config group (conf/export/default.yaml when the run predates it),
     then `overrides` (export.* on the command line); checked against the schema before any work."""
-    base = run_config.get("export") or OmegaConf.to_container(OmegaConf.load(CONF_DIR / "export" / "default.yaml"))
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "export" / "default.yaml"))
+    base = {**defaults, **(run_config.get("export") or {})}  # a run older than a setting: its default
     settings = {**base, **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(settings) - {f.name for f in fields(ExportConfig)})
     if unknown:
         known = ", ".join(f"export.{f.name}" for f in fields(ExportConfig))
         raise ConfigError(f"export has no setting(s) {unknown}; it takes {known}")
     check_group("export", ExportConfig, settings)
+    if not isinstance(settings["int8"], bool):
+        raise ConfigError(f"export.int8={settings['int8']!r} is not true or false")
     formats = list(dict.fromkeys(["safetensors", *settings["formats"]]))  # the loader always needs safetensors
-    return {**settings, "formats": formats, "tolerance": float(settings["tolerance"])}
+    return {**settings, "formats": formats, "tolerance": float(settings["tolerance"]),
+            "int8_max_drop": float(settings["int8_max_drop"])}
 
 
 def dataset_splits(run_dir: Path, dataset: dict, seed: int):
@@ -79,15 +85,14 @@ def dataset_splits(run_dir: Path, dataset: dict, seed: int):
     return load_imagefolder(root, layout, **common)
 
 
-def parity_images(run_dir: Path, dataset: dict, seed: int, *, images: str | None, n: int) -> tuple[list[str], dict]:
-    """Up to `n` real images for the parity check (val split of the run's `dataset` settings and seed, classes
-    interleaved, or those under `images`) and dataset facts."""
+def parity_images(run_dir: Path, dataset: dict, splits, *, images: str | None, n: int) -> tuple[list[str], dict]:
+    """Up to `n` real images for the parity check (the val split of the run's `splits`, classes interleaved, or
+    those under `images`) and dataset facts."""
     if images:
         paths = collect_images([images])[0]
         if not paths:
             raise MissingFileError(f"No image files under images={images}")
         return paths[:n], {"parity_source": f"images={images}"}
-    splits = dataset_splits(run_dir, dataset, seed)
     by_class = [[p for p, y in zip(splits.val.paths, splits.val.labels) if y == c] for c in range(len(splits.classes))]
     interleaved = [p for row in zip_longest(*by_class) for p in row if p is not None]
     split_names = {"train": splits.train, "val": splits.val, **({"test": splits.test} if splits.test else {})}
@@ -193,6 +198,35 @@ def check_formats(model: torch.nn.Module, tmp: Path, paths: list[str], ref_x: to
     return results
 
 
+def run_splits(run_dir: Path, dataset: dict, seed: int, *, needed: bool, wanted: bool):
+    """The run's splits (`dataset_splits`) where the parity check `needed` them or the int8 check `wanted`
+    them (None where only wanted and the run's images are not here: the int8 check says so)."""
+    if not (needed or wanted):
+        return None
+    try:
+        return dataset_splits(run_dir, dataset, seed)
+    except MissingFileError:
+        if needed:
+            raise
+        return None
+
+
+def int8_model(tmp: Path, splits, preprocessing: dict, settings: dict, max_pixels: int, seed: int) -> dict:
+    """model.json `int8` (ship/int8.py): quantize model.onnx on the run's train images, check it on its val ones."""
+    if "onnx" not in settings["formats"]:
+        return {"kept": False, "why": "export.int8 quantizes model.onnx: add onnx to export.formats"}
+    if splits is None or not len(splits.val):
+        return {"kept": False, "why": "the run's labelled val images are not here to check the int8 model on "
+                                      "(run from the directory you trained in)"}
+    calibration, _ = reference_batch(int8.sample(splits.train.paths, settings["int8_calibration_images"], seed),
+                                     preprocessing, max_pixels)
+    label_of = dict(zip(splits.val.paths, splits.val.labels))
+    check_x, kept = reference_batch(int8.sample(splits.val.paths, settings["int8_check_images"], seed),
+                                    preprocessing, max_pixels)
+    return int8.export_int8(tmp, tmp / FILES["onnx"], calibration.numpy(), check_x.numpy(),
+                            np.array([label_of[p] for p in kept]), settings["int8_max_drop"])
+
+
 EXPORT_FIX = "out={out} would be replaced by the export: choose another out=... (a new or empty dir, or an earlier export)"
 
 
@@ -216,7 +250,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
     config = meta.get("config") or {}
     settings = resolve_settings(config, overrides)
     max_pixels = (config.get("dataset") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
-    paths, facts = parity_images(run_dir, config.get("dataset") or {}, config.get("seed"), images=images,
+    splits = run_splits(run_dir, config.get("dataset") or {}, config.get("seed"),
+                        needed=not images, wanted=settings["int8"] and "onnx" in settings["formats"])
+    paths, facts = parity_images(run_dir, config.get("dataset") or {}, splits, images=images,
                                  n=int(settings["parity_images"]))
     ref_x, paths = reference_batch(paths, meta["preprocessing"], max_pixels)
     out = check_out_dir(run_dir, out_dir)
@@ -224,11 +260,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
         weights = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
         save_file(weights, str(tmp / FILES["safetensors"]), metadata={"arch": meta["arch"]})
         os.chmod(tmp / FILES["safetensors"], 0o644)  # safetensors writes 0600; a shipped file is world-readable
-        base = {k: meta[k] for k in (*checkpoint.REQUIRED_KEYS, "feature_levels", *calibrated.META_KEYS) if k in meta}
+        rebuild = (*checkpoint.REQUIRED_KEYS, *checkpoint.ARCH_KEYS, *calibrated.META_KEYS)
+        base = {k: meta[k] for k in rebuild if k in meta}
         write_json(tmp / "model.json", base)
         results = check_formats(model, tmp, paths, ref_x, settings)
-        doc = model_card.model_json(meta, run_dir, checkpoint_name, settings, results, facts,
-                                    {f: tmp / name for f, name in FILES.items() if (tmp / name).is_file()})
+        if settings["int8"]:
+            results["int8"] = int8_model(tmp, splits, meta["preprocessing"], settings, max_pixels,
+                                         config.get("seed") or 0)
+        written = {f: tmp / name for f, name in {**FILES, "int8": int8.INT8_FILE}.items() if (tmp / name).is_file()}
+        doc = model_card.model_json(meta, run_dir, checkpoint_name, settings, results, facts, written)
         images_copied = model_card.copy_figures(run_dir, tmp)
         write_text(tmp / "MODEL_CARD.md", model_card.render(doc, images_copied))
         write_json(tmp / "model.json", doc)

@@ -23,8 +23,9 @@ def evaluate_best(result: FitResult, run_dir: Path, data: TrainingData, accel: A
     """(metrics with the best epoch's val and the best checkpoint's test, {split: (logits, labels)})."""
     best_epoch, splits, device = result.best_epoch, data.splits, accel.device
     metrics = {"run_dir": str(run_dir), "monitor": monitor, "best_epoch": best_epoch}
-    if best_epoch == 0 and (run_dir / "best.json").is_file():  # auto's probe (epoch 0) stayed best
-        metrics["val"] = checkpoint.read_checkpoint_meta(run_dir)["val_metrics"]
+    shipped = checkpoint.read_checkpoint_meta(run_dir) if (run_dir / "best.json").is_file() else {}
+    if best_epoch == 0 and shipped or shipped.get("weights_source") == "ensemble":  # auto kept its probe or ensemble
+        metrics["val"] = shipped["val_metrics"]
     else:
         chosen = "ema_val_" if (result.weight_averaging or {}).get("chosen") == "ema" else "val_"  # ema
         row = result.history[best_epoch - 1 if best_epoch else -1]

@@ -84,7 +84,9 @@ def paired_test(labels: np.ndarray, incumbent: np.ndarray, challenger: np.ndarra
                       float(np.percentile(d, 5)), float(np.percentile(d, 95)), float(np.mean(d <= 0)), draws)
 
 
-def mean_probabilities(labels: np.ndarray, *logits: np.ndarray) -> np.ndarray:
-    """Log of the mean of each model's probabilities at its own val-fitted temperature (ensemble logits)."""
-    probs = [np.exp(_log_softmax(np.asarray(x, np.float64) / fit_temperature(np.asarray(x), labels))) for x in logits]
-    return np.log(np.maximum(np.mean(probs, axis=0), 1e-12)).astype(np.float32)
+def mean_probabilities(labels: np.ndarray, *logits: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """(log of the mean of each model's probabilities at its own val-fitted temperature: the ensemble's logits, as
+    model/ensemble.py computes them; those temperatures)."""
+    temperatures = [fit_temperature(np.asarray(x), labels) for x in logits]
+    probs = [np.exp(_log_softmax(np.asarray(x, np.float64) / t)) for x, t in zip(logits, temperatures)]
+    return np.log(np.maximum(np.mean(probs, axis=0), 1e-12)).astype(np.float32), temperatures

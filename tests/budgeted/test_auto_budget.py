@@ -219,26 +219,6 @@ def test_plan_times_each_depth_on_the_real_model():
     assert all(p.requires_grad for p in model.get_classifier().parameters())  # the model itself is untouched
 
 
-def test_select_replaces_the_probe_only_on_a_significant_gain():
-    labels = np.array([0, 1, 2] * 100)
-
-    def logits(right: int, first: int = 0) -> np.ndarray:  # right on images first..first+right-1
-        out = np.zeros((300, 3))
-        pred = np.where((np.arange(300) >= first) & (np.arange(300) < first + right), labels, (labels + 1) % 3)
-        out[np.arange(300), pred] = 5.0
-        return out
-
-    probe = (logits(240), labels)
-    inside_noise = auto_budget.select(probe, (logits(246, first=20), labels),  # 26 gained, 20 lost
-                                      monitor="balanced_accuracy", alpha=0.05)
-    clear = auto_budget.select(probe, (logits(285), labels), monitor="balanced_accuracy", alpha=0.05)
-    assert inside_noise.kept == "probe" and inside_noise.finetune_vs_probe["difference"] > 0
-    assert clear.kept == "fine-tune" and "is better than the probe" in clear.why
-    assert clear.ensemble["shipped"] is False and set(clear.ensemble) >= {"challenger", "p_not_better"}
-    unpaired = auto_budget.select(probe, (logits(285)[:-1], labels[:-1]), monitor="balanced_accuracy", alpha=0.05)
-    assert unpaired.kept == "probe" and "different val images" in unpaired.why
-
-
 def test_a_run_killed_in_its_fine_tune_resumes_the_planned_fine_tune(tiny_folder, cfg_factory, monkeypatch,
                                                                      sigint_at_step):
     """SIGINT in the planned fine-tune: decision.json already holds the plan, so the resumed run trains the same

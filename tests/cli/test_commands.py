@@ -113,12 +113,13 @@ def test_make_export_takes_run_and_export_overrides(exported, tmp_path):
     """`make export RUN=r export.opset=18` (the case the old argparse CLI refused) exports with opset 18."""
     _, run, _ = exported
     cmd = make_command("export", f"RUN={run}", f"OUT={tmp_path / 'exp'}", "export.opset=18",
-                       "export.formats=[onnx]")
+                       "export.formats=[onnx]", "export.int8=false")
     assert "export.opset=18" in cmd and f"run={run}" in cmd
     proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "exp" / "model.json").read_text())
     assert doc["onnx"]["opset"] == 18 and sorted(doc["files"]) == ["model.onnx", "model.safetensors"]
+    assert "int8" not in doc  # export.int8=false from the command line: a YAML false, not the string
 
 
 def test_corrupt_best_json_is_a_one_line_error(exported, tmp_path, capsys):

@@ -8,9 +8,9 @@ import shutil
 
 from PIL import Image
 
+from conftest import HYMENOPTERA
 from pipeline.ship.saving import export_run
 from pipeline.train import train
-from tests.conftest import HYMENOPTERA
 
 EXACT, NEAR, TEST_COPIES = 3, 2, 2  # copies per class
 

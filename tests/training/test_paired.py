@@ -48,5 +48,6 @@ def test_the_observed_scores_are_the_plain_metric():
 
 def test_the_ensemble_averages_calibrated_probabilities():
     a, b = _logits(LABELS, np.arange(200) < 150), _logits(LABELS, np.arange(200) >= 50)
-    mixed = paired.mean_probabilities(LABELS, a, b)
+    mixed, temperatures = paired.mean_probabilities(LABELS, a, b)
+    assert len(temperatures) == 2 and all(t > 0 for t in temperatures)
     assert mixed.shape == a.shape and np.allclose(np.exp(mixed).sum(1), 1.0, atol=1e-5)
