@@ -44,7 +44,10 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray) -> None:
 
     prepared = out.with_name(out.stem + ".prepared.onnx")  # shapes inferred and graph optimized first, as advised
     try:
-        quant_pre_process(str(fp32), str(prepared))
+        try:
+            quant_pre_process(str(fp32), str(prepared))
+        except Exception:  # noqa: BLE001 - "Incomplete symbolic shape inference" (a fine-tuned digits model):
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # ONNX's own shape inference
         quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=list(QUANTIZED_OPS))
@@ -85,7 +88,13 @@ def export_int8(tmp: Path, fp32: Path, calibration: np.ndarray, check_x: np.ndar
     from pipeline.ship.loading import OnnxModel
 
     out = tmp / INT8_FILE
-    quantize(fp32, out, calibration)
+    try:
+        quantize(fp32, out, calibration)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: the fp32 export stands, the int8 file is not made
+        out.unlink(missing_ok=True)
+        why = f"quantization failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        _logger.warning("int8 ONNX not written: %s", why)
+        return {"kept": False, "why": why}
     sessions = [OnnxModel(path) for path in (fp32, out)]
     logits = [np.concatenate([session(torch.from_numpy(check_x[i:i + 32])).numpy()
                               for i in range(0, len(check_x), 32)]) for session in sessions]

@@ -37,9 +37,9 @@ def probe_run(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def int8_export(probe_run) -> Path:
-    """The probe exported with the default settings (export.int8=true, int8_max_drop 0.5)."""
+    """The probe exported with export.int8=true and the default int8_max_drop (0.5)."""
     _, run = probe_run
-    return export_run(run, run.parent / "export", formats=["safetensors", "onnx"])
+    return export_run(run, run.parent / "export", formats=["safetensors", "onnx"], int8=True)
 
 
 def test_the_int8_file_is_a_quantized_graph_recorded_in_model_json(int8_export):
@@ -82,7 +82,7 @@ def test_an_int8_model_that_drops_too_much_is_not_kept(probe_run, tmp_path, monk
         ruined.unlink()
 
     monkeypatch.setattr(int8, "quantize", ruin)
-    out = export_run(run, tmp_path / "export", formats=["safetensors", "onnx"])
+    out = export_run(run, tmp_path / "export", formats=["safetensors", "onnx"], int8=True)
     q = json.loads((out / "model.json").read_text())["int8"]
     assert not q["kept"] and q["drop_points"] > 0.5 and "export.int8_max_drop=0.5" in q["why"]
     assert not (out / int8.INT8_FILE).exists() and int8.INT8_FILE not in json.loads(
@@ -96,7 +96,7 @@ def test_int8_off_or_without_onnx_writes_no_int8_file(exported, tmp_path):
     _, run, _ = exported  # the shared tiny run: no int8 file is made here
     off = export_run(run, tmp_path / "off", int8=False)
     assert "int8" not in json.loads((off / "model.json").read_text()) and not (off / int8.INT8_FILE).exists()
-    no_onnx = export_run(run, tmp_path / "no_onnx", formats=["safetensors"])
+    no_onnx = export_run(run, tmp_path / "no_onnx", formats=["safetensors"], int8=True)
     assert "add onnx to export.formats" in json.loads((no_onnx / "model.json").read_text())["int8"]["why"]
     with pytest.raises(ConfigError, match="export.int8='maybe' is not true or false"):
         export_run(run, tmp_path / "bad", int8="maybe")
@@ -109,3 +109,16 @@ def test_the_verdict_is_the_balanced_accuracy_drop_against_the_limit():
     kept, dropped = int8.compare(right, right, labels, 0.5), int8.compare(right, one_wrong, labels, 0.5)
     assert kept["kept"] and kept["drop_points"] == 0 and kept["top1_agreement"] == 1.0
     assert not dropped["kept"] and dropped["drop_points"] == 50.0 and dropped["top1_agreement"] == 0.75
+
+
+def test_a_quantization_that_fails_leaves_the_fp32_export_and_says_why(probe_run, tmp_path, monkeypatch):
+    _, run = probe_run
+
+    def broken(fp32, out, calibration):
+        raise RuntimeError("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(int8, "quantize", broken)
+    out = export_run(run, tmp_path / "export", formats=["safetensors", "onnx"], int8=True)
+    q = json.loads((out / "model.json").read_text())["int8"]
+    assert not q["kept"] and "quantization failed (RuntimeError: Incomplete symbolic" in q["why"]
+    assert (out / "model.onnx").is_file() and not (out / int8.INT8_FILE).exists()
