@@ -102,14 +102,15 @@ def ship_ensemble(run_dir: Path, selection: Selection, score: Callable[[np.ndarr
     """`best` := the probe + fine-tune ensemble, its val metrics (`score(logits, labels)`) in its JSON; the
     fine-tune's best epoch is kept as `finetune` first, so a repeated selection builds the same ensemble."""
     run_dir = Path(run_dir)
-    best_meta = checkpoint.read_checkpoint_meta(run_dir, "best")
-    if best_meta.get("weights_source") != "ensemble":  # best is the fine-tune's best epoch
-        checkpoint.save_weights(run_dir, FINETUNE_NAME, checkpoint.read_weights(run_dir / "best.safetensors"),
-                                best_meta)
-    finetune_meta = checkpoint.read_checkpoint_meta(run_dir, FINETUNE_NAME)
+    finetune_meta = checkpoint.read_checkpoint_meta(run_dir, "best")
+    if finetune_meta.get("weights_source") != "ensemble":  # best is the fine-tune's best epoch
+        finetune = checkpoint.read_weights(run_dir / "best.safetensors")
+        checkpoint.save_weights(run_dir, FINETUNE_NAME, finetune, finetune_meta)
+    else:  # a repeated selection: the members are on disk already
+        finetune_meta = checkpoint.read_checkpoint_meta(run_dir, FINETUNE_NAME)
+        finetune = checkpoint.read_weights(run_dir / f"{FINETUNE_NAME}.safetensors", what="finetune checkpoint")
     probe_meta = checkpoint.read_checkpoint_meta(run_dir, PROBE_NAME)
-    members = [checkpoint.read_weights(run_dir / f"{name}.safetensors", what=f"{name} checkpoint")
-               for name in (PROBE_NAME, FINETUNE_NAME)]
+    members = [checkpoint.read_weights(run_dir / f"{PROBE_NAME}.safetensors", what="probe checkpoint"), finetune]
     val_metrics = score(*selection.ensemble_val)
     meta = {**finetune_meta, "weights_source": "ensemble", "val_metrics": val_metrics,
             ensemble.KEY: ensemble.spec(selection.temperatures, ("probe", "fine-tune"),

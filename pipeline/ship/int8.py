@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.training.metrics import classification_metrics
+
 _logger = logging.getLogger(__name__)
 
 INT8_FILE = "model_int8.onnx"
@@ -55,16 +57,12 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray) -> None:
         prepared.unlink(missing_ok=True)
 
 
-def balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
-    """Mean recall over the classes present in `labels`."""
-    return float(np.mean([np.mean(preds[labels == c] == c) for c in np.unique(labels)]))
-
-
 def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarray, max_drop: float) -> dict:
     """The int8 model against the fp32 one on the same labelled images: agreement, scores, drop, verdict."""
     fp32_pred, int8_pred = fp32_logits.argmax(1), int8_logits.argmax(1)
-    scores = {name: {"accuracy": float(np.mean(pred == labels)), "balanced_accuracy": balanced_accuracy(labels, pred)}
-              for name, pred in (("fp32", fp32_pred), ("int8", int8_pred))}
+    scores = {name: {k: metrics[k] for k in ("accuracy", "balanced_accuracy")}
+              for name, pred in (("fp32", fp32_pred), ("int8", int8_pred))
+              for metrics in [classification_metrics(labels, pred, fp32_logits.shape[1])]}
     drop = 100 * (scores["fp32"]["balanced_accuracy"] - scores["int8"]["balanced_accuracy"])
     kept = drop <= max_drop
     return {"images": len(labels), "top1_agreement": float(np.mean(fp32_pred == int8_pred)), "val": scores,
