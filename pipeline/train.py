@@ -103,6 +103,7 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
                        weight_tensor(imbalance), imbalance["prior_bias"].get("bias"), resumed=resumed, started=started,
                        final_images=images_after_loop(splits, invariance_check(cfg)))
     result = fit_strategy(cfg, strategy, cached_path, generator, inputs)
+    data.end_training()  # what follows reads in this process: forked workers would cost more than they save
     result.calibration, result.best_val = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
         cfg.trainer, run_dir, result.best_val, lambda: data.eval_loader(splits.val, device), device, accel)
     if result.features is not None:
@@ -113,7 +114,6 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
         metrics["storage_invariance"] = invariance.check_storage_invariance(
             shipped_model(run_dir, device, local=True), splits.val, splits.files, data.eval_tf, data.settings, accel,
             invariance_check(cfg))
-    data.close()  # the last loader is used: stop the persistent workers now, not at interpreter exit
     if (metrics.get("val_test_gap") or {}).get("shifted"):
         _logger.warning(summary.gap_line(metrics["val_test_gap"]))
     runtime_skips = folder.read_skip_log(data.skip_log) if main else []  # files that failed in a DataLoader worker
