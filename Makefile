@@ -25,7 +25,7 @@ MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC TORCHRUN_ARGS RUN IMAGES B
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
-.PHONY: help install train test lint clean-outputs chaos sweep hpo rank bench bench-recipes bench-budget report export predict
+.PHONY: help install train test lint clean-outputs chaos sweep hpo rank bench bench-recipes bench-budget bench-ood report export predict
 
 help: ## List the targets
 	@echo "Usage: make <target> [group=option ...] [key=value ...] [VAR=value: the command's own key, e.g. RUN=r is run=r]"
@@ -69,6 +69,9 @@ bench-recipes: $(STAMP) ## Recipe bench (~50 min on 2 cores): defaults vs each t
 
 bench-budget: $(STAMP) ## Time budgets on full-size data (~10 h on 2 cores; ARGS="--configs auto --budgets 2m 5m" ~1.5 h, ARGS=--smoke ~20 min): auto vs probe vs partial/finetune, 3 seeds
 	$(PY) bench/bench_budget.py $(ARGS)
+
+bench-ood: $(STAMP) ## Unknown-image scores (~15 min): kNN vs Mahalanobis vs energy vs softmax on far/near sets (docs/export.md)
+	$(PY) bench/bench_ood.py $(ARGS)
 
 chaos: $(STAMP) ## Fault injection (~10 min): kill -9, concurrent runs, resume races, full/read-only disk, bomb files
 	$(PY) bench/chaos.py $(ARGS)

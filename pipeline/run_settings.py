@@ -14,7 +14,7 @@ from pipeline.data.loaders import TrainingData
 from pipeline.features import cached_fit
 from pipeline.runtime.devices import Accel
 from pipeline.training import boundary as boundary_module
-from pipeline.training import budget, invariance
+from pipeline.training import budget, invariance, ood_fit
 from pipeline.training.fit import FitSettings
 
 
@@ -85,3 +85,8 @@ def fit_settings(cfg: DictConfig) -> FitSettings:
 def invariance_check(cfg: DictConfig) -> invariance.InvarianceCheck:
     """The storage-invariance check's settings (training/invariance.py)."""
     return invariance.InvarianceCheck(cfg.audit.invariance_images, cfg.trainer.monitor, cfg.seed)
+
+
+def ood_settings(cfg: DictConfig) -> ood_fit.OodSettings:
+    """The "unknown" rule's settings (training/ood_fit.py): trainer.ood, ood_keep, ood_fit_images."""
+    return ood_fit.OodSettings(cfg.trainer.ood, float(cfg.trainer.ood_keep), int(cfg.trainer.ood_fit_images), cfg.seed)

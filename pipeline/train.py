@@ -31,7 +31,7 @@ from pipeline.data.loaders import (
 )
 from pipeline.errors import ConfigError, PipelineError, exit_on_user_error
 from pipeline.features import cached_fit, label_issues, probe_init
-from pipeline.model import backbone
+from pipeline.model import backbone, ood
 from pipeline.reports import gallery, plots, summary
 from pipeline.reports.audit_report import write_audit
 from pipeline.run_settings import (
@@ -43,6 +43,7 @@ from pipeline.run_settings import (
     fit_settings,
     head_fit,
     invariance_check,
+    ood_settings,
 )
 from pipeline.runtime import distributed, run_lock
 from pipeline.runtime.devices import build_accel, select_device
@@ -50,7 +51,7 @@ from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import boundary as boundary_module
-from pipeline.training import budget, calibration, interrupts, invariance, mixing, resume, tracking
+from pipeline.training import budget, calibration, interrupts, invariance, mixing, ood_fit, resume, tracking
 from pipeline.training.final_eval import evaluate_best, images_after_loop, shipped_model
 from pipeline.training.fit import FitResult, FitRun, fit
 from pipeline.training.loss import build_losses, setup_imbalance, weight_tensor
@@ -101,7 +102,7 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
         data.skip_log = run_dir / RUNTIME_SKIP_LOG if main else None
     inputs = FitInputs(model, data, run_dir, checkpoint_meta(cfg, splits.classes, data.data_cfg), device, accel,
                        weight_tensor(imbalance), imbalance["prior_bias"].get("bias"), resumed=resumed, started=started,
-                       final_images=images_after_loop(splits, invariance_check(cfg)))
+                       final_images=images_after_loop(splits, invariance_check(cfg), ood_settings(cfg)))
     result = fit_strategy(cfg, strategy, cached_path, generator, inputs)
     data.end_training()  # what follows reads in this process: forked workers would cost more than they save
     result.calibration, result.best_val = calibration.calibrate_run(  # trainer.tta, trainer.calibrate
@@ -110,10 +111,12 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
         strategy.features = result.features
     metrics, evals = evaluate_best(result, run_dir, data, accel, monitor=cfg.trainer.monitor,
                                    progress=cfg.trainer.progress)
-    if main and cfg.audit.invariance_images:  # does the model read how files are stored? (val, rank 0)
+    shipped = shipped_model(run_dir, device, local=True) if main else None  # rank 0's checks of the shipped model
+    if main and cfg.audit.invariance_images:  # does the model read how files are stored? (val)
         metrics["storage_invariance"] = invariance.check_storage_invariance(
-            shipped_model(run_dir, device, local=True), splits.val, splits.files, data.eval_tf, data.settings, accel,
-            invariance_check(cfg))
+            shipped, splits.val, splits.files, data.eval_tf, data.settings, accel, invariance_check(cfg))
+    if main:  # the "unknown" answer (trainer.ood): fitted on train and val features, saved into best
+        metrics[ood.KEY] = ood_fit.fit_and_save(run_dir, shipped, data, accel, ood_settings(cfg))
     if (metrics.get("val_test_gap") or {}).get("shifted"):
         _logger.warning(summary.gap_line(metrics["val_test_gap"]))
     runtime_skips = folder.read_skip_log(data.skip_log) if main else []  # files that failed in a DataLoader worker

@@ -30,6 +30,7 @@ AUTO_AUGMENT = ("none", "trivial", "randaugment")
 HEAD_INITS = ("zero", "probe")
 BOUNDARY_CACHE = ("auto", "always", "never")  # trainer.boundary_cache (training/boundary.py)
 TTA_MODES = ("off", "auto", "flip")
+OOD_MODES = ("knn", "off")  # trainer.ood (training/ood_fit.py)
 LOSSES = ("ce", "focal")
 WEIGHT_MODES = ("none", "balanced", "effective")
 PRIOR_BIAS = ("auto", "true", "false")
@@ -199,6 +200,9 @@ class TrainerConfig:
     ema_decay: float = number(0, 1, low_open=True, high_open=True, example=0.999)
     tta: str = choice(TTA_MODES)
     calibrate: bool = value()
+    ood: str = choice(OOD_MODES)
+    ood_keep: float = number(0.5, 1, high_open=True, example=0.95)
+    ood_fit_images: int = number(10, example=1000)
 
 
 @dataclass

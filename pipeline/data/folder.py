@@ -56,6 +56,12 @@ class Split:
         return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes,
                      self.multilabel)
 
+    def sample(self, n: int, seed: int) -> "Split":
+        """A seeded sample of `n` files (all of them when fewer), in the split's order."""
+        if len(self) <= n:
+            return self
+        return self.take(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)))
+
 
 @dataclass
 class DatasetSplits:

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import MissingFileError, ModelFileError
-from pipeline.model import ensemble, meta_check
+from pipeline.model import ensemble, meta_check, ood
 from pipeline.model.multidepth import create_classifier
 from pipeline.runtime import distributed
 from pipeline.runtime.files import write_atomic, write_json
@@ -32,6 +32,7 @@ _logger = logging.getLogger(__name__)
 LAST = "last.pt"
 REQUIRED_KEYS = ("arch", "num_classes", "class_names", "preprocessing")
 ARCH_KEYS = ("feature_levels", ensemble.KEY)  # the optional keys `create_model` reads: an export copies them
+# (and `ood`, the unknown-image rule: model/ood.py)
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")  # timm / Lightning / torchvision checkpoint wrappers
 
@@ -151,6 +152,7 @@ def build_model(meta: dict, state_dict: dict[str, torch.Tensor], source: str | P
         raise ModelFileError(f"arch '{arch}' in the model JSON is not a model of the installed timm {timm.__version__}")
     model = create_model(meta)
     own = model.state_dict()
+    state_dict = ood.split_weights(state_dict)[0]  # the unknown-image score's tensors are not the model's
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k} {list(state_dict[k].shape)} in the file vs {list(v.shape)} expected" for k, v in own.items()

@@ -157,6 +157,26 @@ def check_inference_fields(meta: dict, source: str) -> None:
     temperature = meta.get("temperature", 1.0)
     if not _is_number(temperature) or temperature <= 0:
         raise invalid(source, "temperature", temperature, "a positive finite number")
+    check_ood(meta.get("ood"), source)
+
+
+OOD_SCORES = ("knn",)  # model/ood.py's score that a checkpoint may carry
+MAX_FEATURES = 1 << 16
+
+
+def check_ood(record: Any, source: str) -> None:
+    """`ood` (model/ood.py): absent, {"skipped": why}, or {"score", "k", "threshold", "features", ...}."""
+    if record is None or isinstance(record, dict) and isinstance(record.get("skipped"), str):
+        return
+    if not isinstance(record, dict) or record.get("score") not in OOD_SCORES:
+        raise invalid(source, "ood.score", record.get("score") if isinstance(record, dict) else record,
+                      f"one of {list(OOD_SCORES)}")
+    if not _is_number(record.get("threshold")):
+        raise invalid(source, "ood.threshold", record.get("threshold"), "a finite number")
+    if not _is_int(record.get("features")) or not 1 <= record["features"] <= MAX_FEATURES:
+        raise invalid(source, "ood.features", record.get("features"), f"an int from 1 to {MAX_FEATURES}")
+    if not _is_int(record.get("k")) or record["k"] < 1:
+        raise invalid(source, "ood.k", record.get("k"), "a positive int")
 
 
 def plain_name(name: Any) -> bool:

@@ -39,6 +39,7 @@ def results_section(metrics: dict) -> list[str]:
     lines += [f"- {gap_line(metrics['val_test_gap'])}"] if metrics.get("val_test_gap") else []
     lines += [f"- {leaks_line(metrics['leaks'])}"] if metrics.get("leaks") else []
     lines += invariance_lines(metrics.get("storage_invariance"))
+    lines += unknown_lines(metrics.get("ood"))
     lines += [""]
     names = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
     lines += ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -82,6 +83,17 @@ def leaks_line(leaks: dict) -> str:
         line += ("; " if line else "") + (f"every {' and '.join(kept)} file copies an earlier file, so those metrics "
                                           "count the copies and are optimistic")
     return line
+
+
+def unknown_lines(record: dict | None) -> list[str]:
+    """The "unknown" rule's bullet (training/ood_fit.py); [] when the run predates it."""
+    if not record:
+        return []
+    if record.get("skipped"):
+        return [f"- unknown images: no rule ({record['skipped']})"]
+    return [f"- unknown images: cosine similarity to the {record['k']}th nearest of {record['train_images']} train "
+            f"images' features below {record['threshold']:.4f} (keeps {100 * (1 - record['val_flagged']):.1f}% of "
+            f"{record['val_images']} val images); load, predict and every export apply it"]
 
 
 def invariance_lines(check: dict | None) -> list[str]:

@@ -1,6 +1,8 @@
 """Batch prediction to CSV (entry point: pipeline/predict.py, `make predict RUN=<export dir> IMAGES=...`).
 
-Prints the top-k classes (with probabilities) per image and writes them to a CSV. An image that does
+Prints the top-k classes (with probabilities) per image and writes them to a CSV. A model with an `ood` rule
+(`trainer.ood`) marks an image too unlike the training images UNKNOWN in the line and `unknown=true` in the CSV
+(with its `ood_score`), and still gives its top-k. An image that does
 not decode is reported (stderr and the CSV's `error` column) and the others are still predicted.
 The probabilities are the softmax of `pipeline.load`'s logits, so they carry the export's TTA views and
 temperature (model.json `tta`, `temperature`). With `cam_dir`, each predicted image also gets a Grad-CAM overlay of
@@ -65,13 +67,16 @@ def predict_paths(model: LoadedModel, paths: list[str], topk: int = 3, batch_siz
             except ImageDecodeError as e:
                 ok.append({"path": path, "error": str(e).removeprefix(f"{path}: ")})
         if tensors:
-            probs = torch.softmax(model.logits(torch.stack(tensors)), dim=1)
-            values, indices = probs.topk(k, dim=1)
-            good = iter(zip(values.tolist(), indices.tolist()))
+            logits, scores = model.logits_and_scores(torch.stack(tensors))
+            values, indices = torch.softmax(logits, dim=1).topk(k, dim=1)
+            unknown = model.unknown(scores)
+            good = iter(range(len(tensors)))
             for row in ok:
                 if "error" not in row:
-                    vs, ix = next(good)
-                    row["top"] = [(model.class_names[i], v) for v, i in zip(vs, ix)]
+                    j = next(good)
+                    row["top"] = [(model.class_names[i], v) for v, i in zip(values[j].tolist(), indices[j].tolist())]
+                    if unknown is not None:
+                        row["unknown"], row["ood_score"] = unknown[j], float(scores[j])
             if cam_dir is not None:
                 predicted = [(start + j + 1, row) for j, row in enumerate(ok) if "error" not in row]
                 write_cams(model, torch.stack(tensors), [row for _, row in predicted], indices[:, 0].tolist(),
@@ -80,13 +85,15 @@ def predict_paths(model: LoadedModel, paths: list[str], topk: int = 3, batch_siz
     return rows
 
 
-def write_predictions_csv(rows: list[dict], path: Path, topk: int, cam: bool = False) -> Path:
-    """path, label_1, prob_1, ..., label_k, prob_k, (cam: the overlay file,) error."""
-    header = ["path"] + [f"{c}_{i}" for i in range(1, topk + 1) for c in ("label", "prob")] + ["cam"] * cam + ["error"]
+def write_predictions_csv(rows: list[dict], path: Path, topk: int, cam: bool = False, ood: bool = False) -> Path:
+    """path, label_1, prob_1, ..., label_k, prob_k, (ood: unknown, ood_score,) (cam: the overlay file,) error."""
+    header = (["path"] + [f"{c}_{i}" for i in range(1, topk + 1) for c in ("label", "prob")]
+              + ["unknown", "ood_score"] * ood + ["cam"] * cam + ["error"])
     lines = []
     for row in rows:
         top = [x for name, p in row.get("top", []) for x in (name, f"{p:.6f}")]
-        lines.append([row["path"], *top, *[""] * (2 * topk - len(top)), *[row.get("cam", "")] * cam,
+        scored = [str(row["unknown"]).lower(), f"{row['ood_score']:.6g}"] if "unknown" in row else ["", ""]
+        lines.append([row["path"], *top, *[""] * (2 * topk - len(top)), *scored * ood, *[row.get("cam", "")] * cam,
                       row.get("error", "")])
     return write_csv(path, lines, header=header)
 
@@ -95,7 +102,8 @@ def format_row(row: dict) -> str:
     if "error" in row:
         return f"{row['path']}: UNREADABLE ({row['error']})"
     cam = f"; cam: {row['cam']}" if "cam" in row else ""
-    return f"{row['path']}: " + " | ".join(f"{name} {p:.3f}" for name, p in row["top"]) + cam
+    unknown = "UNKNOWN (unlike the training images) | " if row.get("unknown") else ""
+    return f"{row['path']}: {unknown}" + " | ".join(f"{name} {p:.3f}" for name, p in row["top"]) + cam
 
 
 def prepare_cam_dir(cam_dir: str | None, csv_path: Path, backend: str) -> Path:
@@ -123,10 +131,11 @@ def run(export_dir: str, inputs: list[str], *, backend: str = "torch", topk: int
     rows = predict_paths(model, paths, k, batch_size, cams)
     for row in rows:
         print(format_row(row), file=sys.stderr if "error" in row else sys.stdout)
-    write_predictions_csv(rows, out, k, cams is not None)
+    write_predictions_csv(rows, out, k, cams is not None, model.ood_threshold is not None)
     bad = sum("error" in r for r in rows)
     if bad == len(rows):
         raise PipelineError(f"None of the {len(rows)} images could be read (listed above); CSV: {out}")
-    print(f"{len(rows) - bad} image(s) predicted, {bad} unreadable; CSV: {out}"
+    unknown = f", {sum(bool(r.get('unknown')) for r in rows)} unknown" if model.ood_threshold is not None else ""
+    print(f"{len(rows) - bad} image(s) predicted{unknown}, {bad} unreadable; CSV: {out}"
           + (f"; Grad-CAM overlays: {cams}" if cams is not None else ""), file=sys.stderr)
     return rows, out

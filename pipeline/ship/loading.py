@@ -5,7 +5,11 @@ run dir (`best.json` + `best.safetensors`) or the path of such a `.json` file, a
 the timm model (or an ONNX Runtime session) plus the exact eval preprocessing used at training time
 (`pipeline.data.augment.build_eval_transform`). The JSON's `tta` views and `temperature` (training's
 `trainer.tta` / `trainer.calibrate`) are applied to the torch model (model/calibrated.py); the ONNX graph
-already holds them. The JSON is validated before anything is allocated from it (size, the type and range of
+already holds them. A model with an `ood` rule (`trainer.ood`, model/ood.py) also scores how much each image looks
+like the training data (`logits_and_scores`: torch from the weights file's `ood.` tensors, ONNX from the graph's
+`ood_score` output); below `ood.threshold` an image is `unknown`.
+
+The JSON is validated before anything is allocated from it (size, the type and range of
 every field, file names: model/meta_check.py), every file it leads to must resolve inside the dir (a symlink
 out of it is refused: `inside_dir`), and files listed with a sha256 in the JSON are verified first, so a
 hostile, truncated or modified export fails with a one-line `ModelFileError` instead of a deep stack trace or
@@ -26,6 +30,7 @@ import torch
 from pipeline.data.augment import build_eval_transform
 from pipeline.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from pipeline.errors import ConfigError, MissingFileError, ModelFileError, check_choice
+from pipeline.model import ood
 from pipeline.model.calibrated import wrap_for_inference
 from pipeline.model.checkpoint import build_model, read_meta, read_weights
 
@@ -108,10 +113,16 @@ class OnnxModel:
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ModelFileError(f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:160]})") from None
         self.input_name = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, the graph's `ood_score` output or None where it has none)."""
+        x = batch.detach().cpu().numpy().astype(np.float32, copy=False)
+        out = self.session.run(None, {self.input_name: x})
+        return torch.from_numpy(out[0]), torch.from_numpy(out[1]) if len(out) > 1 else None
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.detach().cpu().numpy().astype(np.float32, copy=False)
-        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+        return self.scored(batch)[0]
 
 
 @dataclass
@@ -124,20 +135,53 @@ class LoadedModel:
     meta: dict
     backend: str = "torch"
     device: str = "cpu"
+    ood_score: torch.nn.Module | None = None  # torch: the unknown-image score on the features (model/ood.py)
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits (N, K) on CPU for a preprocessed batch (N, 3, H, W)."""
         return self.model(batch.to(self.device) if self.backend == "torch" else batch).float().cpu()
 
+    @property
+    def ood_threshold(self) -> float | None:
+        """The score below which an image is `unknown` (model.json `ood`), or None: the model has no such rule."""
+        record = self.meta.get(ood.KEY) or {}
+        return None if "skipped" in record else record.get("threshold")
+
+    @torch.inference_mode()
+    def logits_and_scores(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, OOD scores: higher = more like the training images; None without an `ood` rule), one pass."""
+        if self.ood_threshold is None:
+            return self.logits(batch), None
+        if self.backend != "torch":
+            logits, scores = self.model.scored(batch)
+            if scores is None:
+                raise ModelFileError("model.json has an `ood` rule but the ONNX graph has no ood_score output; "
+                                     "re-export the run")
+            return logits.float(), scores.float()
+        logits, features = ood.logits_and_features(self.model, batch.to(self.device))
+        return logits.float().cpu(), self.ood_score(features).float().cpu()
+
+    def unknown(self, scores: torch.Tensor | None) -> list[bool] | None:
+        """Per image: its score is below the threshold that kept `ood.keep` of val; None without a rule."""
+        return None if scores is None else [bool(v < self.ood_threshold) for v in scores.tolist()]
+
     def predict(self, images: Sequence[ImageInput], topk: int = 1) -> list[list[tuple[str, float]]]:
         """Top-k (class name, softmax probability) per image, best first."""
+        return [row["top"] for row in self.classify(images, topk)]
+
+    def classify(self, images: Sequence[ImageInput], topk: int = 1) -> list[dict]:
+        """Per image {"top": top-k (class name, probability), "unknown": bool, "ood_score": float}; the last two
+        only where the model has an `ood` rule."""
         if not images:
             return []
-        probs = torch.softmax(self.logits(torch.stack([self.preprocess(im) for im in images])), dim=1)
-        values, indices = probs.topk(min(max(1, topk), len(self.class_names)), dim=1)
-        return [[(self.class_names[i], float(v)) for v, i in zip(vs, ix)]
+        logits, scores = self.logits_and_scores(torch.stack([self.preprocess(im) for im in images]))
+        values, indices = torch.softmax(logits, dim=1).topk(min(max(1, topk), len(self.class_names)), dim=1)
+        rows = [{"top": [(self.class_names[i], float(v)) for v, i in zip(vs, ix)]}
                 for vs, ix in zip(values.tolist(), indices.tolist())]
+        for row, flag, score in zip(rows, self.unknown(scores) or [], scores.tolist() if scores is not None else []):
+            row.update(unknown=flag, ood_score=score)
+        return rows
 
 
 def locate(path: str | Path) -> tuple[Path, Path]:
@@ -192,6 +236,11 @@ def load(path: str | Path, *, backend: str = "torch", weights: str | Path | None
         verify_file(weights_path, meta)
     else:
         weights_path = Path(weights)  # the caller's own file: read as given
-    model = build_model(meta, read_weights(weights_path), str(weights_path))
+        if (meta.get(ood.KEY) or {}).get("threshold") is not None:  # fitted on the exported weights' features
+            meta = {**meta, ood.KEY: {"skipped": f"weights={weights_path} replaces the weights the rule was fitted on"}}
+    state = read_weights(weights_path)
+    model = build_model(meta, state, str(weights_path))
     model = wrap_for_inference(model, meta, str(json_path))  # TTA views + temperature, as exported
-    return LoadedModel(model.to(device), preprocess, list(meta["class_names"]), meta, "torch", device)
+    score = ood.score_module(meta.get(ood.KEY), ood.split_weights(state)[1], str(weights_path))
+    return LoadedModel(model.to(device), preprocess, list(meta["class_names"]), meta, "torch", device,
+                       score.to(device) if score is not None else None)

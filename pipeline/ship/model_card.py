@@ -10,7 +10,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipeline.model import ensemble
+from pipeline.model import ensemble, ood
 from pipeline.model.calibrated import META_KEYS
 from pipeline.model.checkpoint import ARCH_KEYS
 from pipeline.ship.loading import file_sha256
@@ -75,6 +75,7 @@ def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, 
         **{k: meta[k] for k in ("arch", "num_classes", "class_names", "preprocessing")},
         **{k: meta[k] for k in ARCH_KEYS if meta.get(k)},  # multi-depth probe, ensemble
         **{k: meta[k] for k in META_KEYS if k in meta},  # TTA views and temperature: pipeline.load applies them
+        **({ood.KEY: meta[ood.KEY]} if meta.get(ood.KEY) else {}),  # the unknown-image rule: load/predict apply it
         **({"calibration": run_metrics["calibration"]} if run_metrics.get("calibration") else {}),
         **{k: run_metrics[k] for k in ("leaks", "storage_invariance") if run_metrics.get(k)},
         "epoch": meta.get("epoch"), "metrics": metrics,
@@ -91,6 +92,20 @@ def model_json(meta: dict, run_dir: Path, checkpoint_name: str, settings: dict, 
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config,
     }
+
+
+def ood_lines(record: dict | None) -> list[str]:
+    """The card's paragraph on the "unknown" answer (`trainer.ood`, model/ood.py)."""
+    if not record:
+        return []
+    if "skipped" in record:
+        return ["", f"No \"unknown\" answer: {record['skipped']}."]
+    return ["", f"Unknown images: an image whose penultimate features have a cosine similarity below "
+                f"{record['threshold']:.4g} to their {record['k']}th nearest of {record['train_images']} train images' "
+                f"({record['score']} score) is `unknown`; the threshold keeps {100 * record['keep']:.0f}% of "
+                f"{record['val_images']} val "
+                "images. Every format computes the score (ONNX/TorchScript: a second output, `ood_score`); "
+                "`pipeline.load` and `make predict` apply the threshold."]
 
 
 def copy_figures(run_dir: Path, out_dir: Path) -> list[str]:
@@ -206,6 +221,7 @@ def export_section(doc: dict) -> list[str]:
                      else f"not kept: {q['why']}")]
     elif q:
         lines += ["", f"int8 ONNX not written: {q['why']}"]
+    lines += ood_lines(doc.get(ood.KEY))
     if (doc.get("torchscript") or {}).get("skipped"):
         lines += ["", f"TorchScript not exported: {doc['torchscript']['skipped']}"]
     elif doc.get("torchscript"):

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from pipeline.config import CONF_DIR, ExportConfig, check_group
 from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.errors import ConfigError, MissingFileError, PipelineError
-from pipeline.model import calibrated, checkpoint
+from pipeline.model import calibrated, checkpoint, ood
 from pipeline.runtime import owned
 from pipeline.runtime.files import staged_dir, write_json, write_text
 from pipeline.ship import int8, loading, model_card
@@ -128,21 +128,31 @@ def compare(name: str, refs: list[torch.Tensor], outs: list[torch.Tensor]) -> di
     return result
 
 
+def compare_scores(name: str, refs: list[torch.Tensor], outs: list[torch.Tensor]) -> dict:
+    """Max relative diff of the OOD scores (a squared distance: hundreds, so relative) against the PyTorch `refs`."""
+    diff = max(float(((r - o.float()).abs() / r.abs().clamp_min(1.0)).max()) for r, o in zip(refs, outs))
+    _logger.info("parity %-11s ood score max relative diff %.3g", name, diff)
+    return {"ood_score_max_rel_diff": diff}
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> dict:
-    """torch.onnx.export (TorchScript-based exporter; no extra deps) with a dynamic batch axis; onnx.checker."""
+    """torch.onnx.export (TorchScript-based exporter; no extra deps) with a dynamic batch axis; onnx.checker. A
+    ScoredClassifier (model/ood.py) gets a second output, `ood_score`."""
     import onnx
 
+    outputs = ["logits", "ood_score"] if isinstance(model, ood.ScoredClassifier) else ["logits"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's DeprecationWarning and tracer warnings
             torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
-                              output_names=["logits"], opset_version=opset,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                              output_names=outputs, opset_version=opset,
+                              dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}})
         onnx.checker.check_model(str(path))
     except Exception as e:  # noqa: BLE001 - exporter errors come in many types
         raise ExportError(f"ONNX export of {type(model).__name__} failed ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:160]}); drop onnx from export.formats") from None
     return {"file": path.name, "opset": opset, "input_name": "input", "output_name": "logits",
+            **({"ood_output_name": "ood_score"} if len(outputs) > 1 else {}),
             "input_shape": ["batch", *example.shape[1:]], "exporter": "torch.onnx (TorchScript-based, dynamo=False)"}
 
 
@@ -168,29 +178,40 @@ def two_batch_sizes(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def check_formats(model: torch.nn.Module, tmp: Path, paths: list[str], ref_x: torch.Tensor, settings: dict) -> dict:
-    """Write the non-safetensors formats into `tmp` and compare every format with the PyTorch model."""
+    """Write the non-safetensors formats into `tmp` and compare every format with the PyTorch model (`model` a
+    ScoredClassifier: its logits and its OOD scores)."""
     batches = two_batch_sizes(ref_x)
+    scored = isinstance(model, ood.ScoredClassifier)
     with torch.inference_mode():
-        refs = [model(b).float() for b in batches]
+        outs = [model(b) for b in batches]
+    refs = [(o[0] if scored else o).float() for o in outs]
+    ref_scores = [o[1].float() for o in outs] if scored else None
     loaded = loading.load(tmp)  # the user's path: model.json + model.safetensors, its own preprocessing
     x = torch.stack([loaded.preprocess(p) for p in paths])
     if not torch.equal(x, ref_x):
         raise ExportError(f"pipeline.load preprocessing differs from training's eval transform "
                           f"(max diff {float((x - ref_x).abs().max()):.3g})")
-    results = {"parity": {"safetensors": compare("safetensors", refs, [loaded.logits(b) for b in two_batch_sizes(x)])}}
+    runs = {"safetensors": [loaded.logits_and_scores(b) for b in two_batch_sizes(x)]}
     if "onnx" in settings["formats"]:
-        results["onnx"] = export_onnx(model, batches[0][:2], tmp / FILES["onnx"], settings["opset"])
+        results_onnx = export_onnx(model, batches[0][:2], tmp / FILES["onnx"], settings["opset"])
         session = loading.OnnxModel(tmp / FILES["onnx"])
-        results["parity"]["onnx"] = compare("onnx", refs, [session(b) for b in batches])
+        runs["onnx"] = [session.scored(b) for b in batches]
+    results = {"parity": {}, **({"onnx": results_onnx} if "onnx" in runs else {})}
     if "torchscript" in settings["formats"]:
         results["torchscript"] = export_torchscript(model, batches[0][:2], tmp / FILES["torchscript"])
         if "method" in results["torchscript"]:
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript
                 ts = torch.jit.load(str(tmp / FILES["torchscript"]), map_location="cpu")
-                results["parity"]["torchscript"] = compare("torchscript", refs, [ts(b) for b in batches])
+                runs["torchscript"] = [ts(b) if scored else (ts(b), None) for b in batches]
+    for name, run in runs.items():
+        results["parity"][name] = compare(name, refs, [logits for logits, _ in run])
+        if scored:
+            results["parity"][name].update(compare_scores(name, ref_scores, [score for _, score in run]))
     tol = settings["tolerance"]
     failed = {f: r["max_abs_diff"] for f, r in results["parity"].items() if not r["max_abs_diff"] <= tol}
+    failed.update({f"{f} ood score (relative)": r["ood_score_max_rel_diff"] for f, r in results["parity"].items()
+                   if not r.get("ood_score_max_rel_diff", 0.0) <= tol})
     if failed:
         raise ExportError(f"Parity check failed: max abs logit diff {failed} above tolerance {tol:g} "
                           f"on {len(paths)} images; raise export.tolerance only if the gap is expected, or drop the "
@@ -247,6 +268,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
                                "(outputs/runs/<date>_<dataset>)")
     plain, meta = checkpoint.load_checkpoint(run_dir, checkpoint_name)
     model = calibrated.wrap_for_inference(plain, meta, str(run_dir / f"{checkpoint_name}.json"))  # TTA, temperature
+    weights_file = run_dir / f"{checkpoint_name}.safetensors"
+    score = ood.score_module(meta.get(ood.KEY), ood.split_weights(checkpoint.read_weights(weights_file))[1],
+                             str(weights_file))  # the unknown-image rule (trainer.ood): every format computes it
+    if score is not None:
+        model = ood.ScoredClassifier(model, score).eval()  # eval: the ONNX exporter restores the mode it finds
     config = meta.get("config") or {}
     settings = resolve_settings(config, overrides)
     max_pixels = (config.get("dataset") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
@@ -258,9 +284,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, checkp
     out = check_out_dir(run_dir, out_dir)
     with staged_dir(out, kind="export", fix=EXPORT_FIX.format(out=out)) as tmp:  # complete, or not at all
         weights = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
+        if score is not None:
+            weights.update(ood.prefixed({k: v.contiguous() for k, v in score.state_dict().items()}))
         save_file(weights, str(tmp / FILES["safetensors"]), metadata={"arch": meta["arch"]})
         os.chmod(tmp / FILES["safetensors"], 0o644)  # safetensors writes 0600; a shipped file is world-readable
-        rebuild = (*checkpoint.REQUIRED_KEYS, *checkpoint.ARCH_KEYS, *calibrated.META_KEYS)
+        rebuild = (*checkpoint.REQUIRED_KEYS, *checkpoint.ARCH_KEYS, *calibrated.META_KEYS, ood.KEY)
         base = {k: meta[k] for k in rebuild if k in meta}
         write_json(tmp / "model.json", base)
         results = check_formats(model, tmp, paths, ref_x, settings)

@@ -13,7 +13,7 @@ from pipeline.data.loaders import TrainingData
 from pipeline.model import checkpoint
 from pipeline.model.calibrated import wrap_for_inference
 from pipeline.runtime.devices import Accel
-from pipeline.training import calibration, invariance, loop
+from pipeline.training import calibration, invariance, loop, ood_fit
 from pipeline.training.fit import FitResult
 from pipeline.training.metrics import val_test_gap
 
@@ -63,9 +63,10 @@ def shipped_model(run_dir: Path, device: torch.device, *, local: bool = False) -
 REENCODED_COST = 2  # a re-encoded image (encode, decode, predict) costs about 2 eval images (flowers, 2 cores)
 
 
-def images_after_loop(splits: DatasetSplits, check: invariance.InvarianceCheck) -> int:
+def images_after_loop(splits: DatasetSplits, check: invariance.InvarianceCheck, unknown: ood_fit.OodSettings) -> int:
     """Eval images' worth of work after the training loop, which `trainer.time_limit` keeps time for: the test
-    split, the leaked copies set aside, and the storage-invariance check's passes."""
+    split, the leaked copies set aside, the storage-invariance check's passes and the unknown-image rule's."""
     test = len(splits.test) if splits.test is not None else 0
     reencoded = invariance.images_predicted(splits.val, splits.files, check)
-    return test + sum(len(s) for s in splits.leaked.values()) + REENCODED_COST * reencoded
+    return (test + sum(len(s) for s in splits.leaked.values()) + REENCODED_COST * reencoded
+            + ood_fit.images_needed(splits, unknown))

@@ -51,17 +51,10 @@ def _predict(model: torch.nn.Module, split: folder.Split, storage: Storage | Non
     return loop.predict_logits(model, loader, accel.device, accel=accel)
 
 
-def sample_split(split: folder.Split, n: int, seed: int) -> folder.Split:
-    """A seeded sample of `n` files of `split` (all of it when smaller), in the split's order."""
-    if len(split) <= n:
-        return split
-    return split.take(np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False)))
-
-
 def images_predicted(val: folder.Split, files: dict[str, dict], check: InvarianceCheck) -> int:
     """Images the check will predict: its sample as decoded, then each storage's share of it (what the time budget
     keeps time for)."""
-    sample = sample_split(val, check.max_images, check.seed) if check.max_images else folder.Split([], [], [])
+    sample = val.sample(check.max_images, check.seed) if check.max_images else folder.Split([], [], [])
     if len(sample) < MIN_IMAGES:
         return 0
     counts = [min(sum(storage.applies(files.get(p, {})) for p in sample.paths), storage.max_images or len(sample))
@@ -73,7 +66,7 @@ def check_storage_invariance(model: torch.nn.Module, val: folder.Split, files: d
                              settings: LoaderSettings, accel: Accel, check: InvarianceCheck) -> dict:
     """The record of metrics.json `storage_invariance` (see module doc); `files`: the probe records by path."""
     metric = "accuracy" if check.monitor == "accuracy" else "balanced_accuracy"
-    sample = sample_split(val, check.max_images, check.seed)
+    sample = val.sample(check.max_images, check.seed)
     if len(sample) < MIN_IMAGES:
         return {"skipped": f"{len(sample)} val images, fewer than {MIN_IMAGES}"}
     logits, labels = _predict(model, sample, None, eval_tf, settings, accel)
