@@ -25,7 +25,7 @@ MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC TORCHRUN_ARGS RUN IMAGES B
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
-.PHONY: help install train test lint clean-outputs chaos sweep hpo rank bench bench-recipes bench-budget bench-ood report export predict
+.PHONY: help install train test lint clean-outputs chaos sweep hpo rank bench bench-recipes bench-budget bench-ood report export predict distill
 
 help: ## List the targets
 	@echo "Usage: make <target> [group=option ...] [key=value ...] [VAR=value: the command's own key, e.g. RUN=r is run=r]"
@@ -98,6 +98,13 @@ audit: $(STAMP) ## Audit a dataset (counts, sizes, modes, odd files, duplicates,
 
 preview: $(STAMP) ## PNG grid of augmented train samples: make preview dataset=X [augment=heavy] [N=16] [OUT=file.png]
 	$(PY) -m pipeline.preview $(if $(N),'n=$(N)') $(if $(OUT),'out=$(OUT)') $(HYDRA_OVERRIDES) $(ARGS)
+
+# Distillation (training/distill.py): a smaller student on a finished run's images, split and logits
+.PHONY: distill
+distill: $(STAMP) ## Distil a run into a student: make distill RUN=<teacher run> backbone=<student> [strategy=partial] [trainer.time_limit=5m] [distill.alpha=0.5]
+	@test -n "$(RUN)" || { echo "make distill needs RUN=<teacher run dir> (a finished run: outputs/runs/<run>)" >&2; exit 2; }
+	$(PY) -m pipeline.train distill.teacher=$(RUN) $(if $(filter command line,$(origin strategy)),,strategy=partial) \
+		$(HYDRA_OVERRIDES) $(ARGS)
 
 # Reliability: continue a run that was killed (kill -9, power loss) or stopped with Ctrl-C / SIGTERM
 .PHONY: resume

@@ -79,7 +79,7 @@ def budget_settings(cfg: DictConfig) -> auto_budget.Settings:
 def fit_settings(cfg: DictConfig) -> FitSettings:
     """The fine-tune fit's groups (training/fit.py), and where torch.compile caches its kernels."""
     return FitSettings(cfg.trainer, cfg.optim, cfg.strategy, cfg.augment, cfg.loss,
-                       compile_cache_dir=Path(cfg.data_dir) / "cache" / "inductor")
+                       compile_cache_dir=Path(cfg.data_dir) / "cache" / "inductor", distill=cfg.distill)
 
 
 def invariance_check(cfg: DictConfig) -> invariance.InvarianceCheck:

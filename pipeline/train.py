@@ -30,7 +30,7 @@ from pipeline.data.loaders import (
     timed_train_batch,
 )
 from pipeline.errors import ConfigError, PipelineError, exit_on_user_error
-from pipeline.features import cached_fit, label_issues, probe_init
+from pipeline.features import cached_fit, label_issues, probe_init, teacher
 from pipeline.model import backbone, ood
 from pipeline.reports import gallery, plots, summary
 from pipeline.reports.audit_report import write_audit
@@ -51,7 +51,16 @@ from pipeline.runtime.files import write_json, write_text
 from pipeline.runtime.process import set_threads, tune_allocator
 from pipeline.runtime.seeding import seed_everything, seed_transform
 from pipeline.training import boundary as boundary_module
-from pipeline.training import budget, calibration, interrupts, invariance, mixing, ood_fit, resume, tracking
+from pipeline.training import (
+    budget,
+    calibration,
+    interrupts,
+    invariance,
+    mixing,
+    ood_fit,
+    resume,
+    tracking,
+)
 from pipeline.training.final_eval import evaluate_best, images_after_loop, shipped_model
 from pipeline.training.fit import FitResult, FitRun, fit
 from pipeline.training.loss import build_losses, setup_imbalance, weight_tensor
@@ -66,6 +75,8 @@ _STRATEGY_KEYS = ("mode", "freeze_depth", "final_freeze_depth", "n_groups", "tra
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by `cfg`; writes the run dir and returns the metrics dict."""
     start, started = time.perf_counter(), budget.now()  # started: `trainer.time_limit` counts from here
+    if cfg.distill.teacher and not cfg.trainer.resume:
+        teacher.adopt_teacher(cfg)  # make distill: the teacher run's dataset and split
     resumed, run_dir = prepare_run(cfg)  # rank 0 holds the run dir's lock (runtime/run_lock.py) until the end
     try:
         return run_job(cfg, run_dir, resumed, start=start, started=started)
@@ -100,6 +111,10 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     with distributed.main_first():
         data.cache, cache_mode = build_image_cache(cfg.dataset, splits, data.data_cfg, repeated=not cached_path)
         data.skip_log = run_dir / RUNTIME_SKIP_LOG if main else None
+    taught = None
+    if cfg.distill.teacher:  # make distill: the teacher's logits of every train image, once (features.cache_dir)
+        data.train_targets, taught = teacher.teacher_targets(cfg.distill, splits.train, cached_fit.extraction(
+            cfg.features, cfg.trainer, device))
     inputs = FitInputs(model, data, run_dir, checkpoint_meta(cfg, splits.classes, data.data_cfg), device, accel,
                        weight_tensor(imbalance), imbalance["prior_bias"].get("bias"), resumed=resumed, started=started,
                        final_images=images_after_loop(splits, invariance_check(cfg), ood_settings(cfg)))
@@ -132,6 +147,8 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
         metrics["budget"] = result.budget.report()
     if result.weight_averaging:  # trainer.ema: which weights `best` holds, raw or the EMA
         metrics["weight_averaging"] = result.weight_averaging
+    if taught is not None:  # make distill: the teacher, its settings and its logits' pass
+        metrics["distill"] = taught
     if main:
         model_info = {"backbone": cfg.backbone.name, "weights": weights_desc, "preprocessing": data.data_cfg,
                       **facts}

@@ -244,6 +244,13 @@ class AuditConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: Optional[str] = value()  # a finished run dir (make distill RUN=...); null: no distillation
+    alpha: float = number(0, 1, example=0.5)
+    temperature: float = number(0, low_open=True, example=2.0)
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = MISSING
     backbone: BackboneConfig = MISSING
@@ -255,6 +262,7 @@ class Config:
     export: ExportConfig = MISSING
     features: FeaturesConfig = MISSING
     audit: AuditConfig = MISSING
+    distill: DistillConfig = MISSING
     seed: int = value()
     output_dir: Optional[str] = value()
     data_dir: str = value()
@@ -293,4 +301,5 @@ def run_id() -> str:
 
 GROUPS = {"dataset": DatasetConfig, "backbone": BackboneConfig, "strategy": StrategyConfig,
           "augment": AugmentConfig, "loss": LossConfig, "optim": OptimConfig, "trainer": TrainerConfig,
-          "features": FeaturesConfig, "export": ExportConfig, "audit": AuditConfig}
+          "features": FeaturesConfig, "export": ExportConfig, "audit": AuditConfig,
+          "distill": DistillConfig}

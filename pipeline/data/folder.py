@@ -295,9 +295,11 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: Split, transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-                 cache: Optional[Callable[[str], np.ndarray]] = None, skip_log: Optional[str | Path] = None):
+                 cache: Optional[Callable[[str], np.ndarray]] = None, skip_log: Optional[str | Path] = None,
+                 targets: Optional[np.ndarray] = None):
         self.split, self.transform, self.max_pixels = split, transform, max_pixels
         self.cache, self.skip_log = cache, (str(skip_log) if skip_log else None)
+        self.targets = targets  # one row per sample given in place of its label (training/distill.py)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -313,7 +315,8 @@ class ImageDataset(torch.utils.data.Dataset):
             seed_transform(self.transform, seed)
         try:
             image = self.load(i)
-            return self.transform(image=image)["image"], self.split.labels[i]
+            target = self.split.labels[i] if self.targets is None else self.targets[i]
+            return self.transform(image=image)["image"], target
         except ImageDecodeError as e:  # a transform bug is not caught: it would fail on every image
             record_skip(self.skip_log, self.split.paths[i], e.reason)
             return None

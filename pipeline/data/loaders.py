@@ -50,10 +50,11 @@ def make_eval_loader(split: folder.Split, eval_tf, settings: LoaderSettings, dat
 
 
 def make_loader(split: folder.Split, transform, settings: LoaderSettings, *, train: bool, generator=None,
-                cache=None, skip_log=None):
-    """DataLoader over `split`; `cache` = decoded-image cache, `skip_log` = file listing run-time skips."""
+                cache=None, skip_log=None, targets=None):
+    """DataLoader over `split`; `cache` = decoded-image cache, `skip_log` = file listing run-time skips, `targets`
+    = a row per sample that the batches carry in place of the labels (distillation's label + teacher logits)."""
     s = settings
-    dataset = folder.ImageDataset(split, transform, s.max_pixels, cache=cache, skip_log=skip_log)
+    dataset = folder.ImageDataset(split, transform, s.max_pixels, cache=cache, skip_log=skip_log, targets=targets)
     order = sampler.build_sampler(split.labels, s.sampler, seed=s.seed) if train else None
     order = sampler.distributed_sampler(len(dataset), order, train=train, generator=generator,  # (index, seed)
                                         rank=distributed.rank(), world=distributed.world_size())
@@ -106,11 +107,13 @@ class TrainingData:
     settings: LoaderSettings
     cache: object = None
     skip_log: object = None
+    train_targets: object = None  # distillation: (label, teacher logits) rows of the train split (training/distill.py)
     made: list = field(default_factory=list)  # the loaders made here, whose workers `close` stops
 
     def train_loader(self, generator=None):
         return self._keep(make_loader(self.splits.train, self.train_tf, self.settings, train=True,
-                                      generator=generator, cache=self.cache, skip_log=self.skip_log))
+                                      generator=generator, cache=self.cache, skip_log=self.skip_log,
+                                      targets=self.train_targets))
 
     def eval_loader(self, split: folder.Split, device: torch.device):
         return self._keep(make_eval_loader(split, self.eval_tf, self.settings, self.data_cfg, device,

@@ -17,6 +17,7 @@ import torch
 from pipeline.errors import ConfigError
 
 HEAD = "head"
+LOGITS = "logits"  # not a feature level: the model's own output, as the feature cache stores a teacher's logits
 
 
 def normalize_levels(levels: Sequence) -> list:
@@ -27,6 +28,8 @@ def normalize_levels(levels: Sequence) -> list:
 
 def pooled_features(model: torch.nn.Module, images: torch.Tensor, levels: Sequence) -> torch.Tensor:
     """Concatenated pooled features of `levels` (see the module doc) for a batch of images."""
+    if list(levels) == [LOGITS]:
+        return model(images)
     ints = [v for v in levels if v != HEAD]
     if not ints:
         return model.forward_head(model.forward_features(images), pre_logits=True)

@@ -10,11 +10,18 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config.schema import AugmentConfig, LossConfig, OptimConfig, StrategyConfig, TrainerConfig
+from pipeline.config.schema import (
+    AugmentConfig,
+    DistillConfig,
+    LossConfig,
+    OptimConfig,
+    StrategyConfig,
+    TrainerConfig,
+)
 from pipeline.model import checkpoint, freezing
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import Accel, prepare_model
-from pipeline.training import averaging, budget, interrupts, loop, loss, mixing, resume, tracking
+from pipeline.training import averaging, budget, distill, interrupts, loop, loss, mixing, resume, tracking
 from pipeline.training.guard import StepGuard
 from pipeline.training.metrics import MonitorTracker
 from pipeline.transfer import gradual, optim
@@ -63,6 +70,7 @@ class FitSettings:
     augment: AugmentConfig
     loss: LossConfig
     compile_cache_dir: Path
+    distill: DistillConfig | None = None  # distill.teacher set: the KD loss (training/distill.py)
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,8 @@ class EpochLoop:
         mix = mixing.build_mixer(settings.augment, run.meta["num_classes"])  # mixup/cutmix: None when off
         loss_fn, self.eval_loss = loss.build_losses(settings.loss, class_weights, accel.device,
                                                     soft_targets=mix is not None)
+        if settings.distill is not None:
+            loss_fn = distill.wrap_loss(loss_fn, settings.distill)  # the label loss plus the teacher's, when taught
         tracker, self.history, self.best_val = MonitorTracker(t.monitor, t.early_stop_patience), [], None
         guard = StepGuard(t.max_nonfinite_steps, t.grad_clip)
         ema = averaging.WeightAverage(model, t.ema_decay) if t.ema else None  # of the unwrapped model: DDP re-wraps

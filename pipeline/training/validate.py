@@ -20,7 +20,7 @@ from pipeline.config import check_values
 from pipeline.data import augment
 from pipeline.errors import ConfigError, MissingFileError
 from pipeline.model import backbone, freezing, multidepth
-from pipeline.training import tracking
+from pipeline.training import distill, tracking
 
 _logger = logging.getLogger(__name__)
 
@@ -61,3 +61,5 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.dataset.decode == "gpu" and not torch.cuda.is_available():
         raise ConfigError("dataset.decode=gpu needs a CUDA device, and none is visible; use dataset.decode=auto or cpu")
     augment.build_extra(OmegaConf.to_container(cfg.augment.extra, resolve=True))  # building the ops checks them
+    distill.check(cfg.distill, mode=s.mode, boundary_cache=cfg.trainer.boundary_cache,
+                  mixing=cfg.augment.mixup > 0 or cfg.augment.cutmix > 0)
