@@ -25,7 +25,7 @@ MAKE_ONLY_VARS := ARGS DATASETS_DIR VENV PYTHON NPROC TORCHRUN_ARGS RUN IMAGES B
 HYDRA_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKE_ONLY_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 
-.PHONY: help install train test lint clean-outputs chaos sweep hpo rank bench bench-recipes bench-budget bench-ood report export predict distill
+.PHONY: help install train test test-all lint clean-outputs chaos sweep hpo rank bench bench-recipes bench-budget bench-ood bench-distill report export predict distill
 
 help: ## List the targets
 	@echo "Usage: make <target> [group=option ...] [key=value ...] [VAR=value: the command's own key, e.g. RUN=r is run=r]"
@@ -43,8 +43,11 @@ train: $(STAMP) ## Train: make train [dataset=X] [key=value ...] [ARGS="..."] [N
 	$(if $(NPROC),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC) $(or $(TORCHRUN_ARGS),--standalone),$(PY)) \
 		-m pipeline.train $(HYDRA_OVERRIDES) $(ARGS)
 
-test: lint ## Run the import contracts, then the test suite (pytest)
-	$(PY) -m pytest $(or $(TESTS),tests) $(ARGS)
+test: lint ## Run the import contracts, then the test suite (pytest; the `long` rounds are test-all's)
+	$(PY) -m pytest $(or $(TESTS),tests) $(if $(TESTS),,-m "not long") $(ARGS)
+
+test-all: lint ## The whole suite, with the 5 `long` multi-process rounds (chaos, DDP SIGTERM resume, DDP EMA, parallel sweep, gpu_check)
+	$(PY) -m pytest tests $(ARGS)
 
 lint: $(STAMP) ## Check the package layering (import-linter contracts in pyproject.toml)
 	$(VENV)/bin/lint-imports
@@ -69,6 +72,9 @@ bench-recipes: $(STAMP) ## Recipe bench (~50 min on 2 cores): defaults vs each t
 
 bench-budget: $(STAMP) ## Time budgets on full-size data (~10 h on 2 cores; ARGS="--configs auto --budgets 2m 5m" ~1.5 h, ARGS=--smoke ~20 min): auto vs probe vs partial/finetune, 3 seeds
 	$(PY) bench/bench_budget.py $(ARGS)
+
+bench-distill: $(STAMP) ## Distillation (~25 min): lite2 teacher -> lite0 student vs lite0 alone at equal time, 3 seeds, latency (docs/export.md)
+	$(PY) bench/bench_distill.py $(ARGS)
 
 bench-ood: $(STAMP) ## Unknown-image scores (~15 min): kNN vs Mahalanobis vs energy vs softmax on far/near sets (docs/export.md)
 	$(PY) bench/bench_ood.py $(ARGS)

@@ -111,10 +111,7 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
     with distributed.main_first():
         data.cache, cache_mode = build_image_cache(cfg.dataset, splits, data.data_cfg, repeated=not cached_path)
         data.skip_log = run_dir / RUNTIME_SKIP_LOG if main else None
-    taught = None
-    if cfg.distill.teacher:  # make distill: the teacher's logits of every train image, once (features.cache_dir)
-        data.train_targets, taught = teacher.teacher_targets(cfg.distill, splits.train, cached_fit.extraction(
-            cfg.features, cfg.trainer, device))
+    taught = teach(cfg, data, device)  # make distill: the teacher's logits per train image; else None
     inputs = FitInputs(model, data, run_dir, checkpoint_meta(cfg, splits.classes, data.data_cfg), device, accel,
                        weight_tensor(imbalance), imbalance["prior_bias"].get("bias"), resumed=resumed, started=started,
                        final_images=images_after_loop(splits, invariance_check(cfg), ood_settings(cfg)))
@@ -160,6 +157,16 @@ def run_job(cfg: DictConfig, run_dir: Path, resumed: dict | None, *, start: floa
                  {k: round(v, 4) for k, v in metrics["val"].items() if isinstance(v, float)})
     _logger.info("Run dir: %s", run_dir)
     return metrics
+
+
+def teach(cfg: DictConfig, data: TrainingData, device: torch.device) -> dict | None:
+    """`distill.teacher` set (make distill): the teacher's logits of every train image, computed once through the
+    feature cache (features/teacher.py), put on `data` as its train targets; returns their record, else None."""
+    if not cfg.distill.teacher:
+        return None
+    data.train_targets, record = teacher.teacher_targets(cfg.distill, data.splits.train,
+                                                         cached_fit.extraction(cfg.features, cfg.trainer, device))
+    return record
 
 
 def audited_data(cfg: DictConfig, run_dir: Path) -> tuple[folder.DatasetSplits, Path, dict]:

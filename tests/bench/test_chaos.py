@@ -36,6 +36,7 @@ def test_the_run_dir_check_flags_what_a_user_could_not_trust(exported, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_short_chaos_round_loses_nothing(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--kills", "1", "--only", "kill",
                            "readonly", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)

@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT
 
 
+@pytest.mark.long
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script runs the full GPU check")
 def test_gpu_check_without_cuda_skips_clearly_and_runs_the_cpu_safe_tests():
     proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -83,6 +83,7 @@ def test_local_parallel_launcher_composes_one_thread_per_job():
     assert cfg.trainer.threads == 0  # 0 = follow OMP_NUM_THREADS
 
 
+@pytest.mark.long
 def test_local_parallel_sweep_runs_jobs_with_one_thread_each(tiny_folder, tmp_path):
     proc = _multirun(tmp_path, tiny_folder, "hydra/launcher=local_parallel", "strategy=partial",
                      "strategy.freeze_depth=all,0")

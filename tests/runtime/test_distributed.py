@@ -155,6 +155,7 @@ def _init_weights(runs) -> dict:
     return model.state_dict()
 
 
+@pytest.mark.long
 def test_sigterm_on_one_rank_then_resume_equals_the_uninterrupted_run(runs):
     run = runs["base"] / "interrupted"
     args = [*runs["common"], f"output_dir={run}"]

@@ -158,6 +158,7 @@ def test_sigint_mid_epoch_then_resume_continues_the_same_average(tiny_folder, cf
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.long
 def test_two_processes_keep_the_same_average_as_one_and_only_rank_0_writes(tmp_path, monkeypatch):
     """torchrun (2 CPU processes, gloo) with the DDP test config that equals one process: every rank updates the
     average from the unwrapped model, rank 0 alone writes (the worker's audit hook fails a write by rank 1),

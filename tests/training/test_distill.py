@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import compose_cfg, write_tiny_folder
 from pipeline.config.schema import DistillConfig
 from pipeline.errors import ConfigError, MissingFileError
 from pipeline.train import train
 from pipeline.training.distill import DistillLoss, check
-from conftest import compose_cfg, write_tiny_folder
 
 
 def test_the_kd_term_pulls_the_student_to_the_teacher_not_the_labels():
