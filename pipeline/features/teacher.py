@@ -69,9 +69,8 @@ def adopt_teacher(cfg: DictConfig) -> None:
     cfg.dataset.merge_with(saved.dataset)
     cfg.dataset.manifest = str((teacher.run_dir / SPLIT_CSV).resolve())
     cfg.distill.teacher = str(teacher.run_dir.resolve())
-    taught = OmegaConf.select(saved, "loss.class_weights", default=None)
-    if OmegaConf.to_container(OmegaConf.create({"w": taught}))["w"] != \
-            OmegaConf.to_container(OmegaConf.create({"w": cfg.loss.class_weights}))["w"]:
+    taught = _plain(OmegaConf.select(saved, "loss.class_weights", default=None))
+    if taught != _plain(cfg.loss.class_weights):
         _logger.warning("The teacher trained with loss.class_weights=%s, this student with %s: add "
                         "loss.class_weights=%s to match", taught, cfg.loss.class_weights, taught)
     _logger.info("Distilling %s (%s) into %s on its dataset '%s' and split (%s)", teacher.run_dir, teacher.arch,
@@ -105,3 +104,8 @@ def teacher_targets(distill: DistillConfig, train: Split, how: Extraction) -> tu
     _logger.info("Teacher logits for %d train images (%s, %.1f s); the teacher agrees with %.1f%% of their labels",
                  record["images"], "cached" if entry["hit"] else "computed", entry["seconds"], 100 * agreement)
     return np.column_stack([labels.astype(np.float32), logits]), record
+
+
+def _plain(value):
+    """A config node as a plain container (a {class: weight} mapping), a plain value as it is."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
